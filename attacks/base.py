@@ -1,0 +1,75 @@
+"""What every attack shares: its result type, the surrogate it trains, and budget-respecting querying.
+
+An attack is built by a factory (``knockoff(budget=1000)``) into an ``Attack`` whose ``run`` takes an oracle
+(the API handle, see ``heistlab.api.Oracle``), the attacker's pool of unlabelled inputs, the surrogate to
+train and a PRNG key. It returns the surrogate's parameters; it never sees the victim's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from heistlab.api import Oracle, QueryRefused
+from heistlab.training import TrainConfig
+
+
+class Surrogate(NamedTuple):
+    """The attacker's model family and how it is trained (shared by every extraction attack)."""
+
+    model: nn.Module
+    train: TrainConfig
+
+
+class AttackResult(NamedTuple):
+    """The stolen model and how it was obtained: queries served and one record per round."""
+
+    params: Any
+    queries: int
+    rounds: tuple[dict, ...]
+
+
+class Attack(NamedTuple):
+    name: str
+    budget: int
+    run: Callable[[Oracle, np.ndarray, Surrogate, jax.Array], AttackResult]
+
+
+def check_budget(attack: str, budget: int) -> int:
+    if not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"{attack}: budget must be an integer >= 1, got {budget!r}")
+    return budget
+
+
+def affordable(oracle: Oracle, wanted: int) -> int:
+    """How many of ``wanted`` queries the oracle will still serve."""
+    remaining = oracle.remaining
+    return wanted if remaining is None else max(0, min(wanted, remaining))
+
+
+def query_in_batches(oracle: Oracle, inputs: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Queries ``inputs`` in batches; stops at the first refusal and returns what was served.
+
+    Returns ``(served_inputs, answers)``; the two have the same length.
+    """
+    answers = []
+    for start in range(0, len(inputs), batch_size):
+        try:
+            answers.append(oracle.query(inputs[start : start + batch_size]))
+        except QueryRefused:
+            break
+    served = sum(len(answer) for answer in answers)
+    if served == 0:
+        empty_answer_shape = (0,) if oracle.output == "labels" else (0, oracle.num_classes)
+        return inputs[:0], np.zeros(empty_answer_shape, np.float32)
+    return inputs[:served], np.concatenate(answers)
+
+
+def hard_targets(oracle: Oracle, answers: np.ndarray) -> np.ndarray:
+    """One-hot rows of the top-1 answer, whatever the oracle serves."""
+    labels = answers if oracle.output == "labels" else answers.argmax(axis=-1)
+    return np.eye(oracle.num_classes, dtype=np.float32)[labels]

@@ -1,0 +1,1 @@
+"""Hydra entry points: ``python -m experiments.run`` (one experiment or a ``-m`` sweep)."""

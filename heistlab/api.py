@@ -1,0 +1,223 @@
+"""The prediction API: the only door to a victim model.
+
+An attack holds an ``Oracle`` (one client's view of the API) and nothing else. The API validates every
+query, enforces each client's query budget as a hard cap (a batch that would pass it is refused whole, never
+served, and the caller is told by ``QueryRefused``), runs the defense chain over the victim's probabilities,
+turns them into what the client may see (probabilities, top-k scores or labels), and records every query:
+client, per-client sequence number, SHA-256 of the input, served or refused and why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from defenses import Defense, QueryContext
+from heistlab.victims import Victim
+
+OUTPUT_KINDS = ("probabilities", "top_k", "labels")
+
+
+class InvalidQuery(ValueError):
+    """A query the API cannot answer: wrong shape or dtype, NaN/inf, or values outside the input range."""
+
+
+class QueryRefused(RuntimeError):
+    """A well-formed query that the API declined to serve (for example, past the client's budget)."""
+
+    def __init__(self, client: str, requested: int, remaining: int | None, reason: str):
+        self.client, self.requested, self.remaining, self.reason = client, requested, remaining, reason
+        super().__init__(
+            f"client {client!r}: {requested} queries refused ({reason}); {remaining} left in its budget"
+        )
+
+
+class QueryRecord(NamedTuple):
+    client: str
+    sequence: int
+    input_digest: str
+    served: bool
+    reason: str
+
+
+def row_digests(inputs: np.ndarray) -> list[str]:
+    rows = np.ascontiguousarray(inputs).reshape(len(inputs), -1)
+    return [hashlib.sha256(row.tobytes()).hexdigest() for row in rows]
+
+
+class PredictionAPI:
+    """A defended victim behind per-client budgets, with every query recorded.
+
+    budget: the most queries (input rows) one client is served; ``None`` means unlimited.
+    output: what clients receive: ``probabilities``, ``top_k`` (the k largest scores, zeros elsewhere) or
+        ``labels`` (int32 class indices).
+    """
+
+    def __init__(
+        self,
+        victim: Victim,
+        defense: Defense,
+        *,
+        key: jax.Array,
+        budget: int | None = None,
+        output: str = "probabilities",
+        top_k: int = 1,
+        input_range: tuple[float, float] = (0.0, 1.0),
+        max_batch: int | None = None,
+    ):
+        if output not in OUTPUT_KINDS:
+            raise ValueError(f"api.output must be one of {', '.join(OUTPUT_KINDS)}; got {output!r}")
+        if budget is not None and (not isinstance(budget, int) or budget < 0):
+            raise ValueError(f"api.budget must be a non-negative integer or null, got {budget!r}")
+        if not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"api.top_k must be an integer >= 1, got {top_k!r}")
+        self._victim = victim
+        self._defense = defense
+        self._apply_defense = jax.jit(defense.apply)
+        self._key = key
+        self.budget, self.output, self.top_k = budget, output, top_k
+        self.input_range, self.max_batch = input_range, max_batch
+        self.input_shape = tuple(victim.input_shape)
+        self.num_classes = int(victim.model.num_classes)
+        self.records: list[QueryRecord] = []
+        self._served: dict[str, int] = defaultdict(int)
+        self._refused: dict[str, int] = defaultdict(int)
+        self._states: dict[str, object] = {}
+        self._batches = 0
+
+    def served(self, client: str) -> int:
+        return self._served[client]
+
+    def refused(self, client: str) -> int:
+        return self._refused[client]
+
+    def remaining(self, client: str) -> int | None:
+        return None if self.budget is None else self.budget - self._served[client]
+
+    def query(self, inputs, client: str = "attacker") -> np.ndarray:
+        """Answers a batch ``(batch, *input_shape)`` for ``client``; raises ``QueryRefused`` past its budget."""
+        try:
+            inputs = self.validate(inputs)
+        except InvalidQuery:
+            self._record(client, row_digests_or_blank(inputs), served=False, reason="invalid")
+            raise
+        digests = row_digests(inputs)
+        remaining = self.remaining(client)
+        if remaining is not None and len(inputs) > remaining:
+            self._record(client, digests, served=False, reason="budget")
+            raise QueryRefused(client, len(inputs), remaining, f"budget of {self.budget} queries")
+        served = self._serve(inputs, client)
+        self._record(client, digests, served=True, reason="")
+        return self._client_view(served)
+
+    def oracle(self, client: str = "attacker") -> Oracle:
+        """The handle an attack gets: this client's view of the API, and nothing else."""
+        return Oracle(
+            query=lambda inputs: self.query(inputs, client),
+            remaining=lambda: self.remaining(client),
+            input_shape=self.input_shape,
+            num_classes=self.num_classes,
+            output=self.output,
+        )
+
+    def validate(self, inputs) -> np.ndarray:
+        """Returns ``inputs`` as float32 or raises ``InvalidQuery`` naming what is wrong."""
+        try:
+            array = np.asarray(inputs)
+        except (TypeError, ValueError) as error:
+            raise InvalidQuery(f"inputs could not be read as an array: {error}") from None
+        if array.dtype.kind != "f":
+            raise InvalidQuery(f"inputs must be floating point, got dtype {array.dtype}")
+        expected = ("batch", *self.input_shape)
+        if array.ndim != len(expected) or tuple(array.shape[1:]) != self.input_shape:
+            raise InvalidQuery(f"inputs must be shaped {expected}, got {tuple(array.shape)}")
+        if len(array) == 0:
+            raise InvalidQuery("inputs hold an empty batch")
+        if self.max_batch is not None and len(array) > self.max_batch:
+            raise InvalidQuery(f"batch of {len(array)} exceeds the maximum batch size {self.max_batch}")
+        if not np.all(np.isfinite(array)):
+            raise InvalidQuery("inputs contain NaN or infinite values")
+        low, high = self.input_range
+        if array.min() < low or array.max() > high:
+            raise InvalidQuery(
+                f"inputs must lie in [{low}, {high}], got values in [{array.min():.4g}, {array.max():.4g}]"
+            )
+        return array.astype(np.float32, copy=False)
+
+    def _serve(self, inputs: np.ndarray, client: str) -> np.ndarray:
+        probs = self._victim.predict_proba(inputs)
+        key = jax.random.fold_in(self._key, self._batches)
+        self._batches += 1
+        state = self._states.get(client)
+        if state is None:
+            state = self._defense.init()
+        served, self._states[client] = self._apply_defense(probs, state, QueryContext(inputs, key))
+        return np.asarray(served)
+
+    def _client_view(self, probs: np.ndarray) -> np.ndarray:
+        if self.output == "labels":
+            return probs.argmax(axis=-1).astype(np.int32)
+        if self.output == "top_k":
+            kept = np.argsort(-probs, axis=-1, kind="stable")[:, : self.top_k]
+            view = np.zeros_like(probs)
+            np.put_along_axis(view, kept, np.take_along_axis(probs, kept, axis=-1), axis=-1)
+            return view
+        return probs
+
+    def _record(self, client: str, digests: list[str], served: bool, reason: str) -> None:
+        start = self._served[client] + self._refused[client]
+        self.records.extend(
+            QueryRecord(client, start + offset, digest, served, reason) for offset, digest in enumerate(digests)
+        )
+        (self._served if served else self._refused)[client] += len(digests)
+
+
+def row_digests_or_blank(inputs) -> list[str]:
+    """Digests of a malformed batch where they can be taken, else one digest of its raw representation."""
+    try:
+        array = np.asarray(inputs)
+        if array.ndim >= 1 and len(array) > 0 and array.dtype != object:
+            return row_digests(array)
+    except (TypeError, ValueError):
+        pass
+    return [hashlib.sha256(repr(inputs).encode()).hexdigest()]
+
+
+class Oracle:
+    """One client's handle on a prediction API: ``query`` and the budget left, nothing more.
+
+    Attacks receive only this. ``query(x)`` returns ``(batch, classes)`` probabilities (or top-k scores), or
+    ``(batch,)`` int32 labels when ``output == 'labels'``, and raises ``QueryRefused`` past the budget.
+    """
+
+    __slots__ = ("_query", "_remaining", "input_shape", "num_classes", "output")
+
+    def __init__(
+        self,
+        query: Callable[[np.ndarray], np.ndarray],
+        remaining: Callable[[], int | None],
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        output: str,
+    ):
+        self._query, self._remaining = query, remaining
+        self.input_shape, self.num_classes, self.output = input_shape, num_classes, output
+
+    def query(self, inputs: np.ndarray) -> np.ndarray:
+        return self._query(inputs)
+
+    @property
+    def remaining(self) -> int | None:
+        return self._remaining()
+
+    def targets(self, answers: np.ndarray) -> np.ndarray:
+        """Answers as training targets: label answers become one-hot rows, scores are renormalised."""
+        if self.output == "labels":
+            return np.eye(self.num_classes, dtype=np.float32)[answers]
+        total = answers.sum(axis=-1, keepdims=True)
+        return (answers / np.where(total > 0, total, 1.0)).astype(np.float32)

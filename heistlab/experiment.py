@@ -1,0 +1,175 @@
+"""One attack against one defended victim, from a composed Hydra config to a ``results.json`` record.
+
+``run_experiment(cfg, output_dir)`` is the tested function behind ``python -m experiments.run``: it builds
+the splits, loads or trains the victim (cached on disk), puts it behind the prediction API with the chosen
+defense and budget, runs the attack through the API's handle, and measures what the field reports.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from pathlib import Path
+
+import jax
+import numpy as np
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from attacks.base import Surrogate
+from heistlab import data, metrics, results, training, victims
+from heistlab.api import PredictionAPI
+from heistlab.models import build_model
+
+COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+_compile_seconds = [0.0]
+
+
+def _count_compile_time(event: str, duration: float, **_) -> None:
+    if event in COMPILE_EVENTS:
+        _compile_seconds[0] += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile_time)
+
+
+def enable_compilation_cache(cache_dir: Path) -> None:
+    """Persists compiled programs under ``cache_dir/jax`` so a fresh process skips most compilation."""
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir / "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def cache_directory(cfg: DictConfig) -> Path:
+    return Path(os.path.expanduser(str(cfg.cache_dir)))
+
+
+def build_splits(cfg: DictConfig) -> data.Splits:
+    spec = cfg.data
+    synthetic = OmegaConf.to_container(spec.synthetic) if "synthetic" in spec else None
+    dataset = data.load_dataset(spec.name, data_dir=spec.data_dir, download=spec.download, synthetic=synthetic)
+    pool_dataset = None
+    if spec.pool not in data.POOL_SOURCES:
+        if spec.pool not in data.DATASETS:
+            accepted = ", ".join(data.POOL_SOURCES + data.DATASETS)
+            raise ValueError(f"data.pool must be one of {accepted}; got {spec.pool!r}")
+        pool_dataset = data.load_dataset(spec.pool, data_dir=spec.data_dir, download=spec.download)
+    return data.make_splits(
+        dataset,
+        seed=spec.split_seed,
+        test_fraction=spec.test_fraction,
+        victim_fraction=spec.victim_fraction,
+        pool_source=spec.pool,
+        pool_size=spec.pool_size,
+        pool_dataset=pool_dataset,
+    )
+
+
+def build_model_from(spec: DictConfig, num_classes: int):
+    options = OmegaConf.to_container(spec.options, resolve=True) if "options" in spec else {}
+    return build_model(spec.family, num_classes, **(options or {}))
+
+
+def train_config_from(spec: DictConfig) -> training.TrainConfig:
+    return training.TrainConfig(**OmegaConf.to_container(spec, resolve=True))
+
+
+def load_victim(cfg: DictConfig, splits: data.Splits) -> tuple[victims.Victim, bool]:
+    identity = {
+        "victim": OmegaConf.to_container(cfg.victim, resolve=True),
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+    }
+    identity["data"].pop("data_dir", None)
+    identity["data"].pop("download", None)
+    model = build_model_from(cfg.victim, splits.num_classes)
+    return victims.load_or_train(
+        model, splits, train_config_from(cfg.victim.train), cfg.victim.seed, identity, cache_directory(cfg)
+    )
+
+
+def uniform_inputs(shape: tuple[int, ...], count: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(size=(count, *shape)).astype(np.float32)
+
+
+def measure(cfg, splits, victim, defense, attack_result, surrogate, api) -> dict:
+    """The run's metrics: victim and served accuracy, distortion, surrogate accuracy and fidelity, queries."""
+    probs = victim.predict_proba(splits.test.x)
+    evaluation = PredictionAPI(victim, defense, key=jax.random.key(cfg.seed + 1_000_003))
+    served = evaluation.query(splits.test.x, client="evaluation")
+    stolen = training.predict_labels(surrogate.model, attack_result.params, splits.test.x)
+    noise = uniform_inputs(splits.input_shape, cfg.eval.uniform_samples, cfg.seed)
+    victim_on_noise = victim.predict_proba(noise).argmax(axis=-1)
+    stolen_on_noise = training.predict_labels(surrogate.model, attack_result.params, noise)
+    victim_labels = probs.argmax(axis=-1)
+    return {
+        "victim_accuracy": metrics.accuracy(victim_labels, splits.test.y),
+        "served_accuracy": metrics.accuracy(served.argmax(axis=-1), splits.test.y),
+        "mean_l1_distortion": metrics.mean_l1_distance(served, probs),
+        "surrogate_accuracy": metrics.accuracy(stolen, splits.test.y),
+        "fidelity_test": metrics.agreement(stolen, victim_labels),
+        "fidelity_uniform": metrics.agreement(stolen_on_noise, victim_on_noise),
+        "queries_served": api.served("attacker"),
+        "queries_refused": api.refused("attacker"),
+        "attack_rounds": len(attack_result.rounds),
+    }
+
+
+def execute(cfg: DictConfig) -> dict:
+    """Runs the experiment described by ``cfg`` and returns its metrics (no files written here)."""
+    started, compile_before = time.perf_counter(), _compile_seconds[0]
+    splits = build_splits(cfg)
+    victim, from_cache = load_victim(cfg, splits)
+    defense = instantiate(cfg.defense)
+    attack = instantiate(cfg.attack)
+    api = PredictionAPI(
+        victim,
+        defense,
+        key=jax.random.key(cfg.seed),
+        budget=cfg.api.budget,
+        output=cfg.api.output,
+        top_k=cfg.api.top_k,
+        max_batch=cfg.api.max_batch,
+    )
+    surrogate = Surrogate(build_model_from(cfg.surrogate, splits.num_classes), train_config_from(cfg.surrogate.train))
+    attack_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
+    attack_result = attack.run(api.oracle("attacker"), splits.pool, surrogate, attack_key)
+    found = measure(cfg, splits, victim, defense, attack_result, surrogate, api)
+    found["victim_from_cache"] = from_cache
+    found["wall_seconds"] = time.perf_counter() - started
+    found["compile_seconds"] = _compile_seconds[0] - compile_before
+    return found
+
+
+def run_experiment(cfg: DictConfig, output_dir: Path, logger=None) -> dict:
+    """Runs ``cfg``, writes ``output_dir/results.json`` atomically and returns the metrics.
+
+    A run that fails still leaves a ``results.json`` with ``status: failed`` and the error, then re-raises.
+    """
+    record = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "metrics": {},
+        "versions": results.versions(),
+        "seed": cfg.seed,
+        "status": "running",
+    }
+    if logger is not None:
+        logger.log_config(record["config"])
+    try:
+        record["metrics"] = execute(cfg)
+    except BaseException as error:
+        record.update(status="failed", error="".join(traceback.format_exception(error)))
+        results.write_results(output_dir, record)
+        if logger is not None:
+            logger.finish("failed")
+        raise
+    record["status"] = "complete"
+    results.write_results(output_dir, record)
+    if logger is not None:
+        logger.log_metrics(record["metrics"])
+        logger.finish("complete")
+    return record["metrics"]
