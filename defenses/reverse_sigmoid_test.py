@@ -10,7 +10,7 @@ from defenses.reverse_sigmoid import reverse_sigmoid
 def serve(defense, probs):
     probs = jnp.asarray(probs, jnp.float32)
     context = QueryContext(inputs=jnp.zeros((probs.shape[0], 1)), key=jax.random.key(0))
-    return np.asarray(defense.apply(probs, defense.init(), context)[0])
+    return np.asarray(jax.jit(defense.apply)(probs, defense.init(), context)[0])
 
 
 def test_binary_example_by_hand():

@@ -10,7 +10,7 @@ from defenses.rounding import rounding
 def serve(defense, probs):
     probs = jnp.asarray(probs, jnp.float32)
     context = QueryContext(inputs=jnp.zeros((probs.shape[0], 1)), key=jax.random.key(0))
-    return np.asarray(defense.apply(probs, defense.init(), context)[0])
+    return np.asarray(jax.jit(defense.apply)(probs, defense.init(), context)[0])
 
 
 def test_largest_remainder_by_hand():

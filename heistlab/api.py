@@ -100,7 +100,7 @@ class PredictionAPI:
         return None if self.budget is None else self.budget - self._served[client]
 
     def query(self, inputs, client: str = "attacker") -> np.ndarray:
-        """Answers a batch ``(batch, *input_shape)`` for ``client``; raises ``QueryRefused`` past its budget."""
+        """Answers a ``(batch, *input_shape)`` batch for ``client``; ``QueryRefused`` past its budget."""
         try:
             inputs = self.validate(inputs)
         except InvalidQuery:
@@ -172,7 +172,8 @@ class PredictionAPI:
     def _record(self, client: str, digests: list[str], served: bool, reason: str) -> None:
         start = self._served[client] + self._refused[client]
         self.records.extend(
-            QueryRecord(client, start + offset, digest, served, reason) for offset, digest in enumerate(digests)
+            QueryRecord(client, start + offset, digest, served, reason)
+            for offset, digest in enumerate(digests)
         )
         (self._served if served else self._refused)[client] += len(digests)
 

@@ -142,9 +142,9 @@ def make_splits(
             raise ValueError(f"data.{name} must lie strictly between 0 and 1, got {fraction!r}")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(dataset.y))
-    num_test = int(round(test_fraction * len(order)))
+    num_test = round(test_fraction * len(order))
     rest = order[num_test:]
-    num_victim = int(round(victim_fraction * len(rest)))
+    num_victim = round(victim_fraction * len(rest))
     test, victim_train = dataset.take(order[:num_test]), dataset.take(rest[:num_victim])
     in_distribution = dataset.x[rest[num_victim:]]
     pool = _attacker_pool(in_distribution, rng, pool_source, pool_size, pool_dataset)

@@ -52,7 +52,9 @@ def cache_directory(cfg: DictConfig) -> Path:
 def build_splits(cfg: DictConfig) -> data.Splits:
     spec = cfg.data
     synthetic = OmegaConf.to_container(spec.synthetic) if "synthetic" in spec else None
-    dataset = data.load_dataset(spec.name, data_dir=spec.data_dir, download=spec.download, synthetic=synthetic)
+    dataset = data.load_dataset(
+        spec.name, data_dir=spec.data_dir, download=spec.download, synthetic=synthetic
+    )
     pool_dataset = None
     if spec.pool not in data.POOL_SOURCES:
         if spec.pool not in data.DATASETS:
@@ -135,7 +137,9 @@ def execute(cfg: DictConfig) -> dict:
         top_k=cfg.api.top_k,
         max_batch=cfg.api.max_batch,
     )
-    surrogate = Surrogate(build_model_from(cfg.surrogate, splits.num_classes), train_config_from(cfg.surrogate.train))
+    surrogate = Surrogate(
+        build_model_from(cfg.surrogate, splits.num_classes), train_config_from(cfg.surrogate.train)
+    )
     attack_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
     attack_result = attack.run(api.oracle("attacker"), splits.pool, surrogate, attack_key)
     found = measure(cfg, splits, victim, defense, attack_result, surrogate, api)

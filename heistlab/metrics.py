@@ -18,7 +18,9 @@ def agreement(first: np.ndarray, second: np.ndarray) -> float:
     """Fraction of positions where two label arrays agree (fidelity when one is the victim's)."""
     first, second = np.asarray(first), np.asarray(second)
     if first.shape != second.shape or first.size == 0:
-        raise ValueError(f"label arrays must be non-empty and equal in shape, got {first.shape} and {second.shape}")
+        raise ValueError(
+            f"label arrays must be non-empty and equal in shape, got {first.shape} and {second.shape}"
+        )
     return float(np.mean(first == second))
 
 

@@ -8,6 +8,7 @@ driven from Python on these machines (DESIGN.md), so the CNN is stepped from Pyt
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -42,7 +43,7 @@ class MLP(nn.Module):
 
 
 class CNN(nn.Module):
-    """Small CNN: 3x3 convolutions, downsampling by stride 2 (max-pool gradients were ~7x slower on XLA-CPU)."""
+    """Small CNN: 3x3 convolutions downsampling by stride 2 (max-pool gradients ran ~7x slower on XLA-CPU)."""
 
     num_classes: int
     channels: Sequence[int] = (16, 32)
@@ -66,7 +67,11 @@ def build_model(family: str, num_classes: int, **options) -> nn.Module:
     if family not in MODEL_FAMILIES:
         raise ValueError(f"unknown model family {family!r}; accepted: {', '.join(MODEL_FAMILIES)}")
     cls = MODEL_FAMILIES[family]
-    accepted = set(cls.__dataclass_fields__) - {"num_classes", "parent", "name"}
+    accepted = {
+        name
+        for name, field in cls.__dataclass_fields__.items()
+        if field._field_type is dataclasses._FIELD and name not in ("num_classes", "parent", "name")
+    }
     unknown = set(options) - accepted
     if unknown:
         raise ValueError(

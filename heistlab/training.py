@@ -52,6 +52,9 @@ def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return np.eye(num_classes, dtype=np.float32)[np.asarray(labels)]
 
 
+DEFAULT_TRAINING = TrainConfig()
+
+
 @functools.lru_cache(maxsize=64)
 def _training_program(model: nn.Module, batch_size: int, learning_rate: float):
     optimizer = optax.adam(learning_rate)
@@ -97,7 +100,7 @@ def train_classifier(
     inputs: np.ndarray,
     targets: np.ndarray,
     key: jax.Array,
-    config: TrainConfig = TrainConfig(),
+    config: TrainConfig = DEFAULT_TRAINING,
     params: Params | None = None,
 ) -> Params:
     """Fits ``model`` to ``targets`` (``(N, classes)`` distributions) and returns the trained parameters.

@@ -1,0 +1,93 @@
+"""Every attack runs through the same contract against a counting oracle that holds no model at all.
+
+The oracle answers from a fixed rule on the input (the class of the brightest pixel block), so an attack can
+only learn by querying; it never exceeds the budget, and when the API's cap is tighter than the attack's own
+budget the attack stops at the cap instead of failing.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from attacks import jbda, knockoff
+from heistlab.api import Oracle, QueryRefused
+
+ATTACKS = {
+    "knockoff_soft": lambda budget: knockoff(budget=budget, labels="soft", query_batch=32),
+    "knockoff_hard": lambda budget: knockoff(budget=budget, labels="hard", query_batch=32),
+    "jbda": lambda budget: jbda(budget=budget, seed_size=20, rounds=3, query_batch=32),
+}
+
+
+class CountingOracle:
+    """A client's API view built from a plain rule: counts rows, refuses past its cap, serves no model."""
+
+    def __init__(self, cap: int | None, output: str = "probabilities"):
+        self.cap, self.served, self.refused, self.batches = cap, 0, 0, 0
+        self.output = output
+
+    def answer(self, inputs: np.ndarray) -> np.ndarray:
+        assert inputs.dtype == np.float32 and inputs.shape[1:] == (8, 8, 1)
+        assert np.all((inputs >= 0) & (inputs <= 1))
+        if self.cap is not None and self.served + len(inputs) > self.cap:
+            self.refused += len(inputs)
+            raise QueryRefused("attacker", len(inputs), self.cap - self.served, "test cap")
+        self.served += len(inputs)
+        self.batches += 1
+        scores = _block_scores(inputs)
+        probs = np.exp(8 * scores) / np.exp(8 * scores).sum(-1, keepdims=True)
+        return probs.argmax(-1).astype(np.int32) if self.output == "labels" else probs.astype(np.float32)
+
+    def oracle(self) -> Oracle:
+        remaining = lambda: None if self.cap is None else self.cap - self.served
+        return Oracle(self.answer, remaining, (8, 8, 1), 10, self.output)
+
+
+def _block_scores(inputs: np.ndarray) -> np.ndarray:
+    flat = inputs.reshape(len(inputs), -1)[:, :60]
+    return flat.reshape(len(inputs), 10, 6).mean(-1)
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+@pytest.mark.parametrize(("attack_budget", "api_cap"), [(100, 100), (100, 50), (60, None)])
+def test_attack_stays_inside_its_budget_and_the_apis(name, attack_budget, api_cap, small_surrogate, rng):
+    counting = CountingOracle(api_cap)
+    pool = rng.uniform(size=(80, 8, 8, 1)).astype(np.float32)
+    result = ATTACKS[name](attack_budget).run(counting.oracle(), pool, small_surrogate, jax.random.key(1))
+    limit = attack_budget if api_cap is None else min(attack_budget, api_cap)
+    assert counting.served <= limit
+    assert counting.refused == 0, "an attack must check the budget left instead of being refused"
+    assert result.queries == counting.served
+    assert counting.served >= min(limit, 20), "the attack should spend its budget"
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_attack_learns_from_label_only_answers(name, small_surrogate, rng):
+    counting = CountingOracle(cap=None, output="labels")
+    pool = rng.uniform(size=(80, 8, 8, 1)).astype(np.float32)
+    result = ATTACKS[name](120).run(counting.oracle(), pool, small_surrogate, jax.random.key(2))
+    assert counting.served == result.queries <= 120
+    assert result.params is not None
+
+
+def test_knockoff_with_budget_above_pool_walks_the_pool_again(small_surrogate, rng):
+    counting = CountingOracle(cap=None)
+    pool = rng.uniform(size=(30, 8, 8, 1)).astype(np.float32)
+    knockoff(budget=75, query_batch=32).run(counting.oracle(), pool, small_surrogate, jax.random.key(0))
+    assert counting.served == 75
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        (lambda: knockoff(budget=0), "knockoff: budget must be an integer >= 1, got 0"),
+        (lambda: knockoff(labels="logits"), "knockoff: labels must be one of soft, hard; got 'logits'"),
+        (lambda: jbda(step=-0.1), "jbda: step"),
+        (lambda: jbda(rounds=-1), "jbda: rounds"),
+    ],
+)
+def test_bad_attack_parameters_are_named(factory, message):
+    with pytest.raises(ValueError, match=message):
+        factory()

@@ -1,0 +1,92 @@
+"""Every config group composes and instantiates; bad choices and values are named with what is accepted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException, MissingConfigException
+from hydra.utils import instantiate
+
+from attacks import Attack
+from defenses import Defense
+from heistlab import loggers
+from heistlab.experiment import build_model_from, build_splits, train_config_from
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def options(group: str) -> list[str]:
+    return sorted(path.stem for path in (CONFIGS / group).glob("*.yaml"))
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("name", options("defense"))
+def test_every_defense_config_instantiates(name):
+    assert isinstance(instantiate(composed(f"defense={name}").defense), Defense)
+
+
+@pytest.mark.parametrize("name", options("attack"))
+def test_every_attack_config_instantiates_and_sets_the_api_budget(name):
+    cfg = composed(f"attack={name}", "attack.budget=123")
+    attack = instantiate(cfg.attack)
+    assert isinstance(attack, Attack) and attack.budget == 123 and cfg.api.budget == 123
+
+
+@pytest.mark.parametrize("group", ["victim", "surrogate"])
+def test_every_model_config_builds(group):
+    for name in options(group):
+        spec = composed(f"{group}={name}")[group]
+        assert build_model_from(spec, 10).num_classes == 10
+        assert train_config_from(spec.train).validated().epochs >= 1
+
+
+@pytest.mark.parametrize("name", options("data"))
+def test_every_data_config_composes_and_embedded_ones_load(name):
+    cfg = composed(f"data={name}")
+    assert cfg.data.name == name
+    if name in ("digits", "synthetic"):
+        splits = build_splits(cfg)
+        assert len(splits.pool) > 0 and len(splits.test.y) > 0
+
+
+def test_every_logger_config_instantiates(tmp_path):
+    assert options("logger") == ["jsonl", "wandb"]
+    jsonl = instantiate(composed("logger=jsonl").logger, output_dir=tmp_path)
+    assert isinstance(jsonl, loggers.JsonlLogger)
+    assert composed("logger=wandb").logger._target_ == "heistlab.loggers.WandbLogger"
+
+
+def test_unknown_defense_names_the_available_ones():
+    with pytest.raises(MissingConfigException) as error:
+        composed("defense=firewall")
+    message = str(error.value)
+    assert "firewall" in message and "rounding" in message and "reverse_sigmoid" in message
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("defense.decimals=-1", "decimals"),
+        ("defense.decimals=abc", "decimals"),
+    ],
+)
+def test_bad_defense_value_is_named(override, message):
+    cfg = composed("defense=rounding", override)
+    with pytest.raises(InstantiationException, match=message):
+        instantiate(cfg.defense)
+
+
+def test_bad_attack_value_is_named():
+    with pytest.raises(InstantiationException, match="knockoff: budget must be an integer >= 1, got -5"):
+        instantiate(composed("attack.budget=-5").attack)
+
+
+def test_unknown_pool_source_is_named():
+    with pytest.raises(ValueError, match="data.pool must be one of in_distribution, uniform, digits"):
+        build_splits(composed("data.pool=imagenet"))
