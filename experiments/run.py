@@ -8,6 +8,7 @@ Each run writes ``results.json`` (and ``log.jsonl``) in its Hydra output folder.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import hydra
@@ -31,6 +32,7 @@ def metrics_table(metrics: dict, title: str) -> Table:
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     enable_compilation_cache(cache_directory(cfg))
     logger = instantiate(cfg.logger, output_dir=output_dir)

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from attacks.base import Surrogate
 from heistlab import data, metrics, results, training, victims
+from heistlab.progress import phase
 from heistlab.api import PredictionAPI
 from heistlab.models import build_model
 
@@ -124,8 +125,10 @@ def measure(cfg, splits, victim, defense, attack_result, surrogate, api) -> dict
 def execute(cfg: DictConfig) -> dict:
     """Runs the experiment described by ``cfg`` and returns its metrics (no files written here)."""
     started, compile_before = time.perf_counter(), _compile_seconds[0]
-    splits = build_splits(cfg)
-    victim, from_cache = load_victim(cfg, splits)
+    with phase(f"loading {cfg.data.name}"):
+        splits = build_splits(cfg)
+    with phase(f"loading or training the {cfg.victim.family} victim"):
+        victim, from_cache = load_victim(cfg, splits)
     defense = instantiate(cfg.defense)
     attack = instantiate(cfg.attack)
     api = PredictionAPI(
@@ -141,8 +144,10 @@ def execute(cfg: DictConfig) -> dict:
         build_model_from(cfg.surrogate, splits.num_classes), train_config_from(cfg.surrogate.train)
     )
     attack_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
-    attack_result = attack.run(api.oracle("attacker"), splits.pool, surrogate, attack_key)
-    found = measure(cfg, splits, victim, defense, attack_result, surrogate, api)
+    with phase(f"running {attack.name} (budget {attack.budget})"):
+        attack_result = attack.run(api.oracle("attacker"), splits.pool, surrogate, attack_key)
+    with phase("measuring"):
+        found = measure(cfg, splits, victim, defense, attack_result, surrogate, api)
     found["victim_from_cache"] = from_cache
     found["wall_seconds"] = time.perf_counter() - started
     found["compile_seconds"] = _compile_seconds[0] - compile_before
