@@ -19,9 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from attacks.base import Surrogate
 from heistlab import data, metrics, results, training, victims
-from heistlab.progress import phase
 from heistlab.api import PredictionAPI
 from heistlab.models import build_model
+from heistlab.progress import phase
 
 COMPILE_EVENTS = (
     "/jax/core/compile/jaxpr_trace_duration",
