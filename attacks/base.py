@@ -26,11 +26,16 @@ class Surrogate(NamedTuple):
 
 
 class AttackResult(NamedTuple):
-    """The stolen model and how it was obtained: queries served and one record per round."""
+    """The stolen model and how it was obtained: queries served and one record per round.
+
+    model: the module ``params`` belong to, when the attack chose its own architecture (exact extraction
+    recovers the victim's family); ``None`` means the surrogate's model.
+    """
 
     params: Any
     queries: int
     rounds: tuple[dict, ...]
+    model: nn.Module | None = None
 
 
 class Attack(NamedTuple):

@@ -9,6 +9,10 @@ starts from ``init()`` and transforms a batch of probabilities with ``apply``::
 takes and returns probabilities, never logits. ``context`` carries what else a prediction API knows about the
 query (the inputs and a PRNG key), so that stateful and input-dependent defenses share the same signature.
 ``apply`` must be a pure function of its arguments, so that it can be jitted and replayed for a fixed key.
+
+Defenses that act before the victim runs (budgets, rate limits) add ``admit``; defenses whose state is
+host Python (detectors keeping per-client query sets, keyed-hash watermarks) set ``host=True``; defenses
+that act on the model itself add ``augment_training``. ``chain`` composes all of these.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 State = Any
 
@@ -27,17 +32,88 @@ class QueryContext(NamedTuple):
 
     inputs: the query batch as the client sent it, shape ``(batch, *input_shape)``, values in ``[0, 1]``.
     key: a PRNG key for this batch; a defense that needs randomness draws it from here and nowhere else.
+    client: the client's identity; only host-side defenses (``Defense.host``) see it, jitted ones get None.
+    now: the client's simulated clock in seconds when the batch is served (host-side defenses only).
     """
 
     inputs: jax.Array
     key: jax.Array
+    client: str | None = None
+    now: float = 0.0
+
+
+class Request(NamedTuple):
+    """A batch asking to be admitted: who sends it, how many rows, and the client's simulated clock."""
+
+    client: str
+    size: int
+    now: float
+
+
+class Verdict(NamedTuple):
+    """An admission decision: serve after waiting ``delay`` simulated seconds, or refuse with ``reason``.
+
+    A refusal's ``delay`` is the Retry-After hint: how long until the same request could be admitted
+    (``inf`` when never).
+    """
+
+    admitted: bool
+    delay: float = 0.0
+    reason: str = ""
+
+
+ADMIT = Verdict(admitted=True)
+
+
+class Evidence(NamedTuple):
+    """What an experiment hands a defense's ``report`` after the attack: label functions of the models.
+
+    surrogate_labels: the stolen model's top-1 on given inputs.
+    independent_labels: top-1 of a model trained independently on the victim's task (no stolen answers),
+        the innocent party a watermark must not accuse.
+    victim_labels: the undefended victim's top-1.
+    attacker: the attacking client's name; benign: the names of the benign clients the experiment ran.
+    """
+
+    surrogate_labels: Callable[[np.ndarray], np.ndarray]
+    independent_labels: Callable[[np.ndarray], np.ndarray]
+    victim_labels: Callable[[np.ndarray], np.ndarray]
+    attacker: str
+    benign: tuple[str, ...]
+
+
+class DefenderData(NamedTuple):
+    """What the defender owns besides the victim: its training data, shapes and a seed.
+
+    Factories that build models of their own (a proxy for MAD, a misinformation model, a trigger set) take it
+    as their ``defender`` argument; the experiment passes it to every factory that declares one.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    input_shape: tuple[int, ...]
+    num_classes: int
+    seed: int
 
 
 class Defense(NamedTuple):
-    """A defense: ``init() -> state`` and ``apply(probs, state, context) -> (probs, state)``."""
+    """A defense: ``init() -> state``, ``apply(probs, state, context) -> (probs, state)``, optional parts.
+
+    admit: ``admit(state, request) -> (verdict, state)``: admission control before the victim runs (budgets,
+        rate limits, refusing a flagged client). Host-side Python.
+    report: ``report(state, evidence) -> dict``: metrics from the final state (detections, watermark tests).
+    host: ``apply`` needs the host (Python state, hashing, scipy): the API calls it eagerly with the client
+        and clock in the context. Otherwise ``apply`` is pure and jittable and never sees the client.
+    augment_training: ``augment_training(x, y) -> (x, y)``: a model-side defense extends the victim's training
+        data (for example with a watermark trigger set) before the victim is trained.
+    """
 
     init: Callable[[], State]
     apply: Callable[[jax.Array, State, QueryContext], tuple[jax.Array, State]]
+    admit: Callable[[State, Request], tuple[Verdict, State]] | None = None
+    report: Callable[[State, Evidence], dict] | None = None
+    host: bool = False
+    augment_training: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
 
 
 class EmptyState(NamedTuple):
@@ -62,21 +138,62 @@ def chain(*defenses: Defense) -> Defense:
     """Applies ``defenses`` in order; the state is the tuple of their states.
 
     Each defense gets its own key, derived from the batch key and its position in the chain, so adding a
-    defense never changes the randomness of the ones before it.
+    defense never changes the randomness of the ones before it. A request is admitted only if every member
+    admits it (delays add up); when one refuses, no member's admission state changes. The chain runs on the
+    host if any member does, and then jits each jittable member on its own.
     """
+    host = any(defense.host for defense in defenses)
+    appliers = [_member_applier(defense, host) for defense in defenses]
 
     def init():
         return tuple(defense.init() for defense in defenses)
 
     def apply(probs, state, context):
         new_state = []
-        for index, (defense, inner) in enumerate(zip(defenses, state, strict=True)):
-            inner_context = context._replace(key=jax.random.fold_in(context.key, index))
-            probs, inner = defense.apply(probs, inner, inner_context)
+        for index, (applier, inner) in enumerate(zip(appliers, state, strict=True)):
+            probs, inner = applier(probs, inner, context._replace(key=jax.random.fold_in(context.key, index)))
             new_state.append(inner)
         return probs, tuple(new_state)
 
-    return Defense(init=init, apply=apply)
+    def admit(state, request):
+        new_state, delay = [], 0.0
+        for defense, inner in zip(defenses, state, strict=True):
+            verdict, inner = defense.admit(inner, request) if defense.admit else (ADMIT, inner)
+            if not verdict.admitted:
+                return verdict, state
+            new_state.append(inner)
+            delay += verdict.delay
+        return Verdict(admitted=True, delay=delay), tuple(new_state)
+
+    def report(state, evidence):
+        merged = {}
+        for defense, inner in zip(defenses, state, strict=True):
+            if defense.report is not None:
+                merged.update(defense.report(inner, evidence))
+        return merged
+
+    def augment_training(x, y):
+        for defense in defenses:
+            if defense.augment_training is not None:
+                x, y = defense.augment_training(x, y)
+        return x, y
+
+    return Defense(
+        init=init,
+        apply=apply,
+        admit=admit if any(d.admit for d in defenses) else None,
+        report=report if any(d.report for d in defenses) else None,
+        host=host,
+        augment_training=augment_training if any(d.augment_training for d in defenses) else None,
+    )
+
+
+def _member_applier(defense: Defense, chain_on_host: bool):
+    """How a chain calls one member: as is, or jitted without the host-only context fields."""
+    if defense.host or not chain_on_host:
+        return defense.apply
+    jitted = jax.jit(defense.apply)
+    return lambda probs, state, context: jitted(probs, state, QueryContext(context.inputs, context.key))
 
 
 def project_to_simplex(values: jax.Array) -> jax.Array:

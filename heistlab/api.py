@@ -5,6 +5,10 @@ query, enforces each client's query budget as a hard cap (a batch that would pas
 served, and the caller is told by ``QueryRefused``), runs the defense chain over the victim's probabilities,
 turns them into what the client may see (probabilities, top-k scores or labels), and records every query:
 client, per-client sequence number, SHA-256 of the input, served or refused and why.
+
+The API holds one defense state for all clients (defenses that track clients key their state by the client
+name) and a simulated clock per client: admission control (rate limits, progressive delays) makes a client
+wait simulated seconds before a batch is served, so "how long would stealing take" is measured, not slept.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from defenses import Defense, QueryContext
+from defenses import Defense, Evidence, QueryContext, Request
 from heistlab.victims import Victim
 
 OUTPUT_KINDS = ("probabilities", "top_k", "labels")
@@ -30,8 +34,11 @@ class InvalidQuery(ValueError):
 class QueryRefused(RuntimeError):
     """A well-formed query that the API declined to serve (for example, past the client's budget)."""
 
-    def __init__(self, client: str, requested: int, remaining: int | None, reason: str):
+    def __init__(
+        self, client: str, requested: int, remaining: int | None, reason: str, retry_after: float = 0.0
+    ):
         self.client, self.requested, self.remaining, self.reason = client, requested, remaining, reason
+        self.retry_after = retry_after
         super().__init__(
             f"client {client!r}: {requested} queries refused ({reason}); {remaining} left in its budget"
         )
@@ -87,7 +94,8 @@ class PredictionAPI:
         self.records: list[QueryRecord] = []
         self._served: dict[str, int] = defaultdict(int)
         self._refused: dict[str, int] = defaultdict(int)
-        self._states: dict[str, object] = {}
+        self._clock: dict[str, float] = defaultdict(float)
+        self._state = defense.init()
         self._batches = 0
 
     def served(self, client: str) -> int:
@@ -98,6 +106,17 @@ class PredictionAPI:
 
     def remaining(self, client: str) -> int | None:
         return None if self.budget is None else self.budget - self._served[client]
+
+    def simulated_seconds(self, client: str) -> float:
+        """The client's simulated clock: the seconds of waiting its admitted batches were made to do."""
+        return self._clock[client]
+
+    def clients(self) -> list[str]:
+        return sorted(set(self._served) | set(self._refused))
+
+    def report(self, evidence: Evidence) -> dict:
+        """The defense's own metrics (detections, watermark tests) from its state after the attack."""
+        return {} if self._defense.report is None else self._defense.report(self._state, evidence)
 
     def query(self, inputs, client: str = "attacker") -> np.ndarray:
         """Answers a ``(batch, *input_shape)`` batch for ``client``; ``QueryRefused`` past its budget."""
@@ -111,19 +130,38 @@ class PredictionAPI:
         if remaining is not None and len(inputs) > remaining:
             self._record(client, digests, served=False, reason="budget")
             raise QueryRefused(client, len(inputs), remaining, f"budget of {self.budget} queries")
+        if self._defense.admit is not None:
+            request = Request(client, len(inputs), self._clock[client])
+            verdict, self._state = self._defense.admit(self._state, request)
+            if not verdict.admitted:
+                self._record(client, digests, served=False, reason=verdict.reason or "refused")
+                raise QueryRefused(client, len(inputs), remaining, verdict.reason, verdict.delay)
+            self._clock[client] += verdict.delay
         served = self._serve(inputs, client)
         self._record(client, digests, served=True, reason="")
         return self._client_view(served)
 
-    def oracle(self, client: str = "attacker") -> Oracle:
-        """The handle an attack gets: this client's view of the API, and nothing else."""
-        return Oracle(
-            query=lambda inputs: self.query(inputs, client),
-            remaining=lambda: self.remaining(client),
-            input_shape=self.input_shape,
-            num_classes=self.num_classes,
-            output=self.output,
-        )
+    def oracle(self, client: str = "attacker", identities: int = 1) -> Oracle:
+        """The handle an attack gets: a client's view of the API, and nothing else.
+
+        With ``identities > 1`` the attacker is a Sybil: its queries are spread over the client names
+        ``client-0 ... client-(n-1)``, each batch going to the identity with the most budget left, and the
+        budget it sees is their sum.
+        """
+        if not isinstance(identities, int) or identities < 1:
+            raise ValueError(f"identities must be an integer >= 1, got {identities!r}")
+        names = (client,) if identities == 1 else tuple(f"{client}-{index}" for index in range(identities))
+
+        def remaining() -> int | None:
+            left = [self.remaining(name) for name in names]
+            return None if left[0] is None else sum(left)
+
+        def query(inputs):
+            if self.budget is None:
+                return self.query(inputs, min(names, key=lambda name: self._served[name]))
+            return self.query(inputs, max(names, key=lambda name: self.remaining(name)))
+
+        return Oracle(query, remaining, self.input_shape, self.num_classes, self.output, names)
 
     def validate(self, inputs) -> np.ndarray:
         """Returns ``inputs`` as float32 or raises ``InvalidQuery`` naming what is wrong."""
@@ -153,10 +191,11 @@ class PredictionAPI:
         probs = self._victim.predict_proba(inputs)
         key = jax.random.fold_in(self._key, self._batches)
         self._batches += 1
-        state = self._states.get(client)
-        if state is None:
-            state = self._defense.init()
-        served, self._states[client] = self._apply_defense(probs, state, QueryContext(inputs, key))
+        if self._defense.host:
+            context = QueryContext(inputs, key, client, self._clock[client])
+            served, self._state = self._defense.apply(probs, self._state, context)
+        else:
+            served, self._state = self._apply_defense(probs, self._state, QueryContext(inputs, key))
         return np.asarray(served)
 
     def _client_view(self, probs: np.ndarray) -> np.ndarray:
@@ -196,7 +235,7 @@ class Oracle:
     ``(batch,)`` int32 labels when ``output == 'labels'``, and raises ``QueryRefused`` past the budget.
     """
 
-    __slots__ = ("_query", "_remaining", "input_shape", "num_classes", "output")
+    __slots__ = ("_query", "_remaining", "clients", "input_shape", "num_classes", "output")
 
     def __init__(
         self,
@@ -205,9 +244,11 @@ class Oracle:
         input_shape: tuple[int, ...],
         num_classes: int,
         output: str,
+        clients: tuple[str, ...] = ("attacker",),
     ):
         self._query, self._remaining = query, remaining
         self.input_shape, self.num_classes, self.output = input_shape, num_classes, output
+        self.clients = clients
 
     def query(self, inputs: np.ndarray) -> np.ndarray:
         return self._query(inputs)

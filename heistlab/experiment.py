@@ -7,6 +7,8 @@ defense and budget, runs the attack through the API's handle, and measures what 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import time
 import traceback
@@ -14,10 +16,11 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from hydra.utils import instantiate
+from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from attacks.base import Surrogate
+from defenses import DefenderData, Defense, Evidence
 from heistlab import data, metrics, results, training, victims
 from heistlab.api import PredictionAPI
 from heistlab.models import build_model
@@ -82,16 +85,37 @@ def train_config_from(spec: DictConfig) -> training.TrainConfig:
     return training.TrainConfig(**OmegaConf.to_container(spec, resolve=True))
 
 
-def load_victim(cfg: DictConfig, splits: data.Splits) -> tuple[victims.Victim, bool]:
+def defender_data(cfg: DictConfig, splits: data.Splits) -> DefenderData:
+    train = splits.victim_train
+    return DefenderData(train.x, train.y, splits.input_shape, splits.num_classes, cfg.victim.seed)
+
+
+def build_defense(spec: DictConfig, defender: DefenderData) -> Defense:
+    """Instantiates the defense config, handing ``defender`` to factories that declare that argument."""
+    factory = get_method(spec._target_)
+    wants_defender = "defender" in inspect.signature(factory).parameters
+    return instantiate(spec, defender=defender) if wants_defender else instantiate(spec)
+
+
+def load_victim(cfg: DictConfig, splits: data.Splits, defense: Defense) -> tuple[victims.Victim, bool]:
+    """Loads or trains the victim; a model-side defense extends its training data and joins its identity."""
     identity = {
         "victim": OmegaConf.to_container(cfg.victim, resolve=True),
         "data": OmegaConf.to_container(cfg.data, resolve=True),
     }
     identity["data"].pop("data_dir", None)
     identity["data"].pop("download", None)
+    if defense.augment_training is not None:
+        identity["defense"] = OmegaConf.to_container(cfg.defense, resolve=True)
     model = build_model_from(cfg.victim, splits.num_classes)
     return victims.load_or_train(
-        model, splits, train_config_from(cfg.victim.train), cfg.victim.seed, identity, cache_directory(cfg)
+        model,
+        splits,
+        train_config_from(cfg.victim.train),
+        cfg.victim.seed,
+        identity,
+        cache_directory(cfg),
+        augment_training=defense.augment_training,
     )
 
 
@@ -99,15 +123,15 @@ def uniform_inputs(shape: tuple[int, ...], count: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).uniform(size=(count, *shape)).astype(np.float32)
 
 
-def measure(cfg, splits, victim, defense, attack_result, surrogate, api) -> dict:
+def measure(cfg, splits, victim, defense, attack_result, stolen_model, api, attackers) -> dict:
     """The run's metrics: victim and served accuracy, distortion, surrogate accuracy and fidelity, queries."""
     probs = victim.predict_proba(splits.test.x)
     evaluation = PredictionAPI(victim, defense, key=jax.random.key(cfg.seed + 1_000_003))
     served = evaluation.query(splits.test.x, client="evaluation")
-    stolen = training.predict_labels(surrogate.model, attack_result.params, splits.test.x)
+    stolen = training.predict_labels(stolen_model, attack_result.params, splits.test.x)
     noise = uniform_inputs(splits.input_shape, cfg.eval.uniform_samples, cfg.seed)
     victim_on_noise = victim.predict_proba(noise).argmax(axis=-1)
-    stolen_on_noise = training.predict_labels(surrogate.model, attack_result.params, noise)
+    stolen_on_noise = training.predict_labels(stolen_model, attack_result.params, noise)
     victim_labels = probs.argmax(axis=-1)
     return {
         "victim_accuracy": metrics.accuracy(victim_labels, splits.test.y),
@@ -116,10 +140,58 @@ def measure(cfg, splits, victim, defense, attack_result, surrogate, api) -> dict
         "surrogate_accuracy": metrics.accuracy(stolen, splits.test.y),
         "fidelity_test": metrics.agreement(stolen, victim_labels),
         "fidelity_uniform": metrics.agreement(stolen_on_noise, victim_on_noise),
-        "queries_served": api.served("attacker"),
-        "queries_refused": api.refused("attacker"),
+        "queries_served": sum(api.served(name) for name in attackers),
+        "queries_refused": sum(api.refused(name) for name in attackers),
+        "simulated_seconds": max(api.simulated_seconds(name) for name in attackers),
         "attack_rounds": len(attack_result.rounds),
     }
+
+
+def stream_benign_clients(cfg: DictConfig, api: PredictionAPI, test: data.Dataset) -> tuple[str, ...]:
+    """Streams the shuffled test split through the API as ``eval.benign_clients`` honest clients."""
+    names = tuple(f"benign-{index}" for index in range(cfg.eval.benign_clients))
+    for index, name in enumerate(names):
+        order = np.random.default_rng([cfg.seed, index]).permutation(len(test.x))
+        stream = test.x[order][: api.remaining(name)]
+        for start in range(0, len(stream), cfg.eval.benign_batch):
+            api.query(stream[start : start + cfg.eval.benign_batch], client=name)
+    return names
+
+
+def evidence_for(cfg, splits, victim, stolen_model, stolen_params, attackers, benign) -> Evidence:
+    """Label functions a defense's report may test; the independent model is trained only if asked for."""
+
+    @functools.cache
+    def independent_params():
+        key = jax.random.key(cfg.victim.seed + 7919)
+        targets = training.one_hot(splits.victim_train.y, splits.num_classes)
+        return training.train_classifier(
+            victim.model, splits.victim_train.x, targets, key, train_config_from(cfg.victim.train)
+        )
+
+    return Evidence(
+        surrogate_labels=lambda x: training.predict_labels(stolen_model, stolen_params, x),
+        independent_labels=lambda x: training.predict_labels(victim.model, independent_params(), x),
+        victim_labels=lambda x: victim.predict_proba(x).argmax(axis=-1),
+        attacker=attackers[0] if len(attackers) == 1 else attackers,
+        benign=benign,
+    )
+
+
+def run_evasion_stage(cfg, splits, victim, api, stolen_model, stolen_params) -> dict:
+    """Adversarial examples against the victim, when an ``evasion`` config is chosen."""
+    from attacks.evasion import EvasionStage, run_evasion
+
+    stage = EvasionStage(
+        api=api,
+        surrogate_model=stolen_model,
+        surrogate_params=stolen_params,
+        inputs=splits.test.x,
+        labels=splits.test.y,
+        victim_labels=lambda x: victim.predict_proba(x).argmax(axis=-1),
+        key=jax.random.fold_in(jax.random.key(cfg.seed), 2),
+    )
+    return run_evasion(instantiate(cfg.evasion), stage)
 
 
 def execute(cfg: DictConfig) -> dict:
@@ -127,9 +199,9 @@ def execute(cfg: DictConfig) -> dict:
     started, compile_before = time.perf_counter(), _compile_seconds[0]
     with phase(f"loading {cfg.data.name}"):
         splits = build_splits(cfg)
+    defense = build_defense(cfg.defense, defender_data(cfg, splits))
     with phase(f"loading or training the {cfg.victim.family} victim"):
-        victim, from_cache = load_victim(cfg, splits)
-    defense = instantiate(cfg.defense)
+        victim, from_cache = load_victim(cfg, splits, defense)
     attack = instantiate(cfg.attack)
     api = PredictionAPI(
         victim,
@@ -144,10 +216,20 @@ def execute(cfg: DictConfig) -> dict:
         build_model_from(cfg.surrogate, splits.num_classes), train_config_from(cfg.surrogate.train)
     )
     attack_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
+    oracle = api.oracle("attacker", identities=cfg.api.attacker_identities)
     with phase(f"running {attack.name} (budget {attack.budget})"):
-        attack_result = attack.run(api.oracle("attacker"), splits.pool, surrogate, attack_key)
+        attack_result = attack.run(oracle, splits.pool, surrogate, attack_key)
+    stolen_model = attack_result.model or surrogate.model
     with phase("measuring"):
-        found = measure(cfg, splits, victim, defense, attack_result, surrogate, api)
+        found = measure(cfg, splits, victim, defense, attack_result, stolen_model, api, oracle.clients)
+        benign = stream_benign_clients(cfg, api, splits.test)
+        evidence = evidence_for(
+            cfg, splits, victim, stolen_model, attack_result.params, oracle.clients, benign
+        )
+        found.update(api.report(evidence))
+    if cfg.evasion.get("_target_"):
+        with phase(f"evasion: {cfg.evasion._target_}"):
+            found.update(run_evasion_stage(cfg, splits, victim, api, stolen_model, attack_result.params))
     found["victim_from_cache"] = from_cache
     found["wall_seconds"] = time.perf_counter() - started
     found["compile_seconds"] = _compile_seconds[0] - compile_before

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -83,15 +84,21 @@ def load_or_train(
     seed: int,
     identity: dict,
     cache_dir: Path | None,
+    augment_training: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[Victim, bool]:
-    """Returns the victim for ``identity`` (its configuration) and whether it came from the cache."""
+    """Returns the victim for ``identity`` (its configuration) and whether it came from the cache.
+
+    ``augment_training(x, y)`` extends the training data first (a model-side defense, such as a watermark).
+    """
     key = jax.random.key(seed)
     folder = cache_dir / "victims" / config_digest(identity) if cache_dir is not None else None
     template = training.init_params(model, splits.input_shape, key)
     if folder is not None and (folder / "manifest.json").exists():
         return Victim(model, load_checkpoint(folder, template), splits.input_shape), True
-    targets = training.one_hot(splits.victim_train.y, splits.num_classes)
-    params = training.train_classifier(model, splits.victim_train.x, targets, key, train_config)
+    x, y = splits.victim_train.x, splits.victim_train.y
+    if augment_training is not None:
+        x, y = augment_training(x, y)
+    params = training.train_classifier(model, x, training.one_hot(y, splits.num_classes), key, train_config)
     if folder is not None:
         save_checkpoint(folder, params, identity)
     return Victim(model, params, splits.input_shape), False
