@@ -72,13 +72,13 @@ class Evidence(NamedTuple):
     independent_labels: top-1 of a model trained independently on the victim's task (no stolen answers),
         the innocent party a watermark must not accuse.
     victim_labels: the undefended victim's top-1.
-    attacker: the attacking client's name; benign: the names of the benign clients the experiment ran.
+    attackers: the attacking client's names (several for a Sybil attacker); benign: the benign clients'.
     """
 
     surrogate_labels: Callable[[np.ndarray], np.ndarray]
     independent_labels: Callable[[np.ndarray], np.ndarray]
     victim_labels: Callable[[np.ndarray], np.ndarray]
-    attacker: str
+    attackers: tuple[str, ...]
     benign: tuple[str, ...]
 
 

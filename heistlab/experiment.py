@@ -173,7 +173,7 @@ def evidence_for(cfg, splits, victim, stolen_model, stolen_params, attackers, be
         surrogate_labels=lambda x: training.predict_labels(stolen_model, stolen_params, x),
         independent_labels=lambda x: training.predict_labels(victim.model, independent_params(), x),
         victim_labels=lambda x: victim.predict_proba(x).argmax(axis=-1),
-        attacker=attackers[0] if len(attackers) == 1 else attackers,
+        attackers=tuple(attackers),
         benign=benign,
     )
 
