@@ -34,12 +34,15 @@ class QueryContext(NamedTuple):
     key: a PRNG key for this batch; a defense that needs randomness draws it from here and nowhere else.
     client: the client's identity; only host-side defenses (``Defense.host``) see it, jitted ones get None.
     now: the client's simulated clock in seconds when the batch is served (host-side defenses only).
+    raw_probs: when the defense preprocesses inputs (``Defense.preprocess``), the victim's probabilities on
+        the inputs as sent, beside ``probs`` on the preprocessed ones (a squeezing detector compares them).
     """
 
     inputs: jax.Array
     key: jax.Array
     client: str | None = None
     now: float = 0.0
+    raw_probs: jax.Array | None = None
 
 
 class Request(NamedTuple):
@@ -106,6 +109,8 @@ class Defense(NamedTuple):
         and clock in the context. Otherwise ``apply`` is pure and jittable and never sees the client.
     augment_training: ``augment_training(x, y) -> (x, y)``: a model-side defense extends the victim's training
         data (for example with a watermark trigger set) before the victim is trained.
+    preprocess: ``preprocess(inputs) -> inputs``: an input-side defense transforms queries before the victim
+        sees them (feature squeezing); pure and jittable.
     """
 
     init: Callable[[], State]
@@ -114,6 +119,7 @@ class Defense(NamedTuple):
     report: Callable[[State, Evidence], dict] | None = None
     host: bool = False
     augment_training: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
+    preprocess: Callable[[jax.Array], jax.Array] | None = None
 
 
 class EmptyState(NamedTuple):
@@ -178,6 +184,12 @@ def chain(*defenses: Defense) -> Defense:
                 x, y = defense.augment_training(x, y)
         return x, y
 
+    def preprocess(inputs):
+        for defense in defenses:
+            if defense.preprocess is not None:
+                inputs = defense.preprocess(inputs)
+        return inputs
+
     return Defense(
         init=init,
         apply=apply,
@@ -185,6 +197,7 @@ def chain(*defenses: Defense) -> Defense:
         report=report if any(d.report for d in defenses) else None,
         host=host,
         augment_training=augment_training if any(d.augment_training for d in defenses) else None,
+        preprocess=preprocess if any(d.preprocess for d in defenses) else None,
     )
 
 
@@ -193,7 +206,12 @@ def _member_applier(defense: Defense, chain_on_host: bool):
     if defense.host or not chain_on_host:
         return defense.apply
     jitted = jax.jit(defense.apply)
-    return lambda probs, state, context: jitted(probs, state, QueryContext(context.inputs, context.key))
+
+    def apply(probs, state, context):
+        pure_context = QueryContext(context.inputs, context.key, raw_probs=context.raw_probs)
+        return jitted(probs, state, pure_context)
+
+    return apply
 
 
 def project_to_simplex(values: jax.Array) -> jax.Array:

@@ -86,6 +86,7 @@ class PredictionAPI:
         self._victim = victim
         self._defense = defense
         self._apply_defense = jax.jit(defense.apply)
+        self._preprocess = jax.jit(defense.preprocess) if defense.preprocess is not None else None
         self._key = key
         self.budget, self.output, self.top_k = budget, output, top_k
         self.input_range, self.max_batch = input_range, max_batch
@@ -188,14 +189,20 @@ class PredictionAPI:
         return array.astype(np.float32, copy=False)
 
     def _serve(self, inputs: np.ndarray, client: str) -> np.ndarray:
-        probs = self._victim.predict_proba(inputs)
+        raw_probs = None
+        if self._preprocess is None:
+            probs = self._victim.predict_proba(inputs)
+        else:
+            raw_probs = self._victim.predict_proba(inputs)
+            probs = self._victim.predict_proba(np.asarray(self._preprocess(inputs)))
         key = jax.random.fold_in(self._key, self._batches)
         self._batches += 1
         if self._defense.host:
-            context = QueryContext(inputs, key, client, self._clock[client])
+            context = QueryContext(inputs, key, client, self._clock[client], raw_probs)
             served, self._state = self._defense.apply(probs, self._state, context)
         else:
-            served, self._state = self._apply_defense(probs, self._state, QueryContext(inputs, key))
+            context = QueryContext(inputs, key, raw_probs=raw_probs)
+            served, self._state = self._apply_defense(probs, self._state, context)
         return np.asarray(served)
 
     def _client_view(self, probs: np.ndarray) -> np.ndarray:
