@@ -45,3 +45,58 @@ def test_chain_state_is_the_tuple_of_member_states():
     served, state = defense.apply(PROBS, defense.init(), CONTEXT)
     assert len(state) == 2
     np.testing.assert_array_equal(served, PROBS)
+
+
+def fixed_admission(delay, refuse_after=None):
+    """Admits with ``delay`` and counts admissions in its state; refuses once ``refuse_after`` are counted."""
+
+    def admit(count, request):
+        from defenses.base import Verdict
+
+        if refuse_after is not None and count >= refuse_after:
+            return Verdict(admitted=False, delay=5.0, reason="full"), count
+        return Verdict(admitted=True, delay=delay), count + request.size
+
+    return identity()._replace(init=lambda: 0, admit=admit)
+
+
+def test_chain_admission_adds_delays_and_a_refusal_changes_no_state():
+    from defenses.base import Request
+
+    defense = chain(fixed_admission(1.5), fixed_admission(2.0, refuse_after=3))
+    verdict, state = defense.admit(defense.init(), Request("c", 3, 0.0))
+    assert verdict.admitted and verdict.delay == 3.5 and state == (3, 3)
+    refused, after = defense.admit(state, Request("c", 1, 3.5))
+    assert not refused.admitted and refused.reason == "full" and refused.delay == 5.0
+    assert after == state
+
+
+def test_chain_on_host_jits_pure_members_and_hides_the_client_from_them():
+    seen = []
+
+    def host_apply(probs, state, context):
+        seen.append(context.client)
+        return probs, state
+
+    host_member = identity()._replace(apply=host_apply, host=True)
+    defense = chain(stateless(lambda probs, context: probs * 1.0), host_member)
+    assert defense.host
+    context = CONTEXT._replace(client="alice", now=2.0)
+    served, _ = defense.apply(PROBS, defense.init(), context)
+    np.testing.assert_allclose(served, PROBS)
+    assert seen == ["alice"]
+
+
+def test_chain_composes_preprocessing_reports_and_training_augmentation():
+    add = identity()._replace(preprocess=lambda x: x + 1)
+    double = identity()._replace(preprocess=lambda x: x * 2)
+    np.testing.assert_allclose(chain(add, double).preprocess(jnp.ones(2)), [4.0, 4.0])
+    first = identity()._replace(report=lambda state, evidence: {"a": 1})
+    second = identity()._replace(report=lambda state, evidence: {"b": 2})
+    assert chain(first, second).report(((), ()), None) == {"a": 1, "b": 2}
+    extend = identity()._replace(
+        augment_training=lambda x, y: (np.concatenate([x, x]), np.concatenate([y, y]))
+    )
+    x, y = chain(identity(), extend).augment_training(np.zeros((2, 1)), np.zeros(2))
+    assert len(x) == len(y) == 4
+    assert chain(identity()).admit is None and chain(identity()).preprocess is None

@@ -104,3 +104,62 @@ def test_oracle_handle_exposes_queries_and_budget_only(api, digits_splits):
     assert oracle.remaining == 10
     oracle.query(digits_splits.test.x[:4])
     assert oracle.remaining == 6 and api.served("attacker") == 4
+
+
+def counting_admission(delay_per_row: float, refuse_client: str | None = None):
+    """An admission defense: each row costs ``delay_per_row`` simulated seconds; one client is refused."""
+    from defenses import Verdict
+
+    def admit(state, request):
+        if request.client == refuse_client:
+            return Verdict(admitted=False, delay=9.0, reason="blocked"), state
+        return Verdict(admitted=True, delay=delay_per_row * request.size), state
+
+    return identity()._replace(admit=admit)
+
+
+def test_admission_delays_advance_the_clients_simulated_clock(small_victim, digits_splits):
+    api = PredictionAPI(small_victim, counting_admission(0.5, "mallory"), key=jax.random.key(0))
+    api.query(digits_splits.test.x[:4], client="alice")
+    api.query(digits_splits.test.x[:2], client="alice")
+    assert api.simulated_seconds("alice") == 3.0 and api.simulated_seconds("bob") == 0.0
+    with pytest.raises(QueryRefused) as refused:
+        api.query(digits_splits.test.x[:2], client="mallory")
+    assert refused.value.reason == "blocked" and refused.value.retry_after == 9.0
+    assert api.refused("mallory") == 2 and api.records[-1].reason == "blocked"
+
+
+def test_host_defenses_see_the_client_and_its_clock(small_victim, digits_splits):
+    seen = []
+
+    def apply(probs, state, context):
+        seen.append((context.client, context.now))
+        return probs, state + 1
+
+    host = identity()._replace(init=lambda: 0, apply=apply, host=True)
+    api = PredictionAPI(small_victim, host, key=jax.random.key(0))
+    api.query(digits_splits.test.x[:3], client="carol")
+    api.query(digits_splits.test.x[:3], client="dave")
+    assert seen == [("carol", 0.0), ("dave", 0.0)] and api._state == 2
+
+
+def test_sybil_oracle_spreads_queries_over_identities_and_sums_their_budgets(small_victim, digits_splits):
+    api = PredictionAPI(small_victim, identity(), key=jax.random.key(0), budget=10)
+    oracle = api.oracle("attacker", identities=3)
+    assert oracle.clients == ("attacker-0", "attacker-1", "attacker-2") and oracle.remaining == 30
+    for _ in range(3):
+        oracle.query(digits_splits.test.x[:10])
+    assert [api.served(name) for name in oracle.clients] == [10, 10, 10] and oracle.remaining == 0
+    with pytest.raises(QueryRefused):
+        oracle.query(digits_splits.test.x[:1])
+    with pytest.raises(ValueError, match="identities must be an integer >= 1"):
+        api.oracle("attacker", identities=0)
+
+
+def test_preprocessing_defense_changes_what_the_victim_sees(small_victim, digits_splits):
+    blank = identity()._replace(preprocess=lambda inputs: inputs * 0.0)
+    api = PredictionAPI(small_victim, blank, key=jax.random.key(0))
+    served = api.query(digits_splits.test.x[:3])
+    np.testing.assert_allclose(
+        served, small_victim.predict_proba(np.zeros_like(digits_splits.test.x[:3])), atol=1e-6
+    )
