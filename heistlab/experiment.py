@@ -20,7 +20,7 @@ from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from attacks.base import Surrogate
-from defenses import DefenderData, Defense, Evidence
+from defenses import DefenderData, Defense, Evidence, chain
 from heistlab import data, metrics, results, training, victims
 from heistlab.api import PredictionAPI
 from heistlab.models import build_model
@@ -91,7 +91,14 @@ def defender_data(cfg: DictConfig, splits: data.Splits) -> DefenderData:
 
 
 def build_defense(spec: DictConfig, defender: DefenderData) -> Defense:
-    """Instantiates the defense config, handing ``defender`` to factories that declare that argument."""
+    """Instantiates the defense config, handing ``defender`` to factories that declare that argument.
+
+    ``_target_: defenses.chain`` with a ``members`` list builds each member the same way and chains them.
+    """
+    if spec._target_ == "defenses.chain":
+        if not spec.get("members"):
+            raise ValueError("defense chain needs a non-empty `members` list of defense configs")
+        return chain(*(build_defense(member, defender) for member in spec.members))
     factory = get_method(spec._target_)
     wants_defender = "defender" in inspect.signature(factory).parameters
     return instantiate(spec, defender=defender) if wants_defender else instantiate(spec)

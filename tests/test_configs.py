@@ -12,7 +12,13 @@ from hydra.utils import instantiate
 from attacks import Attack
 from defenses import Defense
 from heistlab import loggers
-from heistlab.experiment import build_model_from, build_splits, train_config_from
+from heistlab.experiment import (
+    build_defense,
+    build_model_from,
+    build_splits,
+    defender_data,
+    train_config_from,
+)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -27,8 +33,10 @@ def composed(*overrides: str):
 
 
 @pytest.mark.parametrize("name", options("defense"))
-def test_every_defense_config_instantiates(name):
-    assert isinstance(instantiate(composed(f"defense={name}").defense), Defense)
+def test_every_defense_config_instantiates(name, digits_splits):
+    cfg = composed(f"defense={name}")
+    defense = build_defense(cfg.defense, defender_data(cfg, digits_splits))
+    assert isinstance(defense, Defense)
 
 
 @pytest.mark.parametrize("name", options("attack"))
