@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from attacks.base import Surrogate
 from defenses import DefenderData, Defense, Evidence, chain
-from heistlab import data, metrics, results, training, victims
+from heistlab import data, metrics, protection, results, training, victims
 from heistlab.api import PredictionAPI
 from heistlab.models import build_model
 from heistlab.progress import phase
@@ -104,6 +104,14 @@ def build_defense(spec: DictConfig, defender: DefenderData) -> Defense:
     return instantiate(spec, defender=defender) if wants_defender else instantiate(spec)
 
 
+def at_rest_from(cfg: DictConfig) -> victims.AtRest:
+    """Checkpoint protection from ``cfg.protection``: key files and environment variables, never keys."""
+    spec = cfg.get("protection") or {}
+    key = protection.load_key(spec.get("encryption_key_file"), spec.get("encryption_key_env"))
+    signing = protection.load_signing_keys(spec.get("signing_key_file"), spec.get("verify_key_file"))
+    return victims.AtRest(key, signing)
+
+
 def load_victim(cfg: DictConfig, splits: data.Splits, defense: Defense) -> tuple[victims.Victim, bool]:
     """Loads or trains the victim; a model-side defense extends its training data and joins its identity."""
     identity = {
@@ -123,6 +131,7 @@ def load_victim(cfg: DictConfig, splits: data.Splits, defense: Defense) -> tuple
         identity,
         cache_directory(cfg),
         augment_training=defense.augment_training,
+        at_rest=at_rest_from(cfg),
     )
 
 

@@ -3,6 +3,9 @@
 A cache entry is a folder named by the digest of the victim's canonical configuration (model, training,
 data split), holding ``params.msgpack`` and ``manifest.json``. The manifest records the configuration and the
 SHA-256 of the parameter bytes; a checkpoint whose bytes no longer match is refused, never loaded.
+
+With ``AtRest`` protection the parameters are stored AES-256-GCM encrypted (bound to their cache entry)
+and the manifest is signed with Ed25519; a verify key makes unsigned or mis-signed manifests a refusal.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import jax
 import numpy as np
 from flax import serialization
 
-from heistlab import training
+from heistlab import protection, training
 from heistlab.data import Splits
 
 CHECKPOINT_FORMAT = 1
@@ -28,6 +31,16 @@ CHECKPOINT_FORMAT = 1
 
 class TamperedCheckpointError(RuntimeError):
     """A checkpoint whose bytes do not match the digest its manifest recorded."""
+
+
+class AtRest(NamedTuple):
+    """Checkpoint protection at rest: an AES-256 key and Ed25519 signing/verify keys (each may be None)."""
+
+    encryption_key: bytes | None = None
+    signing: protection.SigningKeys = protection.SigningKeys(None, None)
+
+
+UNPROTECTED = AtRest()
 
 
 class Victim(NamedTuple):
@@ -56,17 +69,32 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     os.replace(handle.name, path)
 
 
-def save_checkpoint(folder: Path, params: Any, config: dict) -> None:
+def save_checkpoint(folder: Path, params: Any, config: dict, at_rest: AtRest = UNPROTECTED) -> None:
     payload = serialization.to_bytes(params)
-    atomic_write_bytes(folder / "params.msgpack", payload)
-    manifest = {"config": config, "sha256": hashlib.sha256(payload).hexdigest(), "format": CHECKPOINT_FORMAT}
+    stored = payload
+    if at_rest.encryption_key is not None:
+        stored = protection.encrypt(payload, at_rest.encryption_key, associated_data=folder.name.encode())
+    atomic_write_bytes(folder / "params.msgpack", stored)
+    manifest = {
+        "config": config,
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "format": CHECKPOINT_FORMAT,
+        "encrypted": at_rest.encryption_key is not None,
+    }
+    if at_rest.signing.private is not None:
+        manifest = protection.sign_manifest(manifest, at_rest.signing.private)
     atomic_write_bytes(folder / "manifest.json", json.dumps(manifest, indent=2, default=str).encode())
 
 
-def load_checkpoint(folder: Path, template: Any) -> Any:
-    """Loads parameters shaped like ``template`` after verifying their SHA-256 against the manifest."""
+def load_checkpoint(folder: Path, template: Any, at_rest: AtRest = UNPROTECTED) -> Any:
+    """Loads parameters shaped like ``template`` after verifying signature, decryption and SHA-256."""
     manifest = json.loads((folder / "manifest.json").read_text())
+    if at_rest.signing.public is not None:
+        protection.verify_manifest(manifest, at_rest.signing.public, str(folder / "manifest.json"))
     payload = (folder / "params.msgpack").read_bytes()
+    if protection.is_encrypted(payload):
+        source = str(folder / "params.msgpack")
+        payload = protection.decrypt(payload, at_rest.encryption_key, source, folder.name.encode())
     actual = hashlib.sha256(payload).hexdigest()
     if actual != manifest["sha256"]:
         raise TamperedCheckpointError(
@@ -85,6 +113,7 @@ def load_or_train(
     identity: dict,
     cache_dir: Path | None,
     augment_training: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
+    at_rest: AtRest = UNPROTECTED,
 ) -> tuple[Victim, bool]:
     """Returns the victim for ``identity`` (its configuration) and whether it came from the cache.
 
@@ -94,11 +123,11 @@ def load_or_train(
     folder = cache_dir / "victims" / config_digest(identity) if cache_dir is not None else None
     template = training.init_params(model, splits.input_shape, key)
     if folder is not None and (folder / "manifest.json").exists():
-        return Victim(model, load_checkpoint(folder, template), splits.input_shape), True
+        return Victim(model, load_checkpoint(folder, template, at_rest), splits.input_shape), True
     x, y = splits.victim_train.x, splits.victim_train.y
     if augment_training is not None:
         x, y = augment_training(x, y)
     params = training.train_classifier(model, x, training.one_hot(y, splits.num_classes), key, train_config)
     if folder is not None:
-        save_checkpoint(folder, params, identity)
+        save_checkpoint(folder, params, identity, at_rest)
     return Victim(model, params, splits.input_shape), False

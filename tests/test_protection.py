@@ -1,0 +1,113 @@
+"""Protection at rest: encrypted checkpoints round-trip; wrong keys, changed bytes, swapped manifests fail."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from heistlab import protection, training, victims
+from tests.conftest import SMALL_MLP
+
+ONE_EPOCH = training.TrainConfig(epochs=1, batch_size=64, learning_rate=1e-3)
+
+
+def test_encrypt_round_trip_and_refusals():
+    key = bytes.fromhex(protection.new_key())
+    blob = protection.encrypt(b"weights", key, b"entry")
+    assert protection.decrypt(blob, key, "blob", b"entry") == b"weights" and b"weights" not in blob
+    with pytest.raises(protection.ProtectionError, match="key is wrong or the file was modified"):
+        protection.decrypt(blob, bytes(32), "blob", b"entry")
+    flipped = bytearray(blob)
+    flipped[-1] ^= 1
+    with pytest.raises(protection.ProtectionError, match="failed authentication"):
+        protection.decrypt(bytes(flipped), key, "blob", b"entry")
+    with pytest.raises(protection.ProtectionError, match="failed authentication"):
+        protection.decrypt(blob, key, "blob", b"another entry")
+    with pytest.raises(protection.ProtectionError, match="is encrypted; name its key"):
+        protection.decrypt(blob, None, "blob")
+
+
+def test_keys_come_from_files_or_environment(tmp_path, monkeypatch):
+    hex_key = protection.new_key()
+    (tmp_path / "key").write_text(hex_key + "\n")
+    assert protection.load_key(key_file=tmp_path / "key") == bytes.fromhex(hex_key)
+    monkeypatch.setenv("HEISTLAB_TEST_KEY", hex_key)
+    assert protection.load_key(key_env="HEISTLAB_TEST_KEY") == bytes.fromhex(hex_key)
+    assert protection.load_key() is None
+    (tmp_path / "short").write_text("abcd")
+    with pytest.raises(protection.ProtectionError, match="expected a 32-byte AES-256 key"):
+        protection.load_key(key_file=tmp_path / "short")
+    with pytest.raises(protection.ProtectionError, match="MISSING_KEY_VAR.*not set"):
+        protection.load_key(key_env="MISSING_KEY_VAR")
+
+
+@pytest.fixture
+def protected(tmp_path):
+    private_file, public_file = protection.generate_signing_pair(tmp_path / "keys")
+    key = bytes.fromhex(protection.new_key())
+    trainer = victims.AtRest(key, protection.load_signing_keys(str(private_file)))
+    server = victims.AtRest(key, protection.load_signing_keys(public_file=str(public_file)))
+    return trainer, server
+
+
+def train_protected(splits, cache, at_rest, identity=None):
+    return victims.load_or_train(
+        SMALL_MLP, splits, ONE_EPOCH, 0, identity or {"protected": True}, cache, at_rest=at_rest
+    )
+
+
+def test_encrypted_signed_checkpoint_round_trips(digits_splits, tmp_path, protected):
+    trainer, server = protected
+    trained, _ = train_protected(digits_splits, tmp_path / "cache", trainer)
+    stored = next((tmp_path / "cache").glob("victims/*/params.msgpack")).read_bytes()
+    assert protection.is_encrypted(stored)
+    loaded, hit = train_protected(digits_splits, tmp_path / "cache", server)
+    assert hit
+    for a, b in zip(jax.tree.leaves(trained.params), jax.tree.leaves(loaded.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_wrong_key_or_modified_byte_is_refused(digits_splits, tmp_path, protected):
+    trainer, server = protected
+    train_protected(digits_splits, tmp_path / "cache", trainer)
+    wrong = server._replace(encryption_key=bytes(32))
+    with pytest.raises(protection.ProtectionError, match="key is wrong or the file was modified"):
+        train_protected(digits_splits, tmp_path / "cache", wrong)
+    checkpoint = next((tmp_path / "cache").glob("victims/*/params.msgpack"))
+    payload = bytearray(checkpoint.read_bytes())
+    payload[len(payload) // 2] ^= 0x01
+    checkpoint.write_bytes(bytes(payload))
+    with pytest.raises(protection.ProtectionError, match="failed authentication"):
+        train_protected(digits_splits, tmp_path / "cache", server)
+
+
+def test_tampered_or_swapped_manifest_is_refused_before_loading(digits_splits, tmp_path, protected):
+    trainer, server = protected
+    train_protected(digits_splits, tmp_path / "cache", trainer)
+    manifest_path = next((tmp_path / "cache").glob("victims/*/manifest.json"))
+    manifest = json.loads(manifest_path.read_text())
+    manifest["config"]["protected"] = "swapped"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(protection.ProtectionError, match="signature does not verify"):
+        train_protected(digits_splits, tmp_path / "cache", server)
+    del manifest["signature"]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(protection.ProtectionError, match="is not signed"):
+        train_protected(digits_splits, tmp_path / "cache", server)
+
+
+def test_protect_command_makes_keys_that_an_experiment_uses(tmp_path, digits_splits, capsys):
+    from experiments.protect import main
+    from heistlab.experiment import at_rest_from
+    from tests.test_configs import composed
+
+    main(["--out", str(tmp_path / "keys")])
+    overrides = capsys.readouterr().out.split()
+    assert (tmp_path / "keys" / "checkpoint.key").stat().st_mode & 0o777 == 0o600
+    at_rest = at_rest_from(composed(*overrides))
+    assert at_rest.encryption_key is not None and at_rest.signing.private is not None
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "keys")])
