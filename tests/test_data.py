@@ -80,3 +80,11 @@ def test_download_disabled_names_missing_files_and_folder(tmp_path, monkeypatch)
 def test_fractions_are_validated(fraction):
     with pytest.raises(ValueError, match="data.test_fraction must lie strictly between 0 and 1"):
         data.make_splits(data.load_digits(), seed=0, test_fraction=fraction)
+
+
+def test_digits_match_scikit_learns_loader():
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    reference, ours = sklearn_digits(), data.load_digits()
+    np.testing.assert_array_equal(ours.x.reshape(-1, 64) * 16.0, reference.data)
+    np.testing.assert_array_equal(ours.y, reference.target)
