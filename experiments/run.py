@@ -2,23 +2,24 @@
 
     python -m experiments.run attack=knockoff defense=rounding defense.decimals=1 attack.budget=2000 seed=3
     python -m experiments.run -m defense=none,rounding,reverse_sigmoid 'seed=range(3)'
+    python -m experiments.run -m hydra/launcher=parallel defense=none,rounding 'seed=range(3)'
 
-Each run writes ``results.json`` (and ``log.jsonl``) in its Hydra output folder.
+Each run writes ``results.json`` (and ``log.jsonl``) in its Hydra output folder. A sweep launched again
+with the same ``hydra.sweep.dir`` skips the jobs whose results are complete for the same config
+(``heistlab.sweep``).
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from heistlab.experiment import cache_directory, enable_compilation_cache, run_experiment
+from heistlab import sweep
 
 
 def metrics_table(metrics: dict, title: str) -> Table:
@@ -33,13 +34,21 @@ def metrics_table(metrics: dict, title: str) -> Table:
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    job = sweep.current_job()
+    if sweep.resume(job, OmegaConf.to_container(cfg, resolve=True)):
+        return
+    # Imported here: the process that launches a parallel sweep never runs an experiment, nor loads JAX.
+    from heistlab.experiment import cache_directory, enable_compilation_cache, run_experiment
+
     enable_compilation_cache(cache_directory(cfg))
-    logger = instantiate(cfg.logger, output_dir=output_dir)
-    metrics = run_experiment(cfg, output_dir, logger)
-    overrides = " ".join(HydraConfig.get().overrides.task) or "defaults"
-    Console().print(metrics_table(metrics, f"heistlab: {overrides}"))
-    Console().print(f"results: {output_dir / 'results.json'}")
+    logger = instantiate(cfg.logger, output_dir=job.output_dir, **sweep.logger_arguments(cfg.logger, job))
+    if sweep.tracks_curves(cfg.logger):
+        logger = sweep.RoundCurves(logger, job.output_dir / sweep.RESULTS_FILE)
+    with sweep.job_progress(job) as progress:
+        metrics = run_experiment(cfg, job.output_dir, logger)
+        progress(metrics)
+    Console().print(metrics_table(metrics, f"heistlab: {' '.join(job.overrides) or 'defaults'}"))
+    Console().print(f"results: {job.output_dir / sweep.RESULTS_FILE}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from attacks.base import Surrogate
 from defenses import DefenderData, Defense, Evidence, chain
 from heistlab import data, metrics, protection, results, training, victims
-from heistlab.api import PredictionAPI
+from heistlab.api import PredictionAPI, QueryRefused
 from heistlab.models import build_model
 from heistlab.progress import phase
 
@@ -142,7 +142,8 @@ def uniform_inputs(shape: tuple[int, ...], count: int, seed: int) -> np.ndarray:
 def measure(cfg, splits, victim, defense, attack_result, stolen_model, api, attackers) -> dict:
     """The run's metrics: victim and served accuracy, distortion, surrogate accuracy and fidelity, queries."""
     probs = victim.predict_proba(splits.test.x)
-    evaluation = PredictionAPI(victim, defense, key=jax.random.key(cfg.seed + 1_000_003))
+    # Utility is measured on what the defense serves; admission (caps, rate limits) is not utility.
+    evaluation = PredictionAPI(victim, defense._replace(admit=None), key=jax.random.key(cfg.seed + 1_000_003))
     served = evaluation.query(splits.test.x, client="evaluation")
     stolen = training.predict_labels(stolen_model, attack_result.params, splits.test.x)
     noise = uniform_inputs(splits.input_shape, cfg.eval.uniform_samples, cfg.seed)
@@ -170,7 +171,10 @@ def stream_benign_clients(cfg: DictConfig, api: PredictionAPI, test: data.Datase
         order = np.random.default_rng([cfg.seed, index]).permutation(len(test.x))
         stream = test.x[order][: api.remaining(name)]
         for start in range(0, len(stream), cfg.eval.benign_batch):
-            api.query(stream[start : start + cfg.eval.benign_batch], client=name)
+            try:
+                api.query(stream[start : start + cfg.eval.benign_batch], client=name)
+            except QueryRefused:
+                break  # the defense's cost to an honest client, counted by api.refused(name)
     return names
 
 
@@ -210,8 +214,11 @@ def run_evasion_stage(cfg, splits, victim, api, stolen_model, stolen_params) -> 
     return run_evasion(instantiate(cfg.evasion), stage)
 
 
-def execute(cfg: DictConfig) -> dict:
-    """Runs the experiment described by ``cfg`` and returns its metrics (no files written here)."""
+def execute(cfg: DictConfig, rounds: list | None = None) -> dict:
+    """Runs the experiment described by ``cfg`` and returns its metrics (no files written here).
+
+    ``rounds``, when given, receives the attack's per-round records (queries, known set size...).
+    """
     started, compile_before = time.perf_counter(), _compile_seconds[0]
     with phase(f"loading {cfg.data.name}"):
         splits = build_splits(cfg)
@@ -235,6 +242,8 @@ def execute(cfg: DictConfig) -> dict:
     oracle = api.oracle("attacker", identities=cfg.api.attacker_identities)
     with phase(f"running {attack.name} (budget {attack.budget})"):
         attack_result = attack.run(oracle, splits.pool, surrogate, attack_key)
+    if rounds is not None:
+        rounds.extend(dict(entry) for entry in attack_result.rounds)
     stolen_model = attack_result.model or surrogate.model
     with phase("measuring"):
         found = measure(cfg, splits, victim, defense, attack_result, stolen_model, api, oracle.clients)
@@ -267,7 +276,9 @@ def run_experiment(cfg: DictConfig, output_dir: Path, logger=None) -> dict:
     if logger is not None:
         logger.log_config(record["config"])
     try:
-        record["metrics"] = execute(cfg)
+        rounds: list[dict] = []
+        record["metrics"] = execute(cfg, rounds)
+        record["rounds"] = rounds
     except BaseException as error:
         record.update(status="failed", error="".join(traceback.format_exception(error)))
         results.write_results(output_dir, record)
