@@ -214,6 +214,30 @@ def run_evasion_stage(cfg, splits, victim, api, stolen_model, stolen_params) -> 
     return run_evasion(instantiate(cfg.evasion), stage)
 
 
+def build_api(cfg: DictConfig, victim: victims.Victim, defense: Defense):
+    """The API the attack queries: in-process, or a prediction server over HTTPS (``api=http``)."""
+    if cfg.api.get("kind", "inprocess") == "http":
+        from heistlab.serving.client import remote_api
+
+        return remote_api(
+            cfg.api.url,
+            cfg.api.key_file,
+            cfg.api.ca_file,
+            output=cfg.api.output,
+            timeout_s=cfg.api.timeout_s,
+            max_wait_s=cfg.api.max_wait_s,
+        )
+    return PredictionAPI(
+        victim,
+        defense,
+        key=jax.random.key(cfg.seed),
+        budget=cfg.api.budget,
+        output=cfg.api.output,
+        top_k=cfg.api.top_k,
+        max_batch=cfg.api.max_batch,
+    )
+
+
 def execute(cfg: DictConfig, rounds: list | None = None) -> dict:
     """Runs the experiment described by ``cfg`` and returns its metrics (no files written here).
 
@@ -226,15 +250,7 @@ def execute(cfg: DictConfig, rounds: list | None = None) -> dict:
     with phase(f"loading or training the {cfg.victim.family} victim"):
         victim, from_cache = load_victim(cfg, splits, defense)
     attack = instantiate(cfg.attack)
-    api = PredictionAPI(
-        victim,
-        defense,
-        key=jax.random.key(cfg.seed),
-        budget=cfg.api.budget,
-        output=cfg.api.output,
-        top_k=cfg.api.top_k,
-        max_batch=cfg.api.max_batch,
-    )
+    api = build_api(cfg, victim, defense)
     surrogate = Surrogate(
         build_model_from(cfg.surrogate, splits.num_classes), train_config_from(cfg.surrogate.train)
     )

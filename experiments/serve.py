@@ -1,0 +1,32 @@
+"""Serves a defended victim over HTTPS (heistlab issue 7): the prediction API, keys, roles, quotas, audit.
+
+    python -m experiments.keys selfsigned --out tls
+    python -m experiments.keys create --store keys.json --role probabilities --out client.json
+    python -m experiments.serve serve.key_store=keys.json \
+        serve.certfile=tls/cert.pem serve.keyfile=tls/key.pem defense=rounding serve.quota=5000
+
+Then ``python -m experiments.run api=http api.key_file=client.json api.ca_file=tls/cert.pem`` attacks it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+from omegaconf import DictConfig
+
+from heistlab.experiment import cache_directory, enable_compilation_cache
+from heistlab.serving.app import app_from_config
+from heistlab.serving.server import serve_forever, uvicorn_config
+
+
+@hydra.main(config_path="../configs", config_name="serve", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    enable_compilation_cache(cache_directory(cfg))
+    app, settings = app_from_config(cfg)
+    serve_forever(uvicorn_config(app, *settings))
+
+
+if __name__ == "__main__":
+    main()

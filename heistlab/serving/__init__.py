@@ -1,0 +1,11 @@
+"""The prediction API served over HTTPS, and the remote oracle that attacks it (heistlab issue 7).
+
+- ``auth``: API keys (salted scrypt hashes in an operator's key store), OAuth 2.0 client-credentials bearer
+  tokens (HMAC-SHA256), roles;
+- ``validation``: the request schema and its checks; ``throttle``: ``defenses.budget`` and
+  ``defenses.rate_limit`` on the real clock;
+- ``audit``: the SQLite audit log; ``service``: the defended victim behind one lock; ``app``: the FastAPI app;
+- ``server``: uvicorn over TLS; ``tls``: a self-signed pair; ``client``: ``http_oracle`` and ``remote_api``.
+
+Modules are imported on use, so the key tools load without JAX.
+"""

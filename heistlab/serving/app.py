@@ -1,0 +1,465 @@
+"""The prediction server's FastAPI app: authentication, roles, validation, throttling, audit, monitoring.
+
+Endpoints (the schema is published at ``/openapi.json``):
+
+- ``POST /oauth/token``: OAuth 2.0 client credentials (form body or HTTP Basic) -> a short-lived bearer token.
+- ``GET /v1/info``: what this key may ask and receive: input shape and range, classes, outputs, quota left.
+- ``POST /v1/predict``: ``{"inputs": [...], "output": ...}`` -> ``{"outputs": [...], "remaining": ...}``.
+- ``GET /admin/audit``, ``GET /admin/alarms``, ``POST /admin/keys/{key_id}/revoke``: admin role only.
+- ``GET /healthz``: liveness, no credentials, no model.
+
+Status codes: 400 malformed, 401 no valid credentials (missing, wrong, revoked, expired), 403 beyond the
+role, 404/405 no such route, 413 body too large, 415 not JSON, 422 invalid inputs, 429 refused by admission
+(quota spent, rate limited, or a detector's refusal; with ``Retry-After``), 500 a generic message and a
+request id (the traceback goes to the server log only).
+Every request, whatever its fate, is one row in the audit log.
+"""
+
+import base64
+import binascii
+import logging
+import math
+import secrets
+import time
+from pathlib import Path
+from typing import Annotated, Any, NamedTuple
+from urllib.parse import parse_qs, unquote_plus
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from heistlab.api import InvalidQuery, QueryRefused
+from heistlab.serving.audit import AuditEntry, AuditLog, outcome_for
+from heistlab.serving.auth import (
+    Authenticator,
+    Credential,
+    Forbidden,
+    Principal,
+    Unauthenticated,
+    allowed_output,
+)
+from heistlab.serving.service import ServingCore
+from heistlab.serving.throttle import retry_after_header
+from heistlab.serving.validation import (
+    BadRequest,
+    ErrorBody,
+    InputSchema,
+    PredictAnswer,
+    PredictBody,
+    ServiceInfo,
+    TokenAnswer,
+    body_digest,
+    check_body_size,
+    inputs_digest,
+    parse_predict_body,
+)
+
+log = logging.getLogger("heistlab.serving")
+MAX_TOKEN_BODY_BYTES = 8192
+SECURITY_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+    "Strict-Transport-Security": "max-age=31536000",
+}
+ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 413, 415, 422, 429, 500)}
+
+
+class ServerSettings(NamedTuple):
+    host: str
+    port: int
+    certfile: Path
+    keyfile: Path
+    log_level: str = "info"
+    access_log: bool = False
+
+
+def error_response(
+    status: int, code: str, message: str, request_id: str, headers: dict | None = None, **extra: Any
+) -> JSONResponse:
+    body = {"error": code, "message": message, "request_id": request_id, **extra}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _note(request: Request) -> dict:
+    """The audit notes of this request (filled in by the handlers, written by the middleware)."""
+    return request.state.audit
+
+
+def _request_id(request: Request) -> str:
+    return getattr(request.state, "request_id", "") or "unknown"
+
+
+async def read_limited_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is declared or found to pass ``limit`` bytes."""
+    check_body_size(request.headers.get("content-length"), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BadRequest(413, "body_too_large", f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def client_credentials(form: dict[str, list[str]], authorization: str | None) -> Credential:
+    """The OAuth client's id and secret, from HTTP Basic (RFC 6749 section 2.3.1) or the form body."""
+    in_form = "client_id" in form or "client_secret" in form
+    if authorization:
+        scheme, _, encoded = authorization.partition(" ")
+        if scheme.lower() != "basic" or in_form:
+            raise BadRequest(400, "invalid_request", "send client credentials once: HTTP Basic or the form")
+        try:
+            client_id, colon, secret = (
+                base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
+            )
+        except (binascii.Error, UnicodeDecodeError):
+            raise BadRequest(400, "invalid_request", "malformed HTTP Basic credentials") from None
+        if not colon:
+            raise BadRequest(400, "invalid_request", "malformed HTTP Basic credentials")
+        return Credential(unquote_plus(client_id), unquote_plus(secret))
+    client_id, secret = form.get("client_id", [""])[0], form.get("client_secret", [""])[0]
+    if not client_id or not secret:
+        raise BadRequest(400, "invalid_request", "client_id and client_secret are required")
+    return Credential(client_id, secret)
+
+
+def parse_token_form(body: bytes, content_type: str | None) -> dict[str, list[str]]:
+    media_type = (content_type or "").split(";")[0].strip().lower()
+    if media_type != "application/x-www-form-urlencoded":
+        raise BadRequest(
+            400, "invalid_request", "the token request must be application/x-www-form-urlencoded"
+        )
+    try:
+        form = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False, max_num_fields=8)
+    except (UnicodeDecodeError, ValueError):
+        raise BadRequest(400, "invalid_request", "malformed form body") from None
+    repeated = sorted(name for name, values in form.items() if len(values) > 1)
+    if repeated:
+        raise BadRequest(400, "invalid_request", f"parameters must appear once: {repeated}")
+    return form
+
+
+def create_app(
+    core: ServingCore,
+    authenticator: Authenticator,
+    audit: AuditLog,
+    schema: InputSchema,
+    *,
+    rate: float | None = None,
+    burst: int | None = None,
+) -> FastAPI:
+    """The server for ``core``: every request authenticated, checked, throttled and audited.
+
+    rate, burst: the token bucket ``core`` enforces, published in ``/v1/info``.
+    """
+    app = FastAPI(
+        title="heistlab prediction API",
+        version="1",
+        description=__doc__,
+        docs_url=None,
+        redoc_url=None,
+    )
+    bearer_scheme = HTTPBearer(auto_error=False, description="A token from POST /oauth/token")
+    key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="'<key id>.<secret>'")
+
+    @app.middleware("http")
+    async def audit_every_request(request: Request, call_next):
+        request_id = secrets.token_hex(8)
+        request.state.request_id = request_id
+        request.state.audit = note = {
+            "key_id": None,
+            "role": None,
+            "digest": None,
+            "rows": 0,
+            "served": False,
+        }
+        started = time.time()
+        try:
+            response = await call_next(request)
+        except Exception:
+            log.exception("request %s (%s %s) failed", request_id, request.method, request.url.path)
+            note["reason"] = "internal error"
+            response = error_response(500, "internal_error", "internal server error", request_id)
+        status = response.status_code
+        entry = AuditEntry(
+            request_id=request_id,
+            time=started,
+            key_id=note["key_id"],
+            role=note["role"],
+            method=request.method,
+            path=request.url.path[:200],
+            input_digest=note["digest"],
+            rows=note["rows"],
+            outcome=outcome_for(status, note["served"]),
+            status=status,
+            reason=str(note.get("reason", ""))[:500],
+        )
+        await run_in_threadpool(audit.record, entry)
+        response.headers.update(SECURITY_HEADERS)
+        response.headers["X-Request-ID"] = request_id
+        return response
+
+    def refused(request: Request, status: int, code: str, message: str, **kwargs) -> JSONResponse:
+        _note(request)["reason"] = message
+        return error_response(status, code, message, _request_id(request), **kwargs)
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(request: Request, error: BadRequest):
+        return refused(request, error.status, error.code, error.message)
+
+    @app.exception_handler(Unauthenticated)
+    async def unauthenticated(request: Request, error: Unauthenticated):
+        headers = {"WWW-Authenticate": 'Bearer realm="heistlab"'}
+        return refused(request, 401, "unauthenticated", str(error), headers=headers)
+
+    @app.exception_handler(Forbidden)
+    async def forbidden(request: Request, error: Forbidden):
+        return refused(request, 403, "forbidden", str(error))
+
+    @app.exception_handler(QueryRefused)
+    async def throttled(request: Request, error: QueryRefused):
+        never = error.retry_after == float("inf")
+        return refused(
+            request,
+            429,
+            "refused" if never else "rate_limited",
+            error.reason,
+            headers={"Retry-After": retry_after_header(error.retry_after)},
+            remaining=error.remaining,
+            retry_after=None if never else error.retry_after,
+        )
+
+    @app.exception_handler(InvalidQuery)
+    async def invalid_query(request: Request, error: InvalidQuery):
+        return refused(request, 422, "invalid_input", str(error))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_parameters(request: Request, error: RequestValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in problem.get('loc', ()))}: {problem.get('msg', 'invalid')}"
+            for problem in error.errors()[:5]
+        )
+        return refused(request, 422, "invalid_request", problems or "invalid request parameters")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        message = error.detail if isinstance(error.detail, str) else "request refused"
+        return refused(request, error.status_code, code, message, headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception):
+        log.error("request %s failed", _request_id(request), exc_info=error)
+        return refused(request, 500, "internal_error", "internal server error")
+
+    async def authenticated(request: Request) -> Principal:
+        authorization, api_key = request.headers.get("authorization"), request.headers.get("x-api-key")
+        if authorization or not api_key:  # a bearer token is one HMAC: checked right here
+            principal = authenticator.authenticate_headers(authorization, api_key)
+        else:  # an API key may cost one scrypt (then it is remembered): off the event loop
+            principal = await run_in_threadpool(authenticator.authenticate_headers, None, api_key)
+        note = _note(request)
+        note["key_id"], note["role"] = principal.key_id, principal.role.name
+        return principal
+
+    async def administrator(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
+        if not principal.role.admin:
+            raise Forbidden(f"role {principal.role.name!r} may not administer; an admin key is needed")
+        return principal
+
+    documented_security = [Depends(bearer_scheme), Depends(key_scheme)]
+
+    @app.get("/healthz", summary="Liveness (no credentials, no model)")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.post(
+        "/oauth/token",
+        summary="OAuth 2.0 client-credentials grant (RFC 6749 section 4.4)",
+        response_model=TokenAnswer,
+        responses=ERRORS,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/x-www-form-urlencoded": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["grant_type"],
+                            "properties": {
+                                "grant_type": {"type": "string", "enum": ["client_credentials"]},
+                                "client_id": {"type": "string", "description": "the key id"},
+                                "client_secret": {"type": "string", "description": "the key's secret"},
+                            },
+                        }
+                    }
+                },
+            }
+        },
+    )
+    async def token(request: Request):
+        body = await read_limited_body(request, MAX_TOKEN_BODY_BYTES)
+        form = parse_token_form(body, request.headers.get("content-type"))
+        grant = form.get("grant_type", [""])[0]
+        if grant != "client_credentials":
+            raise BadRequest(
+                400, "unsupported_grant_type", f"grant_type must be client_credentials, got {grant!r}"
+            )
+        credential = client_credentials(form, request.headers.get("authorization"))
+        try:
+            principal = await run_in_threadpool(authenticator.authenticate_secret, credential)
+        except Unauthenticated as error:
+            return refused(
+                request,
+                401,
+                "invalid_client",
+                str(error),
+                headers={"WWW-Authenticate": 'Basic realm="heistlab"'},
+                error_description=str(error),
+            )
+        note = _note(request)
+        note["key_id"], note["role"] = principal.key_id, principal.role.name
+        issued = authenticator.issue_token(principal)
+        note["reason"] = f"token {issued.token_id}"
+        answer = {
+            "access_token": issued.access_token,
+            "token_type": "Bearer",
+            "expires_in": int(issued.expires_in),
+        }
+        return JSONResponse(answer, headers={"Pragma": "no-cache"})
+
+    @app.get(
+        "/v1/info",
+        summary="What this key may ask and receive",
+        response_model=ServiceInfo,
+        responses=ERRORS,
+        dependencies=documented_security,
+    )
+    async def info(principal: Annotated[Principal, Depends(authenticated)]) -> dict:
+        return {
+            "key_id": principal.key_id,
+            "role": principal.role.name,
+            "outputs": list(principal.role.outputs),
+            "output": principal.role.outputs[0] if principal.role.outputs else None,
+            "input_shape": list(schema.input_shape),
+            "input_range": list(schema.input_range),
+            "num_classes": core.api.num_classes,
+            "top_k": core.top_k,
+            "max_batch": schema.max_batch,
+            "max_body_bytes": schema.max_body_bytes,
+            "remaining": core.remaining(principal.key_id),
+            "quota": core.quota,
+            "rate": rate,
+            "burst": burst,
+        }
+
+    @app.post(
+        "/v1/predict",
+        summary="Predictions for a batch of inputs, as the key's role allows",
+        response_model=PredictAnswer,
+        responses=ERRORS,
+        dependencies=documented_security,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": PredictBody.model_json_schema()}},
+            }
+        },
+    )
+    async def predict(request: Request, principal: Annotated[Principal, Depends(authenticated)]):
+        allowed_output(principal.role, None)
+        note = _note(request)
+        body = await read_limited_body(request, schema.max_body_bytes)
+        note["digest"] = body_digest(body)
+        parsed = parse_predict_body(body, request.headers.get("content-type"), schema)
+        output = allowed_output(principal.role, parsed.output)
+        note["digest"], note["rows"] = inputs_digest(parsed.inputs), len(parsed.inputs)
+        served = await run_in_threadpool(core.predict, principal.key_id, parsed.inputs, output)
+        note["served"] = True
+        answer = {
+            "outputs": served.answers.tolist(),
+            "output": served.output,
+            "remaining": served.remaining,
+            "request_id": _request_id(request),
+        }
+        return JSONResponse(answer)
+
+    @app.get("/admin/audit", summary="The latest audit rows (admin)", responses=ERRORS)
+    def audit_rows(
+        principal: Annotated[Principal, Depends(administrator)],
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        key_id: Annotated[str | None, Query(max_length=64)] = None,
+    ) -> dict:
+        return {"requests": audit.requests(limit, key_id)}
+
+    @app.get(
+        "/admin/alarms", summary="Alarms raised by the defenses' online reports (admin)", responses=ERRORS
+    )
+    def alarms(
+        principal: Annotated[Principal, Depends(administrator)],
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> dict:
+        return {"alarms": audit.alarms(limit)}
+
+    @app.post("/admin/keys/{key_id}/revoke", summary="Revoke a key and its tokens (admin)", responses=ERRORS)
+    def revoke(key_id: str, principal: Annotated[Principal, Depends(administrator)]) -> dict:
+        if authenticator.store.lookup(key_id) is None:
+            raise StarletteHTTPException(404, f"no key {key_id!r}")
+        record = authenticator.store.revoke(key_id)
+        log.warning("key %s revoked by admin key %s", key_id, principal.key_id)
+        return {"key_id": key_id, "revoked": record.revoked}
+
+    return app
+
+
+def app_from_config(cfg) -> tuple[FastAPI, ServerSettings]:
+    """The server a composed ``configs/serve.yaml`` describes: the victim from the victim cache (its
+    checkpoint digest verified), the defense chain, keys, audit log and limits under ``cfg.serve``."""
+    from hydra.utils import instantiate
+
+    from heistlab.experiment import build_defense, build_splits, defender_data, load_victim
+    from heistlab.serving.auth import KeyStore, token_secret
+    from heistlab.serving.service import build_core
+    from heistlab.serving.validation import input_schema
+
+    spec = cfg.serve
+    store = KeyStore(Path(str(spec.key_store)).expanduser())
+    authenticator = Authenticator(store, token_secret(spec.token_secret_file), spec.token_ttl_s)
+    splits = build_splits(cfg)
+    defense = build_defense(cfg.defense, defender_data(cfg, splits))
+    victim, from_cache = load_victim(cfg, splits, defense)
+    log.info(
+        "victim %s (%s)", cfg.victim.family, "from the cache, digest verified" if from_cache else "trained"
+    )
+    audit = AuditLog(Path(str(spec.audit_db)).expanduser())
+    schema = input_schema(splits.input_shape, (0.0, 1.0), spec.max_batch, spec.max_body_bytes)
+    core = build_core(
+        victim,
+        defense,
+        audit=audit,
+        seed=cfg.seed,
+        top_k=spec.top_k,
+        quota=spec.quota,
+        rate=spec.rate,
+        burst=spec.burst,
+        extra_admission=[instantiate(member) for member in spec.extra_admission],
+        max_batch=spec.max_batch,
+        monitor_every=spec.monitor_every,
+    )
+    burst = spec.burst if spec.burst is not None or spec.rate is None else max(1, math.ceil(spec.rate))
+    app = create_app(core, authenticator, audit, schema, rate=spec.rate, burst=burst)
+    settings = ServerSettings(
+        spec.host,
+        spec.port,
+        Path(str(spec.certfile)).expanduser(),
+        Path(str(spec.keyfile)).expanduser(),
+        spec.log_level,
+        spec.access_log,
+    )
+    return app, settings

@@ -1,0 +1,222 @@
+"""The served model: ``heistlab.api.PredictionAPI`` behind one lock, with quotas, rate limits and monitoring.
+
+Every prediction goes through ``ServingCore.predict``, which holds one lock from admission to answer:
+
+1. the admission defenses decide on the real clock (``throttle.server_admission``: the key's quota with
+   ``defenses.budget``, its ledger seeded from the audit log; ``defenses.rate_limit``; any other ``admit``);
+2. the prediction API validates, runs the victim and the defense chain (one state, the key id as client);
+3. only then is the admission state committed, so a refused or failed batch costs nothing;
+4. the defense chain's ``report`` (PRADA or any detector) is read for the key; alarms go to the audit log.
+
+One lock makes every budget exact however many requests arrive at once, and keeps the defense state's
+sequence the same as in-process (same queries in the same order give the same answers).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from defenses.base import Defense, Evidence, Request, State
+from heistlab.api import PredictionAPI, QueryRefused
+from heistlab.serving.audit import AuditLog
+from heistlab.serving.throttle import real_clock_verdict, server_admission
+from heistlab.victims import Victim
+
+log = logging.getLogger("heistlab.serving")
+ALARM_WORDS = ("alarm", "detect", "flag")
+
+
+class Served(NamedTuple):
+    answers: np.ndarray
+    output: str
+    remaining: int | None
+
+
+def client_view(probs: np.ndarray, output: str, top_k: int) -> np.ndarray:
+    """What a client receives: probabilities, the ``top_k`` largest scores (zeros elsewhere) or int32 labels.
+
+    The same views as ``PredictionAPI`` with ``output`` set, chosen per request by the key's role.
+    """
+    if output == "labels":
+        return probs.argmax(axis=-1).astype(np.int32)
+    if output == "top_k":
+        kept = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]
+        view = np.zeros_like(probs)
+        np.put_along_axis(view, kept, np.take_along_axis(probs, kept, axis=-1), axis=-1)
+        return view
+    return probs
+
+
+def alarms_in(report: dict) -> dict:
+    """The entries of a defense report that raise an alarm: true flags named like an alarm or a detection
+    (PRADA's ``detected``); the rest of the report is kept beside the alarm as its detail."""
+    return {
+        name: bool(value)
+        for name, value in report.items()
+        if isinstance(value, bool | np.bool_) and value and any(word in name.lower() for word in ALARM_WORDS)
+    }
+
+
+def _unavailable(what: str) -> Callable[[np.ndarray], np.ndarray]:
+    def labels(inputs: np.ndarray) -> np.ndarray:
+        raise LookupError(f"a live server has no {what}")
+
+    return labels
+
+
+def online_evidence(key_id: str, victim_labels: Callable[[np.ndarray], np.ndarray]) -> Evidence:
+    """Evidence for reading a detector online about one key: the key is the suspect, no models are stolen."""
+    return Evidence(
+        surrogate_labels=_unavailable("stolen model"),
+        independent_labels=_unavailable("independently trained model"),
+        victim_labels=victim_labels,
+        attackers=(key_id,),
+        benign=(),
+    )
+
+
+class ServingCore:
+    """The defended victim as one server process serves it (thread-safe; see the module docstring).
+
+    quota: the most input rows one key is ever served (None: unlimited), enforced by ``admission``; ``spent``
+    seeds the count of rows each key was served. admission, admission_state: a defense whose ``admit`` runs on
+    ``clock`` (real seconds) before each batch, and its state (None: admit everything).
+    top_k: how many scores the ``top_k`` output keeps. monitor_every: read the defense report for a key
+    after every this many of its served requests (0: never).
+    """
+
+    def __init__(
+        self,
+        api: PredictionAPI,
+        *,
+        defense: Defense,
+        audit: AuditLog,
+        top_k: int = 3,
+        quota: int | None = None,
+        admission: Defense | None = None,
+        admission_state: State = None,
+        spent: dict[str, int] | None = None,
+        monitor_every: int = 1,
+        victim_labels: Callable[[np.ndarray], np.ndarray] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if quota is not None and (isinstance(quota, bool) or not isinstance(quota, int) or quota < 0):
+            raise ValueError(f"quota must be a non-negative integer or null, got {quota!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= api.num_classes:
+            raise ValueError(f"top_k must be an integer in [1, {api.num_classes}], got {top_k!r}")
+        if isinstance(monitor_every, bool) or not isinstance(monitor_every, int) or monitor_every < 0:
+            raise ValueError(f"monitor_every must be an integer >= 0, got {monitor_every!r}")
+        if admission is not None and admission.admit is None:
+            raise ValueError("admission must be a defense with an admit part (a quota or rate limit)")
+        self.api, self.audit, self.top_k, self.quota = api, audit, top_k, quota
+        self.admission, self.clock, self.monitor_every = admission, clock, monitor_every
+        self._admission_state = admission_state
+        self._reports = defense.report is not None and monitor_every > 0
+        self._victim_labels = victim_labels or _unavailable("victim labels")
+        self._served: dict[str, int] = dict(spent or {})
+        self._requests: dict[str, int] = {}
+        self._raised: set[tuple[str, str]] = set()
+        self._report_failed = False
+        self._lock = threading.Lock()
+
+    def remaining(self, key_id: str) -> int | None:
+        return None if self.quota is None else max(0, self.quota - self._served.get(key_id, 0))
+
+    def served(self, key_id: str) -> int:
+        return self._served.get(key_id, 0)
+
+    def predict(self, key_id: str, inputs: np.ndarray, output: str) -> Served:
+        """Answers a validated batch for ``key_id``; ``QueryRefused`` (with a retry_after) if not admitted."""
+        rows = len(inputs)
+        with self._lock:
+            admission_state = self._admission_state
+            if self.admission is not None:
+                request = Request(key_id, rows, self.clock())
+                verdict, admission_state = self.admission.admit(self._admission_state, request)
+                verdict = real_clock_verdict(verdict)
+                if not verdict.admitted:
+                    raise QueryRefused(key_id, rows, self.remaining(key_id), verdict.reason, verdict.delay)
+            try:
+                probs = self.api.query(inputs, client=key_id)
+            finally:
+                self.api.records.clear()  # the audit log keeps the record; a server must not grow without end
+            self._admission_state = admission_state
+            self._served[key_id] = self._served.get(key_id, 0) + rows
+            self._requests[key_id] = self._requests.get(key_id, 0) + 1
+            if self._reports and self._requests[key_id] % self.monitor_every == 0:
+                self._monitor(key_id)
+            return Served(client_view(np.asarray(probs), output, self.top_k), output, self.remaining(key_id))
+
+    def _monitor(self, key_id: str) -> None:
+        try:
+            report = self.api.report(online_evidence(key_id, self._victim_labels))
+        except Exception as error:
+            if not self._report_failed:
+                log.warning("the defense report cannot be read online (%s); alarms are off", error)
+            self._report_failed = True
+            return
+        for name, value in alarms_in(report).items():
+            if (key_id, name) in self._raised:
+                continue
+            self._raised.add((key_id, name))
+            log.warning("alarm %s=%r for key %s", name, value, key_id)
+            self.audit.record_alarm(key_id, name, value, report)
+
+
+def build_core(
+    victim: Victim,
+    defense: Defense,
+    *,
+    audit: AuditLog,
+    seed: int = 0,
+    top_k: int = 3,
+    quota: int | None = None,
+    rate: float | None = None,
+    burst: int | None = None,
+    extra_admission: Iterable[Defense] = (),
+    max_batch: int | None = 256,
+    input_range: tuple[float, float] = (0.0, 1.0),
+    monitor_every: int = 1,
+    clock: Callable[[], float] = time.monotonic,
+) -> ServingCore:
+    """A ``ServingCore`` for ``victim`` behind ``defense``, its quota ledger seeded from ``audit``.
+
+    The prediction API is built as in-process experiments build it (``key=jax.random.key(seed)``), serving
+    probabilities; each request's view (labels, top-k, probabilities) is cut from them by the key's role.
+    """
+    if defense.admit is not None:
+        log.warning(
+            "the defense's admission runs inside the prediction API on its simulated clock: its refusals "
+            "answer 429, its delays are not waited; real-clock limits belong in serve.rate / extra_admission"
+        )
+    api = PredictionAPI(
+        victim,
+        defense,
+        key=jax.random.key(seed),
+        budget=None,
+        output="probabilities",
+        input_range=input_range,
+        max_batch=max_batch,
+    )
+    spent = audit.served_rows()
+    admission, admission_state = server_admission(quota, rate, burst, spent, extra_admission)
+    return ServingCore(
+        api,
+        defense=defense,
+        audit=audit,
+        top_k=top_k,
+        quota=quota,
+        admission=admission,
+        admission_state=admission_state,
+        spent=spent,
+        monitor_every=monitor_every,
+        victim_labels=lambda x: victim.predict_proba(x).argmax(axis=-1),
+        clock=clock,
+    )
