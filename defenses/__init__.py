@@ -13,8 +13,12 @@ from defenses.base import (
     identity,
     stateless,
 )
+from defenses.budget import budget
+from defenses.feature_squeezing import feature_squeezing
 from defenses.label_only import label_only
 from defenses.noise import gaussian_noise, laplace_noise
+from defenses.prada import prada
+from defenses.rate_limit import progressive_delay, rate_limit
 from defenses.reverse_sigmoid import reverse_sigmoid
 from defenses.rounding import rounding
 from defenses.top_k import top_k
@@ -28,11 +32,16 @@ __all__ = [
     "QueryContext",
     "Request",
     "Verdict",
+    "budget",
     "chain",
+    "feature_squeezing",
     "gaussian_noise",
     "identity",
     "label_only",
     "laplace_noise",
+    "prada",
+    "progressive_delay",
+    "rate_limit",
     "reverse_sigmoid",
     "rounding",
     "stateless",

@@ -17,11 +17,14 @@ from omegaconf import OmegaConf
 from defenses import (
     Defense,
     QueryContext,
+    budget,
     chain,
     gaussian_noise,
     identity,
     label_only,
     laplace_noise,
+    progressive_delay,
+    rate_limit,
     reverse_sigmoid,
     rounding,
     top_k,
@@ -44,6 +47,10 @@ ENTRIES = [
     ("reverse_sigmoid", reverse_sigmoid, False),
     ("chain_top_k_label_only", lambda: chain(top_k(3), label_only()), True),
     ("chain_rounding_laplace", lambda: chain(rounding(2), laplace_noise(10.0)), False),
+    ("budget", lambda: budget(per_client=100, total=1000), True),
+    ("rate_limit", lambda: rate_limit(rate=10.0, burst=64), True),
+    ("progressive_delay", lambda: progressive_delay(threshold=100, base_delay=0.1, growth=1.01), True),
+    ("chain_rate_limit_top_k", lambda: chain(rate_limit(rate=10.0, burst=64), top_k(3)), True),
 ]
 FACTORIES = {name: factory for name, factory, _ in ENTRIES}
 NAMES = list(FACTORIES)
@@ -138,6 +145,11 @@ def test_every_defense_has_a_config():
         "gaussian_noise",
         "laplace_noise",
         "reverse_sigmoid",
+        "budget",
+        "rate_limit",
+        "progressive_delay",
+        "prada",
+        "feature_squeezing",
     }
 
 

@@ -1,0 +1,247 @@
+"""PRADA: detecting model extraction from the distribution of distances between a client's queries (Juuti,
+Szyller, Marchal and Asokan, "PRADA: Protecting Against DNN Model Stealing Attacks", EuroS&P 2019).
+
+Benign clients query natural samples, whose distances to each other are roughly normally distributed;
+extraction attacks that synthesise queries (JBDA's small Jacobian steps from a few seeds) produce many tiny
+distances beside large ones, a distribution far from normal. Per client and per predicted class, PRADA keeps
+a growing set of past queries. Each new query's minimum L2 distance to its class set is recorded; the query
+joins the set if that distance exceeds the class threshold, which then becomes the larger of itself and
+``mean - std`` of the set's distances. Every ``check_every`` queries the recorded distances (of classes with
+at least ``MIN_CLASS_DISTANCES`` of them, as the authors' released code does) lose their 3-sigma outliers,
+and once more than ``min_distances`` remain, the Shapiro-Wilk statistic ``W`` is computed: ``W < delta``
+raises the alarm.
+
+Details follow the authors' released code: a class's first query starts its set with distance 0 and records no
+distance; outliers are removed before the size check. Unlike that code, an alarm here is sticky: once raised
+for a client it stays, so that an action (refuse, switch) can be taken from then on.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import jax
+import numpy as np
+from scipy import stats
+
+from defenses.base import ADMIT, Defense, Evidence, QueryContext, Request, Verdict
+
+ACTIONS = ("log", "refuse", "switch")
+MIN_CLASS_DISTANCES = 10
+OUTLIER_SIGMAS = 3.0
+ANONYMOUS = "anonymous"
+# Calibrated on digits (the authors' code uses 0.9): over 500 benign streams (shuffled test split, attacker
+# pool and victim-training data, the default MLP victim) the smallest W any stream reached was 0.893 (1st
+# percentile 0.914); JBDA streams fell to W ~0.71 within their first augmentation round; Knockoff's
+# natural-sample streams stayed at W ~0.92, like benign ones (the paper, too, reports natural-sample queries
+# evading PRADA).
+DEFAULT_DELTA = 0.85
+
+
+class Alarm(NamedTuple):
+    """When a client's alarm was raised: its query count, the W that did it, and every client's count then."""
+
+    queries: int
+    shapiro_w: float
+    counts: Mapping[str, int]
+
+
+class ClientTrace(NamedTuple):
+    """One client's detector state (host arrays; a new trace is built per batch, old ones never mutate)."""
+
+    growing_sets: Mapping[int, np.ndarray]
+    set_distances: Mapping[int, tuple[float, ...]]
+    thresholds: Mapping[int, float]
+    distances: Mapping[int, tuple[float, ...]]
+    queries: int
+    min_shapiro_w: float
+    alarm: Alarm | None
+
+
+class PradaState(NamedTuple):
+    traces: Mapping[str, ClientTrace]
+    fallback_state: object
+
+
+def empty_trace() -> ClientTrace:
+    return ClientTrace({}, {}, {}, {}, 0, math.inf, None)
+
+
+def prada(
+    delta: float = DEFAULT_DELTA,
+    action: str = "log",
+    fallback: Defense | None = None,
+    check_every: int = 10,
+    min_distances: int = 100,
+) -> Defense:
+    """Builds PRADA's detector: alarm when the Shapiro-Wilk ``W`` of a client's distances is below ``delta``.
+
+    action: what an alarm does to the client from then on: ``log`` (nothing; reported only), ``refuse``
+        (admission refuses it with reason ``prada alarm``), or ``switch`` (its answers go through
+        ``fallback``, a ``Defense`` such as ``label_only()``, from the query after the alarm on; the
+        fallback's admission, if it has one, applies to switched clients).
+    check_every, min_distances: the test runs every ``check_every`` queries of a client once more than
+        ``min_distances`` distances remain after outlier removal (10 and 100 in the paper's code).
+
+    ``report`` gives ``detected`` (any attacking identity alarmed), ``queries_to_detection`` (queries the
+    attacking identities had been served, together, when the first of them was alarmed; None without alarm),
+    ``false_positive_rate`` (fraction of the benign clients alarmed; None without benign clients), and the
+    smallest ``W`` seen over the attacking and the benign clients (``prada_min_w_attack``,
+    ``prada_min_w_benign``).
+
+    Raises:
+      ValueError: if ``delta`` is not in (0, 1], ``action`` is unknown, ``fallback`` is missing for
+        ``switch`` (or given for another action, or not a response-side Defense), or the counts are not ints
+        >= 1 (``min_distances`` >= 3, Shapiro-Wilk's minimum sample).
+    """
+    if isinstance(delta, bool) or not isinstance(delta, int | float) or not 0 < delta <= 1:
+        raise ValueError(f"prada: delta must be a number in (0, 1] (a Shapiro-Wilk W), got {delta!r}")
+    if action not in ACTIONS:
+        raise ValueError(f"prada: action must be one of {', '.join(ACTIONS)}; got {action!r}")
+    if action == "switch" and not isinstance(fallback, Defense):
+        raise ValueError(f"prada: action 'switch' needs fallback to be a Defense, got {fallback!r}")
+    if action != "switch" and fallback is not None:
+        raise ValueError(f"prada: fallback is only used with action 'switch', got action {action!r}")
+    if fallback is not None and (fallback.preprocess is not None or fallback.augment_training is not None):
+        raise ValueError("prada: fallback must act on answers or admission, not on inputs or the model")
+    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+        raise ValueError(f"prada: check_every must be an int >= 1, got {check_every!r}")
+    if isinstance(min_distances, bool) or not isinstance(min_distances, int) or min_distances < 3:
+        raise ValueError(f"prada: min_distances must be an int >= 3, got {min_distances!r}")
+
+    def init() -> PradaState:
+        return PradaState(traces={}, fallback_state=fallback.init() if fallback is not None else None)
+
+    def apply(probs: jax.Array, state: PradaState, context: QueryContext) -> tuple[jax.Array, PradaState]:
+        client = context.client or ANONYMOUS
+        trace = state.traces.get(client, empty_trace())
+        was_alarmed = trace.alarm is not None
+        rows = np.asarray(context.inputs, np.float64).reshape(len(probs), -1)
+        labels = np.asarray(probs).argmax(axis=-1)
+        counts = {name: other.queries for name, other in state.traces.items()}
+        trace, alarm_row = observe_batch(
+            trace, rows, labels, delta, check_every, min_distances, counts, client
+        )
+        state = state._replace(traces={**state.traces, client: trace})
+        if action != "switch" or trace.alarm is None:
+            return probs, state
+        switch_from = 0 if was_alarmed else alarm_row + 1
+        if switch_from >= len(probs):
+            return probs, state
+        tail_context = context._replace(inputs=context.inputs[switch_from:])
+        tail, fallback_state = fallback.apply(probs[switch_from:], state.fallback_state, tail_context)
+        served = np.concatenate([np.asarray(probs[:switch_from]), np.asarray(tail, dtype=probs.dtype)])
+        return served, state._replace(fallback_state=fallback_state)
+
+    def admit(state: PradaState, request: Request) -> tuple[Verdict, PradaState]:
+        trace = state.traces.get(request.client)
+        if trace is None or trace.alarm is None:
+            return ADMIT, state
+        if action == "refuse":
+            return Verdict(admitted=False, delay=math.inf, reason="prada alarm"), state
+        if fallback.admit is None:
+            return ADMIT, state
+        verdict, fallback_state = fallback.admit(state.fallback_state, request)
+        return verdict, state._replace(fallback_state=fallback_state)
+
+    def report(state: PradaState, evidence: Evidence) -> dict:
+        found = detection_report(state.traces, evidence.attackers, evidence.benign)
+        if fallback is not None and fallback.report is not None:
+            found.update(fallback.report(state.fallback_state, evidence))
+        return found
+
+    return Defense(
+        init=init,
+        apply=apply,
+        admit=admit if action != "log" else None,
+        report=report,
+        host=True,
+    )
+
+
+def observe_batch(
+    trace: ClientTrace,
+    rows: np.ndarray,
+    labels: np.ndarray,
+    delta: float,
+    check_every: int,
+    min_distances: int,
+    counts: Mapping[str, int],
+    client: str,
+) -> tuple[ClientTrace, int | None]:
+    """Runs the detector over a batch, row by row; returns the new trace and the row that raised the alarm."""
+    growing_sets = dict(trace.growing_sets)
+    set_distances = {label: list(values) for label, values in trace.set_distances.items()}
+    thresholds = dict(trace.thresholds)
+    distances = {label: list(values) for label, values in trace.distances.items()}
+    queries, min_w, alarm, alarm_row = trace.queries, trace.min_shapiro_w, trace.alarm, None
+    for index, (row, label) in enumerate(zip(rows, labels.tolist(), strict=True)):
+        queries += 1
+        if label not in growing_sets:
+            growing_sets[label], set_distances[label], thresholds[label] = row[None], [0.0], 0.0
+            distances.setdefault(label, [])
+        else:
+            nearest = float(np.sqrt(np.min(np.sum((growing_sets[label] - row) ** 2, axis=1))))
+            distances[label].append(nearest)
+            if nearest > thresholds[label]:
+                growing_sets[label] = np.concatenate([growing_sets[label], row[None]])
+                set_distances[label].append(nearest)
+                spread = np.asarray(set_distances[label])
+                thresholds[label] = max(thresholds[label], float(spread.mean() - spread.std()))
+        if queries % check_every == 0:
+            w = shapiro_w(distances, min_distances)
+            if w is not None:
+                min_w = min(min_w, w)
+                if alarm is None and w < delta:
+                    alarm, alarm_row = Alarm(queries, w, {**counts, client: queries}), index
+    new_trace = ClientTrace(
+        growing_sets=growing_sets,
+        set_distances={label: tuple(values) for label, values in set_distances.items()},
+        thresholds=thresholds,
+        distances={label: tuple(values) for label, values in distances.items()},
+        queries=queries,
+        min_shapiro_w=min_w,
+        alarm=alarm,
+    )
+    return new_trace, alarm_row
+
+
+def shapiro_w(distances: Mapping[int, list[float]], min_distances: int) -> float | None:
+    """W of the pooled distances after 3-sigma outlier removal; None while too few remain to test."""
+    pooled = [values for values in distances.values() if len(values) >= MIN_CLASS_DISTANCES]
+    if not pooled:
+        return None
+    values = np.concatenate(pooled)
+    kept = values[np.abs(values - values.mean()) < OUTLIER_SIGMAS * values.std()]
+    if len(kept) <= min_distances or np.ptp(kept) == 0:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # scipy's p-value warning past 5000 samples; W is fine
+        return float(stats.shapiro(kept).statistic)
+
+
+def detection_report(
+    traces: Mapping[str, ClientTrace], attackers: tuple[str, ...], benign: tuple[str, ...]
+) -> dict:
+    """PRADA's metrics: detection, queries to detection, false-positive rate, smallest W per side."""
+    alarms = [traces[name].alarm for name in attackers if name in traces and traces[name].alarm is not None]
+    first = min(alarms, key=lambda alarm: sum(alarm.counts.values()), default=None)
+    benign_alarmed = [name for name in benign if name in traces and traces[name].alarm is not None]
+
+    def smallest_w(names):
+        seen = [traces[name].min_shapiro_w for name in names if name in traces]
+        smallest = min(seen, default=math.inf)
+        return None if math.isinf(smallest) else smallest
+
+    return {
+        "detected": first is not None,
+        "queries_to_detection": None
+        if first is None
+        else sum(first.counts.get(name, 0) for name in attackers),
+        "false_positive_rate": len(benign_alarmed) / len(benign) if benign else None,
+        "prada_min_w_attack": smallest_w(attackers),
+        "prada_min_w_benign": smallest_w(benign),
+    }

@@ -1,0 +1,156 @@
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from defenses.base import Evidence, QueryContext, Request
+from defenses.label_only import label_only
+from defenses.prada import empty_trace, observe_batch, prada
+from defenses.rate_limit import rate_limit
+from heistlab import data
+
+CLASSES = 10
+KEY = jax.random.key(0)
+
+
+@pytest.fixture(scope="module")
+def digits_splits():
+    return data.make_splits(data.load_digits(), seed=0)
+
+
+def one_hot(labels):
+    return np.eye(CLASSES, dtype=np.float32)[labels]
+
+
+def serve(defense, state, inputs, labels, client):
+    context = QueryContext(inputs, KEY, client=client)
+    return defense.apply(one_hot(labels), state, context)
+
+
+def stream(defense, inputs, labels, client, batch=16, state=None):
+    state = defense.init() if state is None else state
+    for start in range(0, len(inputs), batch):
+        _, state = serve(defense, state, inputs[start : start + batch], labels[start : start + batch], client)
+    return state
+
+
+def synthetic_stream(digits_splits, seeds=20, copies=15):
+    """JBDA-like queries: a few natural seeds, then many small signed steps away from them."""
+    rng = np.random.default_rng(0)
+    x, y = digits_splits.pool[:seeds], digits_splits.test.y[:seeds]
+    steps = 0.05 * np.sign(rng.normal(size=(copies, *x.shape)))
+    grown = np.clip(x[None] + steps, 0, 1).reshape(-1, *x.shape[1:]).astype(np.float32)
+    return np.concatenate([x, grown]), np.concatenate([y, np.tile(y, copies)])
+
+
+def evidence(attackers, benign):
+    labels = lambda x: np.zeros(len(x), np.int32)
+    return Evidence(labels, labels, labels, tuple(attackers), tuple(benign))
+
+
+def test_growing_set_and_threshold_worked_out_by_hand():
+    # One class, 1-D queries 0, 1, 3, 3.1, 10. The first starts the set; distances 1, 2, 0.1, 7 are recorded.
+    # After 3 joins, the set's distances are [0, 1, 2]: threshold = mean - std = 1 - sqrt(2/3). 3.1 is nearer
+    # than that and stays out; 10 joins, and mean - std of [0, 1, 2, 7] is negative, so the threshold holds.
+    rows = np.array([[0.0], [1.0], [3.0], [3.1], [10.0]])
+    trace, alarm_row = observe_batch(empty_trace(), rows, np.zeros(5, int), 0.9, 10, 100, {}, "c")
+    np.testing.assert_allclose(trace.growing_sets[0][:, 0], [0.0, 1.0, 3.0, 10.0])
+    np.testing.assert_allclose(trace.distances[0], [1.0, 2.0, 0.1, 7.0])
+    assert trace.thresholds[0] == pytest.approx(1 - math.sqrt(2 / 3))
+    assert trace.queries == 5 and alarm_row is None
+
+
+def test_natural_digits_raise_no_alarm(digits_splits):
+    defense = prada()
+    state = stream(defense, digits_splits.test.x, digits_splits.test.y, "benign-0")
+    trace = state.traces["benign-0"]
+    assert trace.alarm is None and trace.min_shapiro_w >= 0.85
+    assert defense.report(state, evidence([], ["benign-0"]))["false_positive_rate"] == 0.0
+
+
+def test_synthetic_queries_raise_an_alarm_and_report_when(digits_splits):
+    defense = prada()
+    inputs, labels = synthetic_stream(digits_splits)
+    state = stream(defense, digits_splits.test.x[:200], digits_splits.test.y[:200], "benign-0")
+    state = stream(defense, inputs, labels, "attacker", state=state)
+    alarm = state.traces["attacker"].alarm
+    assert alarm is not None and alarm.shapiro_w < 0.85 and alarm.queries % 10 == 0
+    found = defense.report(state, evidence(["attacker"], ["benign-0"]))
+    assert found["detected"] and found["queries_to_detection"] == alarm.queries
+    assert found["false_positive_rate"] == 0.0 and found["prada_min_w_attack"] < 0.85
+
+
+def test_queries_to_detection_sums_a_sybils_identities(digits_splits):
+    defense = prada()
+    inputs, labels = synthetic_stream(digits_splits)
+    state = defense.init()
+    for start in range(0, len(inputs), 16):
+        client = f"attacker-{(start // 16) % 2}"
+        _, state = serve(defense, state, inputs[start : start + 16], labels[start : start + 16], client)
+    alarms = [state.traces[name].alarm for name in ("attacker-0", "attacker-1")]
+    first = min((alarm for alarm in alarms if alarm), key=lambda alarm: sum(alarm.counts.values()))
+    found = defense.report(state, evidence(["attacker-0", "attacker-1"], []))
+    assert found["queries_to_detection"] == sum(first.counts.values()) > first.queries
+    assert found["false_positive_rate"] is None
+
+
+def test_refuse_action_refuses_an_alarmed_client_only(digits_splits):
+    defense = prada(action="refuse")
+    inputs, labels = synthetic_stream(digits_splits)
+    state = stream(defense, inputs, labels, "attacker")
+    verdict, _ = defense.admit(state, Request("attacker", 1, 0.0))
+    assert not verdict.admitted and verdict.reason == "prada alarm" and verdict.delay == math.inf
+    assert defense.admit(state, Request("someone-else", 1, 0.0))[0].admitted
+
+
+def test_switch_action_serves_the_fallback_from_the_row_after_the_alarm(digits_splits):
+    defense = prada(action="switch", fallback=label_only())
+    inputs, labels = synthetic_stream(digits_splits)
+    soft = np.full((len(inputs), CLASSES), 0.02, np.float32)
+    soft[np.arange(len(inputs)), labels] = 0.82
+    state, served = defense.init(), []
+    for start in range(0, len(inputs), 32):
+        context = QueryContext(inputs[start : start + 32], KEY, client="attacker")
+        answer, state = defense.apply(soft[start : start + 32], state, context)
+        served.append(np.asarray(answer))
+    served = np.concatenate(served)
+    switched = state.traces["attacker"].alarm.queries
+    np.testing.assert_allclose(served[:switched], soft[:switched])
+    np.testing.assert_array_equal(served[switched:], one_hot(labels[switched:]))
+
+
+def test_switching_to_a_rate_limit_hands_it_the_admission(digits_splits):
+    defense = prada(action="switch", fallback=rate_limit(rate=1.0, burst=10))
+    inputs, labels = synthetic_stream(digits_splits)
+    state = stream(defense, inputs, labels, "attacker")
+    assert defense.admit(state, Request("attacker", 11, 0.0))[0].reason.startswith("batch of 11")
+    assert defense.admit(state, Request("benign", 11, 0.0))[0].admitted
+
+
+def test_apply_leaves_the_old_state_untouched(digits_splits):
+    defense = prada()
+    x, y = digits_splits.test.x, digits_splits.test.y
+    before = stream(defense, x[:50], y[:50], "c")
+    frozen = {label: members.copy() for label, members in before.traces["c"].growing_sets.items()}
+    _, after = serve(defense, before, x[50:100], y[50:100], "c")
+    assert after.traces["c"].queries == 100 and before.traces["c"].queries == 50
+    for label, members in before.traces["c"].growing_sets.items():
+        np.testing.assert_array_equal(members, frozen[label])
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"delta": 0.0}, "delta must be a number in"),
+        ({"delta": 1.5}, "delta must be a number in"),
+        ({"action": "block"}, "action must be one of log, refuse, switch; got 'block'"),
+        ({"action": "switch"}, "action 'switch' needs fallback to be a Defense, got None"),
+        ({"fallback": label_only()}, "fallback is only used with action 'switch'"),
+        ({"check_every": 0}, "check_every must be an int >= 1"),
+        ({"min_distances": 2}, "min_distances must be an int >= 3"),
+    ],
+)
+def test_bad_arguments_are_named(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        prada(**arguments)
