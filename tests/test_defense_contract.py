@@ -150,6 +150,7 @@ def test_every_defense_has_a_config():
         "progressive_delay",
         "prada",
         "feature_squeezing",
+        "chain",
     }
 
 
