@@ -15,20 +15,26 @@ from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 
 from defenses import (
+    DefenderData,
     Defense,
     QueryContext,
+    adaptive_misinformation,
+    backdoor_watermark,
     budget,
     chain,
     gaussian_noise,
     identity,
     label_only,
     laplace_noise,
+    mad,
+    mad_argmax,
     progressive_delay,
     rate_limit,
     reverse_sigmoid,
     rounding,
     top_k,
 )
+from heistlab.experiment import build_defense
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "defense"
 CLASSES = 10
@@ -51,6 +57,23 @@ ENTRIES = [
     ("rate_limit", lambda: rate_limit(rate=10.0, burst=64), True),
     ("progressive_delay", lambda: progressive_delay(threshold=100, base_delay=0.1, growth=1.01), True),
     ("chain_rate_limit_top_k", lambda: chain(rate_limit(rate=10.0, burst=64), top_k(3)), True),
+    ("mad", lambda: mad(1.0, objective="angular"), False),
+    ("mad_argmax", lambda: mad_argmax(1.7, objective="angular"), True),
+    ("chain_mad_argmax_top_k", lambda: chain(mad_argmax(1.0), top_k(3)), True),
+    (
+        "adaptive_misinformation",
+        lambda: adaptive_misinformation(
+            DefenderData(np.linspace(0, 1, 40, dtype=np.float32)[:, None], np.arange(40) % 10, (1,), 10, 0),
+            hidden=[8],
+            epochs=2,
+        ),
+        False,
+    ),
+    (
+        "backdoor_watermark",
+        lambda: backdoor_watermark(DefenderData(np.zeros((1, 1)), np.zeros(1), (1,), 10, 0), trigger_count=8),
+        True,
+    ),
 ]
 FACTORIES = {name: factory for name, factory, _ in ENTRIES}
 NAMES = list(FACTORIES)
@@ -151,12 +174,22 @@ def test_every_defense_has_a_config():
         "prada",
         "feature_squeezing",
         "chain",
+        "mad",
+        "mad_argmax",
+        "adaptive_misinformation",
+        "dawn",
+        "backdoor_watermark",
     }
+
+
+CONFIG_DEFENDER = DefenderData(
+    np.linspace(0, 1, 40, dtype=np.float32)[:, None], np.arange(40) % CLASSES, (1,), CLASSES, 0
+)
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda path: path.stem)
 def test_config_instantiates_a_defense(path):
-    defense = hydra.utils.instantiate(OmegaConf.load(path))
+    defense = build_defense(OmegaConf.load(path), CONFIG_DEFENDER)
     assert isinstance(defense, Defense)
     output, _ = defense.apply(PROBS, defense.init(), query_context(0))
     np.testing.assert_allclose(np.asarray(output).sum(axis=-1), 1.0, atol=1e-5)

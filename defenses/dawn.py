@@ -1,0 +1,162 @@
+"""DAWN: Dynamic Adversarial Watermarking of Neural Networks (Szyller, Atli, Marchal and Asokan, ACM MM 2021).
+
+A keyed filter picks a small fraction ``rate`` of queries: those whose HMAC-SHA256 under the owner's secret
+key has its first 16 bits below ``2 ** 16 * rate``. A picked query is answered with a wrong label chosen by
+the same digest (one-hot, the same for the same input), everything else is answered truthfully. A model
+trained on the answers learns the wrong labels too; the owner later shows that a suspect model agrees with
+them far more often than chance allows, while a model trained independently does not.
+
+The key never lives in a config or in code: ``key_file`` names a file holding it, ``key_env`` an environment
+variable; with neither, each run draws a random key (and says so in the log), so verification works within
+the run only. The filter hashes input bytes on the host, so the defense is host-side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import NamedTuple
+
+import jax
+import numpy as np
+from scipy import stats
+
+from defenses.base import Defense, Evidence, QueryContext
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KEY_ENV = "HEISTLAB_DAWN_KEY"
+KEY_BYTES = 32
+FILTER_BITS = 16
+
+
+class WatermarkRecord(NamedTuple):
+    """One watermarked answer: who asked, the input's SHA-256, the input itself and the label served."""
+
+    client: str | None
+    digest: str
+    input: np.ndarray
+    label: int
+
+
+class DawnState(NamedTuple):
+    """The watermarked answers so far, how many answers each client received, and the answers' class count."""
+
+    records: tuple[WatermarkRecord, ...] = ()
+    answered: Mapping[str | None, int] = MappingProxyType({})
+    classes: int = 0
+
+
+def dawn(rate: float = 0.005, key_env: str | None = DEFAULT_KEY_ENV, key_file: str | None = None) -> Defense:
+    """Answers a keyed fraction ``rate`` of queries with a keyed wrong label, recording them for verification.
+
+    The key comes from ``key_file`` if given, else from the environment variable ``key_env`` if it is set,
+    else from ``os.urandom`` for this run only. ``report(state, evidence)`` tests the attackers' watermarked
+    queries (``Evidence.attackers``) against the stolen and the independent model.
+
+    Raises:
+      ValueError: naming the argument, if ``rate`` is not in ``(0, 1]``, ``key_file`` cannot be read or is
+        empty, or ``key_env`` is set to an empty value.
+    """
+    if not (_is_finite_number(rate) and 0.0 < rate <= 1.0):
+        raise ValueError(f"dawn: rate must be a number in (0, 1], got {rate!r}")
+    secret = load_key(key_env, key_file)
+    threshold = 2**FILTER_BITS * rate
+
+    def apply(probs: jax.Array, state: DawnState, context: QueryContext) -> tuple[jax.Array, DawnState]:
+        served = np.array(probs, copy=True)
+        classes = served.shape[-1]
+        if classes < 2:
+            raise ValueError(f"dawn: needs at least 2 classes to serve a wrong label, got {classes}")
+        inputs = np.asarray(context.inputs)
+        records = []
+        for row, (answer, query) in enumerate(zip(served, inputs, strict=True)):
+            tag = hmac.new(secret, input_bytes(query), hashlib.sha256).digest()
+            if int.from_bytes(tag[:2], "big") < threshold:
+                label = watermark_label(tag, int(np.argmax(answer)), classes)
+                served[row] = np.eye(classes, dtype=served.dtype)[label]
+                digest = hashlib.sha256(input_bytes(query)).hexdigest()
+                records.append(WatermarkRecord(context.client, digest, query.copy(), label))
+        answered = {**state.answered, context.client: state.answered.get(context.client, 0) + len(served)}
+        return served, DawnState(state.records + tuple(records), answered, classes)
+
+    def report(state: DawnState, evidence: Evidence) -> dict:
+        attackers = set(evidence.attackers)
+        marked = [record for record in state.records if record.client in attackers]
+        answered = sum(count for client, count in state.answered.items() if client in attackers)
+        found = {
+            "watermarked_queries": len(marked),
+            "watermark_fraction": len(marked) / answered if answered else 0.0,
+        }
+        for suffix, labels_of in (
+            ("", evidence.surrogate_labels),
+            ("_independent", evidence.independent_labels),
+        ):
+            accuracy, p_value = verify(marked, labels_of, state.classes)
+            found[f"watermark_accuracy{suffix}"] = accuracy
+            found[f"watermark_p_value{suffix}"] = p_value
+        return found
+
+    return Defense(init=DawnState, apply=apply, report=report, host=True)
+
+
+def load_key(key_env: str | None, key_file: str | None) -> bytes:
+    """The secret: the bytes of ``key_file``, else of ``$key_env``, else a fresh random key (logged)."""
+    if key_file is not None:
+        path = Path(os.path.expanduser(str(key_file)))
+        try:
+            secret = path.read_bytes().strip()
+        except OSError as error:
+            raise ValueError(f"dawn: key_file {str(path)!r} cannot be read ({error.strerror})") from None
+        if not secret:
+            raise ValueError(f"dawn: key_file {str(path)!r} is empty; it must hold the secret key")
+        return secret
+    if key_env is not None and key_env in os.environ:
+        if not os.environ[key_env]:
+            raise ValueError(f"dawn: key_env {key_env!r} names an empty environment variable")
+        return os.environ[key_env].encode()
+    log.warning(
+        "dawn: no key_file and no $%s set; using a random key for this run only, so its watermarks "
+        "cannot be verified after the run",
+        key_env,
+    )
+    return os.urandom(KEY_BYTES)
+
+
+def input_bytes(query: np.ndarray) -> bytes:
+    """The bytes the filter hashes: the input as contiguous float32 (what the prediction API serves)."""
+    return np.ascontiguousarray(query, np.float32).tobytes()
+
+
+def watermark_label(tag: bytes, top_class: int, classes: int) -> int:
+    """A wrong label picked by the digest bytes after the filter's: ``top + 1 + (tag mod (classes - 1))``,
+    uniform over the ``classes - 1`` classes other than ``top_class`` (up to a 2^-64 modulo bias)."""
+    offset = int.from_bytes(tag[2:10], "big") % (classes - 1)
+    return (top_class + 1 + offset) % classes
+
+
+def verify(marked: list[WatermarkRecord], labels_of, classes: int) -> tuple[float | None, float]:
+    """Agreement of ``labels_of`` with the watermark labels, and the binomial tail ``P[X >= k]``.
+
+    Under the null hypothesis (a model never trained on the watermarked answers) the label is a keyed
+    uniform draw among the ``classes - 1`` classes other than the victim's top-1, independent of the model,
+    so the model matches it with probability ``P(model != victim top-1) / (classes - 1)``, at most
+    ``p = 1 / (classes - 1)``: the conservative chance used here. ``(None, 1.0)`` when nothing was marked.
+    """
+    if not marked:
+        return None, 1.0
+    inputs = np.stack([record.input for record in marked])
+    expected = np.array([record.label for record in marked])
+    matches = int(np.sum(np.asarray(labels_of(inputs)) == expected))
+    p_value = float(stats.binom.sf(matches - 1, len(marked), 1.0 / (classes - 1)))
+    return matches / len(marked), p_value
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,173 @@
+import hashlib
+import hmac
+import logging
+
+import jax
+import numpy as np
+import pytest
+from scipy import stats
+
+from defenses.base import Evidence, QueryContext, chain
+from defenses.dawn import DEFAULT_KEY_ENV, dawn, input_bytes, watermark_label
+from defenses.top_k import top_k
+
+KEY = "correct horse battery staple"
+CLASSES = 10
+
+
+@pytest.fixture
+def keyed(monkeypatch):
+    monkeypatch.setenv(DEFAULT_KEY_ENV, KEY)
+
+
+def queries(count, seed=0):
+    rng = np.random.default_rng(seed)
+    inputs = rng.uniform(size=(count, 4, 4, 1)).astype(np.float32)
+    return inputs, rng.dirichlet(np.ones(CLASSES), count).astype(np.float32)
+
+
+def ask(defense, state, inputs, probs, client="attacker"):
+    return defense.apply(probs, state, QueryContext(inputs, jax.random.key(0), client))
+
+
+def is_marked(query, rate):
+    tag = hmac.new(KEY.encode(), query.tobytes(), hashlib.sha256).digest()
+    return tag[0] * 256 + tag[1] < 65536 * rate, tag
+
+
+def test_marks_exactly_the_keyed_queries_with_a_keyed_wrong_label(keyed):
+    defense = dawn(rate=0.1)
+    inputs, probs = queries(200)
+    served, state = ask(defense, defense.init(), inputs, probs)
+    for query, answer, original in zip(inputs, served, probs, strict=True):
+        marked, tag = is_marked(query, 0.1)
+        if marked:
+            offset = int.from_bytes(tag[2:10], "big") % (CLASSES - 1)
+            label = (original.argmax() + 1 + offset) % CLASSES
+            np.testing.assert_array_equal(answer, np.eye(CLASSES)[label])
+            assert label != original.argmax()
+        else:
+            np.testing.assert_array_equal(answer, original)
+    assert len(state.records) == sum(is_marked(query, 0.1)[0] for query in inputs) > 0
+    record = state.records[0]
+    assert record.client == "attacker" and record.digest == hashlib.sha256(record.input.tobytes()).hexdigest()
+    assert state.answered == {"attacker": 200} and state.classes == CLASSES
+
+
+def test_the_same_input_gets_the_same_answer(keyed):
+    defense = dawn(rate=0.2)
+    inputs, probs = queries(50)
+    first, state = ask(defense, defense.init(), inputs, probs)
+    again, state = ask(defense, state, inputs, probs)
+    np.testing.assert_array_equal(first, again)
+    assert len(state.records) == 2 * int(np.sum(np.any(first != probs, axis=-1)))
+
+
+def test_marked_fraction_matches_the_rate(keyed):
+    inputs, probs = queries(20000, seed=1)
+    _, state = ask(dawn(rate=0.005), dawn(rate=0.005).init(), inputs, probs)
+    # binomial(20000, 0.005): mean 100, standard deviation 10
+    assert 60 <= len(state.records) <= 140
+
+
+def test_wrong_labels_cover_every_other_class():
+    labels = {watermark_label(bytes([0, 0, *offset.to_bytes(8, "big")]), 4, CLASSES) for offset in range(9)}
+    assert labels == set(range(CLASSES)) - {4}
+
+
+def test_report_counts_only_attackers_and_tests_by_binomial_tail(keyed):
+    defense = dawn(rate=0.3)
+    inputs, probs = queries(300)
+    _, state = ask(defense, defense.init(), inputs[:200], probs[:200], client="attacker-0")
+    _, state = ask(defense, state, inputs[200:], probs[200:], client="benign-0")
+    marked = [record for record in state.records if record.client == "attacker-0"]
+    labels = {record.digest: record.label for record in marked}
+
+    def copies_watermark(x):  # agrees on all but the first two watermarked inputs
+        found = np.array([labels[hashlib.sha256(input_bytes(row)).hexdigest()] for row in x])
+        found[:2] = (found[:2] + 1) % CLASSES
+        return found
+
+    evidence = Evidence(
+        surrogate_labels=copies_watermark,
+        independent_labels=lambda x: np.zeros(len(x), np.int64),
+        victim_labels=lambda x: np.zeros(len(x), np.int64),
+        attackers=("attacker-0",),
+        benign=("benign-0",),
+    )
+    found = defense.report(state, evidence)
+    n = len(marked)
+    assert found["watermarked_queries"] == n and found["watermark_fraction"] == n / 200
+    assert found["watermark_accuracy"] == (n - 2) / n
+    np.testing.assert_allclose(found["watermark_p_value"], stats.binom.sf(n - 3, n, 1 / 9))
+    zero_labels = sum(record.label == 0 for record in marked)
+    np.testing.assert_allclose(
+        found["watermark_p_value_independent"], stats.binom.sf(zero_labels - 1, n, 1 / 9)
+    )
+    assert found["watermark_p_value"] < 1e-20 < 0.05 < found["watermark_p_value_independent"]
+
+
+def test_report_without_watermarked_queries_claims_nothing(keyed):
+    defense = dawn()
+    evidence = Evidence(*(lambda x: x,) * 3, attackers=("attacker",), benign=())
+    found = defense.report(defense.init(), evidence)
+    assert found["watermarked_queries"] == 0 and found["watermark_accuracy"] is None
+    assert found["watermark_p_value"] == 1.0
+
+
+def test_key_file_wins_and_a_missing_key_is_random_and_logged(tmp_path, monkeypatch, caplog):
+    inputs, probs = queries(400)
+    key_file = tmp_path / "dawn.key"
+    key_file.write_text(KEY + "\n")
+    monkeypatch.setenv(DEFAULT_KEY_ENV, "another key")
+    from_file = dawn(rate=0.1, key_file=str(key_file))
+    monkeypatch.setenv(DEFAULT_KEY_ENV, KEY)
+    from_env = dawn(rate=0.1)
+    np.testing.assert_array_equal(
+        ask(from_file, from_file.init(), inputs, probs)[0], ask(from_env, from_env.init(), inputs, probs)[0]
+    )
+    monkeypatch.delenv(DEFAULT_KEY_ENV)
+    with caplog.at_level(logging.WARNING, logger="defenses.dawn"):
+        first, second = dawn(rate=0.1), dawn(rate=0.1)
+    assert "random key for this run" in caplog.text
+    assert not np.array_equal(
+        ask(first, first.init(), inputs, probs)[0], ask(second, second.init(), inputs, probs)[0]
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rate": 0.0}, "rate must be a number in \\(0, 1\\], got 0.0"),
+        ({"rate": 1.5}, "rate must be a number in \\(0, 1\\], got 1.5"),
+        ({"key_file": "/nonexistent/dawn.key"}, "key_file '/nonexistent/dawn.key' cannot be read"),
+    ],
+)
+def test_rejects_bad_parameters(kwargs, message):
+    with pytest.raises(ValueError, match=f"dawn: {message}"):
+        dawn(**kwargs)
+
+
+def test_rejects_an_empty_key(tmp_path, monkeypatch):
+    (tmp_path / "empty.key").write_text("\n")
+    with pytest.raises(ValueError, match="dawn: key_file .* is empty"):
+        dawn(key_file=str(tmp_path / "empty.key"))
+    monkeypatch.setenv(DEFAULT_KEY_ENV, "")
+    with pytest.raises(
+        ValueError, match="dawn: key_env 'HEISTLAB_DAWN_KEY' names an empty environment variable"
+    ):
+        dawn()
+
+
+def test_composes_in_a_chain_on_the_host(keyed):
+    defense = chain(top_k(3), dawn(rate=0.2))
+    inputs, probs = queries(100)
+    served, state = ask(defense, defense.init(), inputs, probs, client="attacker-1")
+    records = state[1].records
+    assert defense.host and defense.report is not None and len(records) > 0
+    assert {record.client for record in records} == {"attacker-1"}
+    marked = np.isin(
+        np.arange(100), [np.flatnonzero((inputs == r.input).all(axis=(1, 2, 3)))[0] for r in records]
+    )
+    np.testing.assert_array_equal(served[marked].max(axis=-1), 1.0)
+    assert np.all((served[~marked] > 0).sum(axis=-1) == 3)
