@@ -11,13 +11,29 @@ import jax
 import numpy as np
 import pytest
 
-from attacks import jbda, knockoff
+from attacks import activethief, dfme, equation_solving, functional_equivalence, jbda, knockoff
 from heistlab.api import Oracle, QueryRefused
 
 ATTACKS = {
     "knockoff_soft": lambda budget: knockoff(budget=budget, labels="soft", query_batch=32),
     "knockoff_hard": lambda budget: knockoff(budget=budget, labels="hard", query_batch=32),
     "jbda": lambda budget: jbda(budget=budget, seed_size=20, rounds=3, query_batch=32),
+    "activethief_k_center": lambda budget: activethief(
+        budget=budget, seed_size=20, per_round=20, query_batch=32
+    ),
+    "activethief_uncertainty": lambda budget: activethief(
+        budget=budget, seed_size=20, per_round=20, strategy="uncertainty", query_batch=32
+    ),
+    "knockoff_adaptive": lambda budget: knockoff(
+        budget=budget, strategy="adaptive", clusters=4, round_size=16, refit_every=2, query_batch=32
+    ),
+    "dfme": lambda budget: dfme(budget=budget, batch_size=8, student_steps=2, generator_hidden=(32,)),
+}
+
+# Exact extraction solves equations in the answered probabilities: no labels-only mode, a clear error instead.
+PROBABILITY_ATTACKS = {
+    "equation_solving": lambda budget: equation_solving(budget=budget, query_batch=32),
+    "functional_equivalence": lambda budget: functional_equivalence(budget=budget, query_batch=32),
 }
 
 
@@ -70,6 +86,30 @@ def test_attack_learns_from_label_only_answers(name, small_surrogate, rng):
     result = ATTACKS[name](120).run(counting.oracle(), pool, small_surrogate, jax.random.key(2))
     assert counting.served == result.queries <= 120
     assert result.params is not None
+
+
+@pytest.mark.parametrize("name", sorted(PROBABILITY_ATTACKS))
+@pytest.mark.parametrize(("attack_budget", "api_cap"), [(100, 100), (100, 50), (60, None)])
+def test_probability_attack_stays_inside_its_budget_and_the_apis(
+    name, attack_budget, api_cap, small_surrogate, rng
+):
+    counting = CountingOracle(api_cap)
+    pool = rng.uniform(size=(80, 8, 8, 1)).astype(np.float32)
+    attack = PROBABILITY_ATTACKS[name](attack_budget)
+    result = attack.run(counting.oracle(), pool, small_surrogate, jax.random.key(1))
+    limit = attack_budget if api_cap is None else min(attack_budget, api_cap)
+    assert counting.served <= limit and counting.refused == 0
+    assert result.queries == counting.served >= min(limit, 20)
+    assert result.model is not None, "an exact extraction returns the architecture it recovered"
+
+
+@pytest.mark.parametrize("name", sorted(PROBABILITY_ATTACKS))
+def test_probability_attack_refuses_label_only_answers_naming_the_requirement(name, small_surrogate, rng):
+    counting = CountingOracle(cap=None, output="labels")
+    pool = rng.uniform(size=(80, 8, 8, 1)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"needs .*probabilit.*api\.output=labels|api.output=probabilities"):
+        PROBABILITY_ATTACKS[name](100).run(counting.oracle(), pool, small_surrogate, jax.random.key(0))
+    assert counting.served == 0
 
 
 def test_knockoff_with_budget_above_pool_walks_the_pool_again(small_surrogate, rng):
