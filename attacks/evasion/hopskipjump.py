@@ -1,0 +1,260 @@
+"""HopSkipJump (Chen, Jordan and Wainwright, "HopSkipJumpAttack: A Query-Efficient Decision-Based Attack",
+IEEE S&P 2020), untargeted: decision-based, through the prediction API, needing only each answer's top-1.
+
+1. Start from uniform noise the API misclassifies, pulled toward the clean input by a binary search on the
+   blend (the paper's initialisation).
+2. Binary search between the clean input and the current point to the decision boundary, to precision
+   ``theta = gamma / d^1.5`` (L2) or ``gamma / d^2`` (L-inf), ``d`` the input dimension.
+3. At the boundary, estimate the gradient's direction from the signs of ``initial_evaluations * sqrt(t)``
+   random probes at radius ``delta`` (baseline-corrected Monte Carlo, Theorem 2), step along it (its sign
+   for L-inf) with the geometric step search: from ``distance / sqrt(t)``, halve until the step lands
+   on the adversarial side; then repeat 2.
+
+Every input has its own budget of ``max_queries``; it stops when that would be exceeded or once its
+distance is at most ``epsilon`` (success). Each phase sends one batch for all inputs still in it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+
+from attacks.evasion.base import (
+    DECISION,
+    Evasion,
+    OutOfBudget,
+    SearchResult,
+    ask,
+    check_count,
+    check_norm,
+    check_positive,
+    numpy_rng,
+    perturbation_norms,
+    top1,
+)
+from heistlab.api import Oracle, QueryRefused
+
+# The initial blend's binary search stops at this precision (the reference code's 0.001).
+BLEND_PRECISION = 1e-3
+# The geometric step search gives up on an input after this many halvings.
+MAX_HALVINGS = 30
+
+
+def _rows(values: np.ndarray) -> np.ndarray:
+    """Per-example scalars shaped to broadcast against ``(N, H, W, C)`` inputs."""
+    return np.asarray(values, np.float32).reshape(-1, 1, 1, 1)
+
+
+class Decisions:
+    """The API's verdicts on candidate points, each charged to the input it belongs to."""
+
+    def __init__(self, oracle: Oracle, labels: np.ndarray, max_queries: int, query_batch: int):
+        self.oracle, self.labels, self.query_batch = oracle, labels, query_batch
+        self.max_queries = max_queries
+        self.queries = np.zeros(len(labels), np.int64)
+
+    def left(self, owners: np.ndarray | None = None) -> np.ndarray:
+        """Queries each input (or each of ``owners``) may still spend."""
+        left = self.max_queries - self.queries
+        return left if owners is None else left[owners]
+
+    def adversarial(self, candidates: np.ndarray, owners: np.ndarray) -> np.ndarray:
+        """Whether the API's top-1 on each candidate differs from its owner's true label."""
+        answers = ask(self.oracle, np.clip(candidates, 0.0, 1.0), self.query_batch)
+        np.add.at(self.queries, owners, 1)
+        return top1(self.oracle, answers) != self.labels[owners]
+
+
+def project(clean: np.ndarray, perturbed: np.ndarray, alphas: np.ndarray, norm: str) -> np.ndarray:
+    """The point a fraction ``alphas`` of the way from ``clean`` to ``perturbed`` (L2), or ``perturbed``
+    clipped to the L-inf ball of radius ``alphas`` around ``clean``."""
+    if norm == "l2":
+        return (1 - _rows(alphas)) * clean + _rows(alphas) * perturbed
+    return np.clip(perturbed, clean - _rows(alphas), clean + _rows(alphas))
+
+
+def initial_points(decisions: Decisions, clean: np.ndarray, trials: int, rng) -> tuple[np.ndarray, ...]:
+    """Adversarial starting points: misclassified uniform noise, blended toward ``clean`` by binary search.
+
+    Returns ``(points, found)``; an input whose noise never fooled the API within ``trials`` keeps its
+    clean point and ``found`` False.
+    """
+    count = len(clean)
+    noise = np.zeros_like(clean)
+    found = np.zeros(count, bool)
+    for _ in range(trials):
+        searching = np.flatnonzero(~found & (decisions.left() > 0))
+        if len(searching) == 0:
+            break
+        candidates = rng.uniform(size=clean[searching].shape).astype(np.float32)
+        hits = decisions.adversarial(candidates, searching)
+        noise[searching[hits]], found[searching[hits]] = candidates[hits], True
+    low, high = np.zeros(count), np.ones(count)
+    while True:
+        searching = np.flatnonzero(found & (high - low > BLEND_PRECISION) & (decisions.left() > 0))
+        if len(searching) == 0:
+            break
+        middle = (low[searching] + high[searching]) / 2
+        blended = project(clean[searching], noise[searching], middle, "l2")
+        hits = decisions.adversarial(blended, searching)
+        high[searching[hits]], low[searching[~hits]] = middle[hits], middle[~hits]
+    points = np.where(_rows(found), project(clean, noise, high, "l2"), clean).astype(np.float32)
+    return points, found
+
+
+def boundary_search(decisions, clean, perturbed, owners, theta, norm) -> np.ndarray:
+    """Binary search from ``clean`` to adversarial ``perturbed`` down to precision ``theta`` (L2), or to
+    ``min(theta * distance, theta)`` on the L-inf radius; returns the adversarial end of each interval."""
+    if norm == "l2":
+        high, precision = np.ones(len(owners)), np.full(len(owners), theta)
+    else:
+        high = perturbation_norms(perturbed, clean, "linf")
+        precision = np.minimum(high * theta, theta)
+    low = np.zeros(len(owners))
+    while True:
+        searching = np.flatnonzero((high - low > precision) & (decisions.left(owners) > 0))
+        if len(searching) == 0:
+            break
+        middle = (low[searching] + high[searching]) / 2
+        candidates = project(clean[searching], perturbed[searching], middle, norm)
+        hits = decisions.adversarial(candidates, owners[searching])
+        high[searching[hits]], low[searching[~hits]] = middle[hits], middle[~hits]
+    return project(clean, perturbed, high, norm).astype(np.float32)
+
+
+def gradient_direction(decisions, points, owners, evaluations, radii, norm, rng) -> np.ndarray:
+    """Monte Carlo estimate of the boundary's normal at each point from ``evaluations[i]`` sign queries."""
+    probe_owner = np.repeat(np.arange(len(owners)), evaluations)
+    shape = (len(probe_owner), *points.shape[1:])
+    directions = rng.standard_normal(shape) if norm == "l2" else rng.uniform(-1.0, 1.0, shape)
+    directions /= np.sqrt(np.sum(directions**2, axis=(1, 2, 3), keepdims=True))
+    radius = _rows(radii[probe_owner])
+    probes = np.clip(points[probe_owner] + radius * directions, 0.0, 1.0)
+    directions = (probes - points[probe_owner]) / radius
+    signs = np.where(decisions.adversarial(probes, owners[probe_owner]), 1.0, -1.0)
+    mean_sign = np.bincount(probe_owner, signs, minlength=len(owners)) / evaluations
+    # The baseline (mean sign) is subtracted unless every probe agreed (Theorem 2 of the paper).
+    baseline = np.where(np.abs(mean_sign) < 1.0, mean_sign, 0.0)
+    weighted = (signs - baseline[probe_owner])[:, None] * directions.reshape(len(probe_owner), -1)
+    starts = np.concatenate([[0], np.cumsum(evaluations)[:-1]])
+    gradient = np.add.reduceat(weighted, starts, axis=0) / evaluations[:, None]
+    gradient /= np.maximum(np.linalg.norm(gradient, axis=1, keepdims=True), 1e-12)
+    return gradient.reshape(points.shape)
+
+
+def geometric_step(decisions, points, owners, update, distances, iteration) -> np.ndarray:
+    """From step ``distance / sqrt(iteration)``, halve until ``point + step * update`` is adversarial.
+
+    Inputs whose search runs out of budget or halvings keep their point unchanged.
+    """
+    steps = distances / np.sqrt(iteration)
+    moved = points.copy()
+    searching = np.arange(len(owners))
+    for _ in range(MAX_HALVINGS):
+        searching = searching[decisions.left(owners[searching]) > 0]
+        if len(searching) == 0:
+            break
+        candidates = np.clip(points[searching] + _rows(steps[searching]) * update[searching], 0.0, 1.0)
+        hits = decisions.adversarial(candidates, owners[searching])
+        moved[searching[hits]] = candidates[hits]
+        steps[searching[~hits]] /= 2
+        searching = searching[~hits]
+    return moved.astype(np.float32)
+
+
+def hopskipjump_search(
+    oracle: Oracle,
+    inputs: np.ndarray,
+    labels: np.ndarray,
+    key: jax.Array,
+    *,
+    epsilon: float,
+    norm: str,
+    max_queries: int,
+    initial_evaluations: int,
+    max_evaluations: int,
+    gamma: float,
+    init_trials: int,
+    query_batch: int,
+) -> SearchResult:
+    """Runs untargeted HopSkipJump on ``inputs`` (shaped ``(N, H, W, C)``) through ``oracle``."""
+    rng = numpy_rng(key)
+    clean = np.asarray(inputs, np.float32)
+    dimension = int(np.prod(clean.shape[1:]))
+    theta = gamma / (np.sqrt(dimension) * dimension) if norm == "l2" else gamma / dimension**2
+    decisions = Decisions(oracle, np.asarray(labels), max_queries, query_batch)
+    points, found = clean.copy(), np.zeros(len(clean), bool)
+    queries_at_success = np.full(len(clean), -1)
+    stopped = False
+    try:
+        points, found = initial_points(decisions, clean, init_trials, rng)
+        started = np.flatnonzero(found)
+        points[started] = boundary_search(decisions, clean[started], points[started], started, theta, norm)
+        distances = perturbation_norms(points, clean, norm)
+        iteration = 0
+        while True:
+            done = found & (distances <= epsilon) & (queries_at_success < 0)
+            queries_at_success[done] = decisions.queries[done]
+            iteration += 1
+            evaluations = min(int(initial_evaluations * np.sqrt(iteration)), max_evaluations)
+            # An input goes on while it can pay for a full gradient estimate and at least one step query.
+            active = np.flatnonzero(found & (queries_at_success < 0) & (decisions.left() > evaluations))
+            if len(active) == 0:
+                break
+            if iteration == 1:
+                radii = np.full(len(active), 0.1)
+            else:
+                scale = np.sqrt(dimension) if norm == "l2" else dimension
+                radii = scale * theta * distances[active]
+            per_input = np.full(len(active), evaluations)
+            direction = gradient_direction(decisions, points[active], active, per_input, radii, norm, rng)
+            update = direction if norm == "l2" else np.sign(direction)
+            stepped = geometric_step(decisions, points[active], active, update, distances[active], iteration)
+            points[active] = boundary_search(decisions, clean[active], stepped, active, theta, norm)
+            distances[active] = perturbation_norms(points[active], clean[active], norm)
+    except (OutOfBudget, QueryRefused):
+        stopped = True
+    queries = np.where(queries_at_success >= 0, queries_at_success, decisions.queries)
+    diagnostics = {
+        "hopskipjump_start_found_rate": float(np.mean(found)),
+        "evasion_stopped_early": stopped,
+    }
+    return SearchResult(points, queries, found, diagnostics)
+
+
+def hopskipjump(
+    epsilon: float = 1.0,
+    norm: str = "l2",
+    max_queries: int = 1000,
+    initial_evaluations: int = 100,
+    max_evaluations: int = 10_000,
+    gamma: float = 1.0,
+    init_trials: int = 100,
+    count: int = 100,
+    query_batch: int = 4096,
+) -> Evasion:
+    """Builds untargeted HopSkipJump with the paper's defaults (100 initial evaluations, gamma 1,
+    geometric step search); success is a misclassified point within ``epsilon`` in ``norm``."""
+    epsilon = check_positive("hopskipjump", "epsilon", epsilon)
+    check_norm("hopskipjump", norm)
+    check_count("hopskipjump", "max_queries", max_queries, minimum=2)
+    check_count("hopskipjump", "initial_evaluations", initial_evaluations)
+    check_count("hopskipjump", "max_evaluations", max_evaluations)
+    gamma = check_positive("hopskipjump", "gamma", gamma)
+    check_count("hopskipjump", "init_trials", init_trials)
+    check_count("hopskipjump", "count", count)
+    check_count("hopskipjump", "query_batch", query_batch)
+    search = functools.partial(
+        hopskipjump_search,
+        epsilon=epsilon,
+        norm=norm,
+        max_queries=max_queries,
+        initial_evaluations=initial_evaluations,
+        max_evaluations=max_evaluations,
+        gamma=gamma,
+        init_trials=init_trials,
+        query_batch=query_batch,
+    )
+    return Evasion("hopskipjump", DECISION, count, max_queries, norm, epsilon, query_batch, search)
