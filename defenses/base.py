@@ -106,7 +106,8 @@ class Defense(NamedTuple):
         rate limits, refusing a flagged client). Host-side Python.
     report: ``report(state, evidence) -> dict``: metrics from the final state (detections, watermark tests).
     host: ``apply`` needs the host (Python state, hashing, scipy): the API calls it eagerly with the client
-        and clock in the context. Otherwise ``apply`` is pure and jittable and never sees the client.
+        and clock in the context. Otherwise ``apply`` is pure, jittable and row-wise (the API pads batches to
+        power-of-two sizes with uniform rows and drops them after) and never sees the client.
     augment_training: ``augment_training(x, y) -> (x, y)``: a model-side defense extends the victim's training
         data (for example with a watermark trigger set) before the victim is trained.
     preprocess: ``preprocess(inputs) -> inputs``: an input-side defense transforms queries before the victim

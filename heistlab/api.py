@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from defenses import Defense, Evidence, QueryContext, Request
+from heistlab.training import capacity_for, pad_rows
 from heistlab.victims import Victim
 
 OUTPUT_KINDS = ("probabilities", "top_k", "labels")
@@ -201,9 +202,21 @@ class PredictionAPI:
             context = QueryContext(inputs, key, client, self._clock[client], raw_probs)
             served, self._state = self._defense.apply(probs, self._state, context)
         else:
-            context = QueryContext(inputs, key, raw_probs=raw_probs)
-            served, self._state = self._apply_defense(probs, self._state, context)
+            served = self._apply_padded(probs, inputs, raw_probs, key)
         return np.asarray(served)
+
+    def _apply_padded(self, probs, inputs, raw_probs, key) -> np.ndarray:
+        """Runs a jitted (row-wise) defense on a power-of-two batch, so each bucket compiles once.
+
+        Padding rows are uniform distributions and zero inputs; they are cut off before anything is served.
+        """
+        count = len(probs)
+        capacity = capacity_for(count, minimum=1)
+        uniform = np.full((capacity - count, probs.shape[1]), 1.0 / probs.shape[1], probs.dtype)
+        padded_raw = None if raw_probs is None else np.concatenate([raw_probs, uniform])
+        context = QueryContext(pad_rows(inputs, capacity), key, raw_probs=padded_raw)
+        served, self._state = self._apply_defense(np.concatenate([probs, uniform]), self._state, context)
+        return np.asarray(served)[:count]
 
     def _client_view(self, probs: np.ndarray) -> np.ndarray:
         if self.output == "labels":
