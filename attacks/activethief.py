@@ -26,14 +26,13 @@ from attacks.base import (
     Surrogate,
     affordable,
     check_budget,
-    hard_targets,
+    check_labels,
     query_in_batches,
+    training_targets,
 )
 from attacks.knockoff import squared_distances
 from heistlab.api import Oracle
 from heistlab.training import predict_proba, train_classifier
-
-LABEL_KINDS = ("soft", "hard")
 
 Selector = Callable[[np.ndarray, np.ndarray, int, np.random.Generator], np.ndarray]
 
@@ -84,17 +83,12 @@ def activethief(
             raise ValueError(f"activethief: {name} must be an integer >= 1, got {value!r}")
     if strategy not in STRATEGIES:
         raise ValueError(f"activethief: strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
-    if labels not in LABEL_KINDS:
-        raise ValueError(f"activethief: labels must be one of {', '.join(LABEL_KINDS)}; got {labels!r}")
+    check_labels("activethief", labels)
     select = STRATEGIES[strategy]
 
     def run(oracle: Oracle, pool: np.ndarray, surrogate: Surrogate, key: jax.Array) -> AttackResult:
         sample_key, train_key = jax.random.split(key)
         rng = np.random.default_rng(np.asarray(jax.random.key_data(sample_key)))
-        soft = labels == "soft" and oracle.output != "labels"
-
-        def as_targets(answers: np.ndarray) -> np.ndarray:
-            return oracle.targets(answers) if soft else hard_targets(oracle, answers)
 
         order = rng.permutation(len(pool))
         seed_indices = order[: affordable(oracle, min(seed_size, budget))]
@@ -102,7 +96,7 @@ def activethief(
         if len(inputs) == 0:
             raise RuntimeError("activethief: the API served no seed queries, so there is nothing to train on")
         queried = seed_indices[: len(inputs)]
-        targets = as_targets(answers)
+        targets = training_targets(oracle, answers, labels)
         params = train_classifier(surrogate.model, inputs, targets, train_key, surrogate.train)
         history = [{"round": 0, "queries": len(inputs), "known": len(inputs), "strategy": "random"}]
         while True:
@@ -118,7 +112,7 @@ def activethief(
                 break
             queried = np.concatenate([queried, picked[: len(new_inputs)]])
             inputs = np.concatenate([inputs, new_inputs])
-            targets = np.concatenate([targets, as_targets(new_answers)])
+            targets = np.concatenate([targets, training_targets(oracle, new_answers, labels)])
             round_key = jax.random.fold_in(train_key, len(history))
             params = train_classifier(surrogate.model, inputs, targets, round_key, surrogate.train)
             history.append(

@@ -74,6 +74,23 @@ def query_in_batches(oracle: Oracle, inputs: np.ndarray, batch_size: int) -> tup
     return inputs[:served], np.concatenate(answers)
 
 
+LABEL_KINDS = ("soft", "hard")
+
+
+def check_labels(attack: str, labels: str) -> str:
+    if labels not in LABEL_KINDS:
+        raise ValueError(f"{attack}: labels must be one of {', '.join(LABEL_KINDS)}; got {labels!r}")
+    return labels
+
+
+def training_targets(oracle: Oracle, answers: np.ndarray, labels: str) -> np.ndarray:
+    """Targets from answers: served distributions for ``labels='soft'`` (when the API serves scores),
+    else one-hot top-1 rows."""
+    if labels == "soft" and oracle.output != "labels":
+        return oracle.targets(answers)
+    return hard_targets(oracle, answers)
+
+
 def hard_targets(oracle: Oracle, answers: np.ndarray) -> np.ndarray:
     """One-hot rows of the top-1 answer, whatever the oracle serves."""
     labels = answers if oracle.output == "labels" else answers.argmax(axis=-1)

@@ -31,13 +31,13 @@ from attacks.base import (
     Surrogate,
     affordable,
     check_budget,
-    hard_targets,
+    check_labels,
     query_in_batches,
+    training_targets,
 )
 from heistlab.api import Oracle
 from heistlab.training import init_params, predict_proba, train_classifier
 
-LABEL_KINDS = ("soft", "hard")
 STRATEGIES = ("random", "adaptive")
 REWARDS = ("certainty", "diversity", "loss")
 
@@ -68,8 +68,7 @@ def knockoff(
     and ``diversity_window`` (answers averaged by the diversity reward).
     """
     check_budget("knockoff", budget)
-    if labels not in LABEL_KINDS:
-        raise ValueError(f"knockoff: labels must be one of {', '.join(LABEL_KINDS)}; got {labels!r}")
+    check_labels("knockoff", labels)
     if strategy not in STRATEGIES:
         raise ValueError(f"knockoff: strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
     for name, value in (
@@ -98,14 +97,13 @@ def knockoff(
         if len(inputs) == 0:
             raise RuntimeError("knockoff: the API served no queries, so there is nothing to train on")
         soft = labels == "soft" and oracle.output != "labels"
-        targets = oracle.targets(answers) if soft else hard_targets(oracle, answers)
+        targets = training_targets(oracle, answers, labels)
         params = train_classifier(surrogate.model, inputs, targets, train_key, surrogate.train)
         return AttackResult(params, len(inputs), ({"round": 0, "queries": len(inputs), "soft": soft},))
 
     def run_adaptive(oracle: Oracle, pool: np.ndarray, surrogate: Surrogate, key: jax.Array) -> AttackResult:
         sample_key, train_key, init_key = jax.random.split(key, 3)
         rng = np.random.default_rng(np.asarray(jax.random.key_data(sample_key)))
-        soft = labels == "soft" and oracle.output != "labels"
         arms = cluster_pool(pool, clusters, rng)
         unqueried = np.ones(len(pool), bool)
         preferences = np.zeros(arms.max() + 1)
@@ -120,7 +118,7 @@ def knockoff(
             if len(served) == 0:
                 break
             unqueried[picks[: len(served)]] = False
-            new_targets = oracle.targets(answers) if soft else hard_targets(oracle, answers)
+            new_targets = training_targets(oracle, answers, labels)
             recent = np.concatenate([*targets, new_targets])[-diversity_window:]
             predicted = predict_proba(surrogate.model, params, served)
             reward = sum(REWARD_FUNCTIONS[name](new_targets, recent, predicted) for name in rewards)
