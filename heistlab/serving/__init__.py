@@ -4,7 +4,8 @@
   tokens (HMAC-SHA256), roles;
 - ``validation``: the request schema and its checks; ``throttle``: ``defenses.budget`` and
   ``defenses.rate_limit`` on the real clock;
-- ``audit``: the SQLite audit log; ``service``: the defended victim behind one lock; ``app``: the FastAPI app;
+- ``audit``: the SQLite audit log (optionally AES-256-GCM encrypted at rest, each row bound to its id);
+  ``service``: the defended victim behind one lock; ``app``: the FastAPI app;
 - ``server``: uvicorn over TLS; ``tls``: a self-signed pair; ``client``: ``http_oracle`` and ``remote_api``.
 
 Modules are imported on use, so the key tools load without JAX.

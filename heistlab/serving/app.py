@@ -13,6 +13,11 @@ role, 404/405 no such route, 413 body too large, 415 not JSON, 422 invalid input
 (quota spent, rate limited, or a detector's refusal; with ``Retry-After``), 500 a generic message and a
 request id (the traceback goes to the server log only).
 Every request, whatever its fate, is one row in the audit log.
+
+Deliberately weak deployments, for exercising audits (``python -m experiments.audit``) and nothing else, are
+off by default and logged as warnings when on: ``insecure_open_routes`` serves the named prediction routes
+to requests without credentials, as the client ``anonymous`` with role ``insecure_open_role``;
+``insecure_probabilities_to_every_role`` lets every role that is served predictions ask for probabilities.
 """
 
 import base64
@@ -35,12 +40,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from heistlab.api import InvalidQuery, QueryRefused
 from heistlab.serving.audit import AuditEntry, AuditLog, outcome_for
 from heistlab.serving.auth import (
+    ROLES,
     Authenticator,
     Credential,
     Forbidden,
     Principal,
+    Role,
     Unauthenticated,
     allowed_output,
+    role_named,
 )
 from heistlab.serving.service import ServingCore
 from heistlab.serving.throttle import retry_after_header
@@ -68,6 +76,9 @@ SECURITY_HEADERS = {
     "Strict-Transport-Security": "max-age=31536000",
 }
 ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 413, 415, 422, 429, 500)}
+# Routes an insecure deployment may open to anonymous clients (never /oauth/token or the admin routes).
+OPENABLE_ROUTES = ("/v1/info", "/v1/predict")
+ANONYMOUS = "anonymous"
 
 
 class ServerSettings(NamedTuple):
@@ -145,6 +156,30 @@ def parse_token_form(body: bytes, content_type: str | None) -> dict[str, list[st
     return form
 
 
+def check_insecure_options(open_routes, open_role: str) -> tuple[tuple[str, ...], Role]:
+    """Validates the insecure options, naming the bad value and what is accepted."""
+    routes = tuple(open_routes or ())
+    unknown = [route for route in routes if route not in OPENABLE_ROUTES]
+    if unknown:
+        raise ValueError(
+            f"serve.insecure_open_routes may only name {', '.join(OPENABLE_ROUTES)}; got {unknown!r}"
+        )
+    role = role_named(open_role)
+    if not role.outputs:
+        raise ValueError(
+            f"serve.insecure_open_role must be a role that is served predictions, got {open_role!r}"
+        )
+    return routes, role
+
+
+def widened(role: Role) -> Role:
+    """``role`` allowed every output, its own default first (``insecure_probabilities_to_every_role``)."""
+    if not role.outputs:
+        return role
+    rest = tuple(output for output in ROLES["probabilities"].outputs if output not in role.outputs)
+    return role._replace(outputs=(*role.outputs, *rest))
+
+
 def create_app(
     core: ServingCore,
     authenticator: Authenticator,
@@ -153,11 +188,26 @@ def create_app(
     *,
     rate: float | None = None,
     burst: int | None = None,
+    insecure_open_routes=(),
+    insecure_open_role: str = "probabilities",
+    insecure_probabilities_to_every_role: bool = False,
 ) -> FastAPI:
     """The server for ``core``: every request authenticated, checked, throttled and audited.
 
     rate, burst: the token bucket ``core`` enforces, published in ``/v1/info``.
+    insecure_open_routes, insecure_open_role, insecure_probabilities_to_every_role: a deliberately weak
+    deployment for testing audits (see the module docstring); off by default.
     """
+    open_routes, open_role = check_insecure_options(insecure_open_routes, insecure_open_role)
+    if open_routes:
+        log.warning(
+            "INSECURE: %s served without credentials (as %r, role %s)",
+            ", ".join(open_routes),
+            ANONYMOUS,
+            open_role.name,
+        )
+    if insecure_probabilities_to_every_role:
+        log.warning("INSECURE: every role may ask for probabilities")
     app = FastAPI(
         title="heistlab prediction API",
         version="1",
@@ -260,10 +310,14 @@ def create_app(
 
     async def authenticated(request: Request) -> Principal:
         authorization, api_key = request.headers.get("authorization"), request.headers.get("x-api-key")
-        if authorization or not api_key:  # a bearer token is one HMAC: checked right here
+        if not authorization and not api_key and request.url.path in open_routes:
+            principal = Principal(ANONYMOUS, open_role)
+        elif authorization or not api_key:  # a bearer token is one HMAC: checked right here
             principal = authenticator.authenticate_headers(authorization, api_key)
         else:  # an API key may cost one scrypt (then it is remembered): off the event loop
             principal = await run_in_threadpool(authenticator.authenticate_headers, None, api_key)
+        if insecure_probabilities_to_every_role:
+            principal = principal._replace(role=widened(principal.role))
         note = _note(request)
         note["key_id"], note["role"] = principal.key_id, principal.role.name
         return principal
@@ -420,10 +474,12 @@ def create_app(
 
 def app_from_config(cfg) -> tuple[FastAPI, ServerSettings]:
     """The server a composed ``configs/serve.yaml`` describes: the victim from the victim cache (its
-    checkpoint digest verified), the defense chain, keys, audit log and limits under ``cfg.serve``."""
+    checkpoint digest verified), the defense chain, keys, audit log (encrypted at rest when
+    ``serve.audit_key_file`` or ``serve.audit_key_env`` names a key) and limits under ``cfg.serve``."""
     from hydra.utils import instantiate
 
     from heistlab.experiment import build_defense, build_splits, defender_data, load_victim
+    from heistlab.protection import load_key
     from heistlab.serving.auth import KeyStore, token_secret
     from heistlab.serving.service import build_core
     from heistlab.serving.validation import input_schema
@@ -437,7 +493,8 @@ def app_from_config(cfg) -> tuple[FastAPI, ServerSettings]:
     log.info(
         "victim %s (%s)", cfg.victim.family, "from the cache, digest verified" if from_cache else "trained"
     )
-    audit = AuditLog(Path(str(spec.audit_db)).expanduser())
+    audit_key = load_key(spec.get("audit_key_file"), spec.get("audit_key_env"))
+    audit = AuditLog(Path(str(spec.audit_db)).expanduser(), key=audit_key)
     schema = input_schema(splits.input_shape, (0.0, 1.0), spec.max_batch, spec.max_body_bytes)
     core = build_core(
         victim,
@@ -453,7 +510,17 @@ def app_from_config(cfg) -> tuple[FastAPI, ServerSettings]:
         monitor_every=spec.monitor_every,
     )
     burst = spec.burst if spec.burst is not None or spec.rate is None else max(1, math.ceil(spec.rate))
-    app = create_app(core, authenticator, audit, schema, rate=spec.rate, burst=burst)
+    app = create_app(
+        core,
+        authenticator,
+        audit,
+        schema,
+        rate=spec.rate,
+        burst=burst,
+        insecure_open_routes=list(spec.get("insecure_open_routes") or ()),
+        insecure_open_role=spec.get("insecure_open_role", "probabilities"),
+        insecure_probabilities_to_every_role=bool(spec.get("insecure_probabilities_to_every_role", False)),
+    )
     settings = ServerSettings(
         spec.host,
         spec.port,

@@ -115,7 +115,8 @@ class RemoteAPI:
     ``oracle`` routes each name to a key of the key file (identity ``i`` to key ``i``; one identity to the
     first key), and counts are kept per name, as in-process. output: what to ask for (None: the keys' role
     default; it must be one their role may receive). max_wait_s: the most seconds one query may wait on
-    rate-limit refusals before it raises ``QueryRefused``.
+    rate-limit refusals before it raises ``QueryRefused``. trust_env: whether proxy settings and the like are
+    read from the environment (False: every request goes straight to ``url``, as an auditor needs).
     """
 
     def __init__(
@@ -128,6 +129,7 @@ class RemoteAPI:
         timeout_s: float = 30.0,
         max_wait_s: float = 0.0,
         sleep: Callable[[float], None] = time.sleep,
+        trust_env: bool = True,
     ):
         if not str(url).startswith("https://"):
             raise ValueError(f"api.url must be an https:// URL, got {url!r}")
@@ -139,6 +141,7 @@ class RemoteAPI:
             verify=client_context(ca_file),
             timeout=timeout_s,
             headers={"User-Agent": "heistlab-remote-oracle"},
+            trust_env=trust_env,
         )
         self.sessions = {credential.key_id: KeySession(self.http, credential) for credential in credentials}
         self.keys = tuple(self.sessions)
@@ -293,10 +296,17 @@ def remote_api(
     output: str | None = None,
     timeout_s: float = 30.0,
     max_wait_s: float = 0.0,
+    trust_env: bool = True,
 ) -> RemoteAPI:
     """The server at ``url`` as the keys in ``key_file`` see it, verified against ``ca_file``."""
     return RemoteAPI(
-        url, read_credentials(key_file), ca_file, output=output, timeout_s=timeout_s, max_wait_s=max_wait_s
+        url,
+        read_credentials(key_file),
+        ca_file,
+        output=output,
+        timeout_s=timeout_s,
+        max_wait_s=max_wait_s,
+        trust_env=trust_env,
     )
 
 

@@ -1,0 +1,746 @@
+"""Abuse probes against a served target: what an unauthorised or misbehaving client can get away with.
+
+Each probe sends a handful of requests with the credentials the audit was given (key files, never secrets in
+the config) and returns ``Finding``s: the requests tried, the statuses that came back, and a severity when
+the server answered where it should have refused.
+
+- ``unauthenticated``: every route without credentials, with a wrong secret and with a malformed token;
+- ``tokens``: forged bearer tokens (claims changed, signature replaced) and an expired one (waited out when
+  the token's lifetime is at most ``max_expiry_wait_s``);
+- ``revocation``: a disposable key (``revocable_key_file``) revoked through the admin key, then its token
+  replayed, its API key reused and a new token asked for;
+- ``roles``: a key asking for more than its role allows (probabilities from a labels key), client keys on the
+  admin routes, the admin key asking for predictions;
+- ``validation``: malformed bodies (broken JSON, wrong content type, shapes, NaN, out-of-range values,
+  strings, unknown fields) and oversized ones (over ``max_body_bytes``, declared or chunked; over
+  ``max_batch`` rows);
+- ``rate_limit``: a burst of requests past the published burst; ``quota``: one batch past the key's quota;
+- ``transport``: security headers on an answer (TLS itself is verified on every request).
+
+Every input row sent is charged to the audit's ledger.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+import httpx
+import numpy as np
+
+from heistlab.audit.findings import Finding, finding, held, untested
+from heistlab.audit.ledger import QueryLedger
+from heistlab.serving.auth import ROLES, Credential
+
+OUTPUTS = ("probabilities", "top_k", "labels")
+PROBE_KEY_ID = "heistlab-audit-probe"
+LEAK_MARKERS = ("Traceback", 'File "', "Exception:")
+SECURITY_HEADERS = {
+    "Strict-Transport-Security": None,
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+}
+
+
+class ProbeSettings(NamedTuple):
+    """burst_requests x burst_rows: the least a rate-limit burst sends (more when a burst is published).
+    max_burst_rows: the most it sends. max_expiry_wait_s: the longest token lifetime waited out.
+    long_token_s: a longer lifetime is reported. oversized_bytes: the body sent when no limit is published.
+    """
+
+    burst_requests: int = 8
+    burst_rows: int = 32
+    max_burst_rows: int = 2048
+    max_expiry_wait_s: float = 10.0
+    long_token_s: float = 3600.0
+    oversized_bytes: int = 8 * 2**20
+
+
+def check_settings(settings: ProbeSettings) -> ProbeSettings:
+    for name in ("burst_requests", "burst_rows", "max_burst_rows", "oversized_bytes"):
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"audit.probes.{name} must be an integer >= 1, got {value!r}")
+    for name in ("max_expiry_wait_s", "long_token_s"):
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+            raise ValueError(f"audit.probes.{name} must be a number >= 0, got {value!r}")
+    return settings
+
+
+class Keys(NamedTuple):
+    """The auditor's credentials: a normal client key, and optionally a low-role, an admin and a disposable
+    key (revoked by the revocation probe). ``clients``: every key of the client key file (the extraction
+    attacks are spread over them, one key per attack, so that each detection is the attack's own)."""
+
+    client: Credential
+    low_role: Credential | None = None
+    admin: Credential | None = None
+    revocable: Credential | None = None
+    clients: tuple[Credential, ...] = ()
+
+
+class Probing(NamedTuple):
+    http: httpx.Client
+    keys: Keys
+    info: dict
+    sample: np.ndarray
+    ledger: QueryLedger
+    settings: ProbeSettings
+    sleep: Callable[[float], None] = time.sleep
+
+
+def key_header(credential: Credential) -> dict[str, str]:
+    return {"X-API-Key": credential.api_key}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def rows_body(rows: np.ndarray, output: str | None = None) -> bytes:
+    document = {"inputs": np.asarray(rows, np.float32).tolist()}
+    if output is not None:
+        document["output"] = output
+    return json.dumps(document).encode()
+
+
+def predict(probing: Probing, headers: dict, rows: int = 1, output: str | None = None, member="probes"):
+    """``POST /v1/predict`` with ``rows`` copies of the sample, charged to ``member``."""
+    probing.ledger.charge(member, rows)
+    body = rows_body(np.repeat(probing.sample[None], rows, axis=0), output)
+    return probing.http.post(
+        "/v1/predict", content=body, headers={**headers, "Content-Type": "application/json"}
+    )
+
+
+def fetch_token(probing: Probing, credential: Credential) -> httpx.Response:
+    form = {
+        "grant_type": "client_credentials",
+        "client_id": credential.key_id,
+        "client_secret": credential.key,
+    }
+    return probing.http.post("/oauth/token", data=form)
+
+
+def answered(status: int) -> bool:
+    """The request got past authentication or authorisation (anything but 401/403; 404 on a revoke of an
+    unknown key means the route ran)."""
+    return status not in (401, 403)
+
+
+def tally(statuses) -> dict[str, int]:
+    return {str(status): count for status, count in sorted(Counter(statuses).items())}
+
+
+# -- authentication ------------------------------------------------------------------------------------------
+
+
+def routes() -> tuple[tuple[str, str, str], ...]:
+    """(method, path, how bad it is to answer it without credentials)."""
+    return (
+        ("GET", "/v1/info", "medium"),
+        ("POST", "/v1/predict", "critical"),
+        ("GET", "/admin/audit", "critical"),
+        ("GET", "/admin/alarms", "critical"),
+        ("POST", f"/admin/keys/{PROBE_KEY_ID}/revoke", "critical"),
+    )
+
+
+def unauthenticated(probing: Probing) -> Finding:
+    """Every route without credentials, with a wrong secret and with a malformed bearer token: all 401."""
+    variants = {
+        "no credentials": {},
+        "wrong secret": {"X-API-Key": f"{probing.keys.client.key_id}.not-the-secret"},
+        "malformed token": {"Authorization": "Bearer hl1.e30.AAAA"},
+    }
+    statuses, open_routes, severities = {}, [], []
+    for variant, headers in variants.items():
+        for method, path, severity in routes():
+            if path == "/v1/predict":
+                response = predict(probing, headers)
+            else:
+                response = probing.http.request(method, path, headers=headers)
+            statuses[f"{variant}: {method} {path}"] = response.status_code
+            if answered(response.status_code):
+                open_routes.append(f"{method} {path} ({variant}: {response.status_code})")
+                severities.append(severity)
+    listed = ", ".join(f"{method} {path}" for method, path, _ in routes())
+    tried = (
+        f"{len(statuses)} requests: {listed}, each with no credentials, a wrong secret and a malformed token"
+    )
+    figures = {"statuses": statuses, "status_counts": tally(statuses.values())}
+    if not open_routes:
+        return held(
+            "authentication.unauthenticated_access",
+            "Routes without valid credentials",
+            tried,
+            "every request was refused with 401",
+            figures,
+        )
+    severity = max(severities, key=("info", "low", "medium", "high", "critical").index)
+    return finding(
+        "authentication.unauthenticated_access",
+        "Routes answered without valid credentials",
+        present=True,
+        severity=severity,
+        reason=(
+            "anyone who can reach the server is served predictions or administration without a key"
+            if severity == "critical"
+            else "the model's interface is disclosed without a key"
+        ),
+        tried=tried,
+        happened="answered without valid credentials: " + "; ".join(open_routes),
+        figures={**figures, "open_routes": open_routes},
+    )
+
+
+def forged(token: str) -> dict[str, str]:
+    """Tokens an attacker could make from a genuine one without the signing secret."""
+    parts = token.split(".")
+    variants = {"signature replaced": ".".join([*parts[:-1], base64.urlsafe_b64encode(b"\0" * 32).decode()])}
+    variants["signature removed"] = ".".join([*parts[:-1], ""])
+    if len(parts) == 3:
+        try:
+            claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+            claims["exp"] = float(claims.get("exp", time.time())) + 10 * 365 * 86400
+            body = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
+            variants["expiry extended, signature kept"] = ".".join([parts[0], body, parts[2]])
+        except (ValueError, TypeError):
+            pass
+    return variants
+
+
+def tokens(probing: Probing) -> list[Finding]:
+    """Forged tokens and an expired token must be refused (401)."""
+    issued = fetch_token(probing, probing.keys.client)
+    if issued.status_code != 200:
+        needs = f"the client key could not get a token (POST /oauth/token answered {issued.status_code})"
+        return [
+            untested("authentication.forged_token", "Forged bearer tokens", needs),
+            untested("authentication.expired_token", "Expired bearer tokens", needs),
+        ]
+    token, lifetime = issued.json()["access_token"], float(issued.json().get("expires_in", math.inf))
+    statuses = {name: predict(probing, bearer(value)).status_code for name, value in forged(token).items()}
+    accepted = [name for name, status in statuses.items() if answered(status)]
+    tried = f"{len(statuses)} forged tokens made from a genuine one: {', '.join(statuses)}"
+    if accepted:
+        forged_finding = finding(
+            "authentication.forged_token",
+            "Forged bearer tokens accepted",
+            present=True,
+            severity="critical",
+            reason="a client can mint its own credentials (any expiry, any key) without the signing secret",
+            tried=tried,
+            happened=f"accepted: {', '.join(accepted)}",
+            figures={"statuses": statuses},
+        )
+    else:
+        forged_finding = held(
+            "authentication.forged_token",
+            "Forged bearer tokens",
+            tried,
+            "every forged token was refused with 401",
+            {"statuses": statuses},
+        )
+    return [forged_finding, expired_token(probing, token, lifetime)]
+
+
+def expired_token(probing: Probing, token: str, lifetime: float) -> Finding:
+    settings = probing.settings
+    figures = {"token_lifetime_s": lifetime}
+    if lifetime > settings.max_expiry_wait_s:
+        if lifetime > settings.long_token_s:
+            return finding(
+                "authentication.expired_token",
+                "Long-lived bearer tokens",
+                present=True,
+                severity="low",
+                reason=f"a stolen token stays usable {lifetime:.0f} s (over {settings.long_token_s:.0f} s)",
+                tried="asked for a token and read its lifetime",
+                happened=f"tokens live {lifetime:.0f} s; expiry was not waited out",
+                figures=figures,
+            )
+        return untested(
+            "authentication.expired_token",
+            "Expired bearer tokens",
+            f"tokens live {lifetime:.0f} s, longer than audit.probes.max_expiry_wait_s "
+            f"({settings.max_expiry_wait_s:g} s); raise it to wait the expiry out",
+            figures,
+        )
+    probing.sleep(lifetime + 0.25)
+    status = predict(probing, bearer(token)).status_code
+    figures["status_after_expiry"] = status
+    tried = f"waited out the token's lifetime ({lifetime:g} s), then sent it again"
+    if answered(status):
+        return finding(
+            "authentication.expired_token",
+            "Expired bearer tokens accepted",
+            present=True,
+            severity="high",
+            reason="tokens never expire, so a leaked token is a permanent credential",
+            tried=tried,
+            happened=f"the expired token was answered with {status}",
+            figures=figures,
+        )
+    return held(
+        "authentication.expired_token", "Expired bearer tokens", tried, f"refused with {status}", figures
+    )
+
+
+def revocation(probing: Probing) -> Finding:
+    """A revoked key's token, API key and token requests must all be refused."""
+    check, title = "authentication.revoked_replay", "Revoked credentials replayed"
+    keys = probing.keys
+    if keys.revocable is None or keys.admin is None:
+        return untested(
+            check,
+            title,
+            "name a disposable key (audit.credentials.revocable_key_file), which the audit revokes, and an "
+            "admin key (audit.credentials.admin_key_file)",
+        )
+    issued = fetch_token(probing, keys.revocable)
+    if issued.status_code != 200:
+        return untested(
+            check, title, f"the disposable key got no token ({issued.status_code}); is it revoked?"
+        )
+    token = issued.json()["access_token"]
+    before = predict(probing, bearer(token)).status_code
+    revoked = probing.http.post(f"/admin/keys/{keys.revocable.key_id}/revoke", headers=key_header(keys.admin))
+    if revoked.status_code != 200:
+        return untested(
+            check, title, f"the admin key could not revoke the disposable key ({revoked.status_code})"
+        )
+    statuses = {
+        "token replayed": predict(probing, bearer(token)).status_code,
+        "API key reused": predict(probing, key_header(keys.revocable)).status_code,
+        "new token asked": fetch_token(probing, keys.revocable).status_code,
+    }
+    figures = {"status_before_revocation": before, "statuses": statuses}
+    tried = (
+        f"used the disposable key {keys.revocable.key_id} ({before}), revoked it through the admin key, then "
+        "replayed its token, reused its API key and asked for a new token"
+    )
+    accepted = [name for name, status in statuses.items() if status < 400]
+    if accepted:
+        return finding(
+            check,
+            title,
+            present=True,
+            severity="high",
+            reason="revoking a leaked key does not stop it",
+            tried=tried,
+            happened=f"still answered after revocation: {', '.join(accepted)}",
+            figures=figures,
+        )
+    return held(check, title, tried, "all refused after revocation", figures)
+
+
+# -- authorisation -------------------------------------------------------------------------------------------
+
+
+def role_of(probing: Probing, credential: Credential) -> dict | None:
+    response = probing.http.get("/v1/info", headers=key_header(credential))
+    return response.json() if response.status_code == 200 else None
+
+
+def roles(probing: Probing) -> list[Finding]:
+    """Keys asking for outputs beyond their role; client keys on admin routes; the admin key predicting."""
+    keys = probing.keys
+    statuses, escalations, severities = {}, [], []
+    for label, credential in (("client", keys.client), ("low-role", keys.low_role)):
+        info = None if credential is None else role_of(probing, credential)
+        if info is None or info.get("role") not in ROLES:
+            continue
+        declared = ROLES[info["role"]].outputs
+        for output in OUTPUTS:
+            if output in declared:
+                continue
+            status = predict(probing, key_header(credential), output=output).status_code
+            statuses[f"{label} key (role {info['role']}) asks {output}"] = status
+            if status < 400:
+                escalations.append(f"the {info['role']} key received {output}")
+                severities.append("high" if output == "probabilities" else "medium")
+    tried = "each key asked for every output its role does not include"
+    if not statuses:
+        escalation = untested(
+            "authorization.role_escalation",
+            "Outputs beyond a key's role",
+            "a key whose role excludes some output (audit.credentials.low_role_key_file, e.g. a labels key)",
+        )
+    elif escalations:
+        worst = "high" if "high" in severities else "medium"
+        escalation = finding(
+            "authorization.role_escalation",
+            "Keys receive more than their role allows",
+            present=True,
+            severity=worst,
+            reason=(
+                "probabilities reach roles meant to see labels: they make extraction cheaper (soft labels, "
+                "equation solving) and score-based evasion possible"
+            ),
+            tried=tried,
+            happened="; ".join(escalations),
+            figures={"statuses": statuses},
+        )
+    else:
+        escalation = held(
+            "authorization.role_escalation",
+            "Outputs beyond a key's role",
+            tried,
+            "every request beyond the role was refused with 403",
+            {"statuses": statuses},
+        )
+    return [escalation, admin_routes(probing)]
+
+
+def admin_routes(probing: Probing) -> Finding:
+    keys = probing.keys
+    statuses, breaches = {}, []
+    severity = "info"
+    for label, credential in (("client", keys.client), ("low-role", keys.low_role)):
+        if credential is None:
+            continue
+        for method, path, _ in routes()[2:]:
+            status = probing.http.request(method, path, headers=key_header(credential)).status_code
+            statuses[f"{label} key: {method} {path}"] = status
+            if answered(status):
+                breaches.append(f"the {label} key reached {method} {path} ({status})")
+                severity = "critical"
+    if keys.admin is not None:
+        status = predict(probing, key_header(keys.admin)).status_code
+        statuses["admin key: POST /v1/predict"] = status
+        if status < 400:
+            breaches.append("the admin key is served predictions")
+            severity = severity if severity == "critical" else "low"
+    tried = "client keys on the admin routes; the admin key asking for predictions"
+    if not breaches:
+        return held(
+            "authorization.admin_routes",
+            "Administration and least privilege",
+            tried,
+            "client keys were refused the admin routes (403) and the admin key was served no predictions",
+            {"statuses": statuses},
+        )
+    return finding(
+        "authorization.admin_routes",
+        "Administration reachable beyond the admin role",
+        present=True,
+        severity=severity,
+        reason=(
+            "client keys can read the audit log or revoke keys"
+            if severity == "critical"
+            else "the operator's key doubles as a client key (no least privilege)"
+        ),
+        tried=tried,
+        happened="; ".join(breaches),
+        figures={"statuses": statuses},
+    )
+
+
+# -- validation ----------------------------------------------------------------------------------------------
+
+
+def malformed_bodies(sample: np.ndarray, input_range) -> dict[str, tuple[bytes, str, int]]:
+    """(body, content type, rows it carries) per malformed request."""
+    row = np.asarray(sample, np.float32)
+    valid = rows_body(row[None])
+    flat = json.dumps(row.tolist())
+    high = float(input_range[1]) if input_range else 1.0
+    out_of_range = np.full_like(row, high + 1.0)
+    return {
+        "broken JSON": (b'{"inputs": [[', "application/json", 0),
+        "not JSON (text/plain)": (valid, "text/plain", 1),
+        "wrong shape": (json.dumps({"inputs": [[0.5, 0.5, 0.5]]}).encode(), "application/json", 1),
+        "NaN value": (
+            b'{"inputs": [' + flat.replace("[", "[NaN, ", 1).encode() + b"]}",
+            "application/json",
+            1,
+        ),
+        "out of range": (rows_body(out_of_range[None]), "application/json", 1),
+        "strings": (json.dumps({"inputs": [flat.replace("0", '"0"')]}).encode(), "application/json", 1),
+        "empty batch": (b'{"inputs": []}', "application/json", 0),
+        "unknown field": (valid[:-1] + b', "extra": 1}', "application/json", 1),
+        "unknown output": (valid[:-1] + b', "output": "logits"}', "application/json", 1),
+        "null inputs": (b'{"inputs": null}', "application/json", 0),
+        "deeply nested": (b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}", "application/json", 0),
+    }
+
+
+def leaks(response: httpx.Response) -> bool:
+    return any(marker in response.text for marker in LEAK_MARKERS)
+
+
+def validation(probing: Probing) -> list[Finding]:
+    """Malformed and oversized requests must get a 4xx with a JSON error, never a 5xx or a traceback."""
+    headers = key_header(probing.keys.client)
+    statuses, leaked = {}, []
+    for name, (body, content_type, rows) in malformed_bodies(
+        probing.sample, probing.info.get("input_range")
+    ).items():
+        probing.ledger.charge("probes", rows)
+        response = probing.http.post(
+            "/v1/predict", content=body, headers={**headers, "Content-Type": content_type}
+        )
+        statuses[name] = response.status_code
+        if leaks(response):
+            leaked.append(name)
+    still_serving = predict(probing, headers).status_code
+    malformed = validation_finding(
+        "validation.malformed_inputs",
+        "Malformed inputs",
+        f"{len(statuses)} malformed requests: {', '.join(statuses)}",
+        statuses,
+        leaked,
+        still_serving,
+    )
+    return [malformed, oversized(probing, headers)]
+
+
+def validation_finding(check, title, tried, statuses, leaked, still_serving) -> Finding:
+    served = [name for name, status in statuses.items() if status < 400]
+    failed = [name for name, status in statuses.items() if status >= 500]
+    figures = {
+        "statuses": statuses,
+        "status_counts": tally(statuses.values()),
+        "valid_request_after": still_serving,
+    }
+    if leaked:
+        return finding(
+            check,
+            title,
+            present=True,
+            severity="high",
+            reason="error answers disclose the server's internals (tracebacks, file names)",
+            tried=tried,
+            happened=f"internals in the answers to: {', '.join(leaked)}",
+            figures=figures,
+        )
+    if served or failed or still_serving >= 500:
+        problems = [f"served: {', '.join(served)}"] if served else []
+        problems += [f"server errors: {', '.join(failed)}"] if failed else []
+        problems += [f"a valid request afterwards got {still_serving}"] if still_serving >= 500 else []
+        return finding(
+            check,
+            title,
+            present=True,
+            severity="medium",
+            reason="invalid or oversized input reaches the model or breaks a request: wrong answers, and an "
+            "availability risk",
+            tried=tried,
+            happened="; ".join(problems),
+            figures=figures,
+        )
+    return held(check, title, tried, "every request was refused with a 4xx and a JSON error", figures)
+
+
+def padded_body(size: int) -> bytes:
+    """A JSON body of exactly ``size`` bytes (a list padded with spaces)."""
+    head, tail = b'{"inputs": [', b"]}"
+    return head + b" " * max(0, size - len(head) - len(tail)) + tail
+
+
+def chunks(body: bytes, size: int = 65536) -> Iterator[bytes]:
+    for start in range(0, len(body), size):
+        yield body[start : start + size]
+
+
+def oversized(probing: Probing, headers: dict) -> Finding:
+    limit = probing.info.get("max_body_bytes")
+    size = (limit + 1) if isinstance(limit, int) else probing.settings.oversized_bytes
+    body = padded_body(size)
+    json_headers = {**headers, "Content-Type": "application/json"}
+    statuses = {
+        f"body of {size} bytes": probing.http.post(
+            "/v1/predict", content=body, headers=json_headers
+        ).status_code,
+        f"chunked body of {size} bytes": probing.http.post(
+            "/v1/predict", content=chunks(body), headers=json_headers
+        ).status_code,
+    }
+    max_batch = probing.info.get("max_batch")
+    if isinstance(max_batch, int) and max_batch + 1 <= probing.ledger.left:
+        statuses[f"batch of {max_batch + 1} rows"] = predict(probing, headers, rows=max_batch + 1).status_code
+    still_serving = predict(probing, headers).status_code
+    tried = (
+        f"bodies past the size limit ({limit if limit is not None else 'none published'} bytes) and batches "
+    )
+    tried += f"past max_batch ({max_batch})"
+    return validation_finding(
+        "validation.oversized_inputs", "Oversized inputs", tried, statuses, [], still_serving
+    )
+
+
+# -- throttling ----------------------------------------------------------------------------------------------
+
+
+def rate_limit(probing: Probing, token: str | None = None) -> Finding:
+    """A burst of requests past the published burst must meet 429s with Retry-After.
+
+    With a published burst, requests of that many rows (the bucket drains at once, and refills less than a
+    request's worth between two); otherwise ``burst_requests`` requests of ``burst_rows`` rows.
+    """
+    settings, info = probing.settings, probing.info
+    largest = info.get("max_batch") or math.inf
+    published = info.get("burst") if info.get("rate") is not None else None
+    if isinstance(published, int) and published >= 1:
+        rows = int(min(published, largest))
+        wanted = published + 2 * rows
+    else:
+        rows = int(min(settings.burst_rows, largest))
+        wanted = settings.burst_requests * rows
+    wanted = min(wanted, settings.max_burst_rows, probing.ledger.left)
+    requests = wanted // rows
+    if requests < 2:
+        return untested(
+            "throttling.rate_limit", "Rate limit", "the audit's budget has too little left for a burst"
+        )
+    headers = bearer(token) if token else key_header(probing.keys.client)
+    statuses, codes, retry_after = [], [], []
+    started = time.perf_counter()
+    for _ in range(requests):
+        response = predict(probing, headers, rows=rows, member="probes")
+        statuses.append(response.status_code)
+        if response.status_code == 429:
+            codes.append(response.json().get("error"))
+            retry_after.append(response.headers.get("Retry-After"))
+    elapsed = time.perf_counter() - started
+    served_rows = rows * statuses.count(200)
+    figures = {
+        "requests": requests,
+        "rows_per_request": rows,
+        "status_counts": tally(statuses),
+        "rows_served": served_rows,
+        "rows_per_second": served_rows / elapsed if elapsed > 0 else None,
+        "published_rate": info.get("rate"),
+        "published_burst": info.get("burst"),
+    }
+    tried = f"{requests} back-to-back requests of {rows} rows ({requests * rows} rows) with the client key"
+    limited = [code for code in codes if code == "rate_limited"]
+    if limited:
+        happened = f"{len(limited)} of {requests} answered 429 rate_limited"
+        if not all(retry_after):
+            return finding(
+                "throttling.rate_limit",
+                "Rate limit without Retry-After",
+                present=True,
+                severity="low",
+                reason="clients cannot tell when to retry, so well-behaved ones hammer the server",
+                tried=tried,
+                happened=happened + ", some without Retry-After",
+                figures=figures,
+            )
+        return held("throttling.rate_limit", "Rate limit", tried, happened + " with Retry-After", figures)
+    rate = info.get("rate")
+    if rate is not None and not codes and (figures["rows_per_second"] or 0) < rate:
+        return untested(
+            "throttling.rate_limit",
+            "Rate limit",
+            f"the burst reached {figures['rows_per_second'] or 0:.0f} rows/s, below the published rate of "
+            f"{rate:g} rows/s, so the limit was not exercised (raise audit.probes.max_burst_rows)",
+            figures,
+        )
+    return finding(
+        "throttling.rate_limit",
+        "No rate limit",
+        present=True,
+        severity="medium",
+        reason="one key is served as fast as the server answers, so extraction is bounded by nothing but the "
+        "quota",
+        tried=tried,
+        happened=(
+            f"all {statuses.count(200)} of {requests} served ({figures['rows_per_second'] or 0:.0f} rows/s)"
+            if not codes
+            else f"refused only by the quota ({', '.join(map(str, codes))}), never rate limited"
+        ),
+        figures=figures,
+    )
+
+
+def quota(probing: Probing) -> Finding:
+    """The key's quota: published, and a batch one row past what is left refused whole."""
+    info = probing.http.get("/v1/info", headers=key_header(probing.keys.client)).json()
+    declared, remaining, max_batch = info.get("quota"), info.get("remaining"), info.get("max_batch")
+    figures = {"quota": declared, "remaining_before": remaining}
+    if declared is None or remaining is None:
+        return finding(
+            "throttling.quota",
+            "No per-key quota",
+            present=True,
+            severity="medium",
+            reason="one key may be served without end: nothing bounds how much of the model it extracts",
+            tried="read the client key's quota from GET /v1/info",
+            happened="no quota is published for the key (quota: null)",
+            figures=figures,
+        )
+    over = remaining + 1
+    if (isinstance(max_batch, int) and over > max_batch) or over > probing.ledger.left:
+        return held(
+            "throttling.quota",
+            "Per-key quota",
+            "read the client key's quota from GET /v1/info",
+            f"quota of {declared} rows published, {remaining} left; a batch past it would exceed the largest "
+            "batch or the audit's budget, so it was not sent",
+            figures,
+        )
+    response = predict(probing, key_header(probing.keys.client), rows=over)
+    after = probing.http.get("/v1/info", headers=key_header(probing.keys.client)).json().get("remaining")
+    error = response.json().get("error") if response.status_code >= 400 else None
+    figures.update(status=response.status_code, error=error, remaining_after=after)
+    tried = f"one batch of {over} rows, one past the {remaining} left of the key's quota of {declared}"
+    if response.status_code < 400 or after != remaining:
+        return finding(
+            "throttling.quota",
+            "Quota not enforced",
+            present=True,
+            severity="high",
+            reason="a batch past the quota was served, in whole or in part",
+            tried=tried,
+            happened=f"answered {response.status_code}; remaining went from {remaining} to {after}",
+            figures=figures,
+        )
+    return held(
+        "throttling.quota", "Per-key quota", tried, f"refused whole ({response.status_code})", figures
+    )
+
+
+def transport(probing: Probing) -> Finding:
+    response = probing.http.get("/healthz")
+    missing = [
+        name
+        for name, value in SECURITY_HEADERS.items()
+        if name not in response.headers or (value is not None and value not in response.headers[name])
+    ]
+    tried = (
+        "connected over TLS, verifying the certificate against audit.ca_file, and read an answer's headers"
+    )
+    figures = {"headers": {name: response.headers.get(name) for name in SECURITY_HEADERS}}
+    if missing:
+        return finding(
+            "transport.headers",
+            "Security headers missing",
+            present=True,
+            severity="low",
+            reason="answers may be cached by intermediaries or downgraded to plain HTTP by a browser client",
+            tried=tried,
+            happened=f"missing: {', '.join(missing)}",
+            figures=figures,
+        )
+    return held(
+        "transport.headers", "TLS and security headers", tried, "certificate verified; headers set", figures
+    )
+
+
+def alarms(probing: Probing) -> list[dict] | None:
+    """The server's alarms (admin key); None when there is no admin key or it is refused."""
+    if probing.keys.admin is None:
+        return None
+    response = probing.http.get(
+        "/admin/alarms", params={"limit": 1000}, headers=key_header(probing.keys.admin)
+    )
+    return response.json().get("alarms", []) if response.status_code == 200 else None
