@@ -73,9 +73,17 @@ def current_job() -> Job:
     return Job(output_dir, Path(hydra_config.sweep.dir), int(hydra_config.job.num), overrides)
 
 
+# Top-level keys that describe a run without changing it (a paper preset's claim and table columns).
+DESCRIPTIVE_KEYS = ("benchmark",)
+
+
 def comparable(config: Any) -> Any:
-    """``config`` as it reads back from ``results.json`` (tuples become lists, keys strings)."""
-    return json.loads(json.dumps(config, default=str))
+    """``config`` as it reads back from ``results.json`` (tuples become lists, keys strings), less the keys
+    that only describe the run."""
+    read_back = json.loads(json.dumps(config, default=str))
+    if isinstance(read_back, dict):
+        read_back = {key: value for key, value in read_back.items() if key not in DESCRIPTIVE_KEYS}
+    return read_back
 
 
 def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -113,7 +121,7 @@ def previous_run(output_dir: Path, config: dict) -> PreviousRun:
         return PreviousRun(False, f"the previous attempt ended with status {status!r}")
     if not record.get("metrics"):
         return PreviousRun(False, "the previous attempt is marked complete but has no metrics")
-    differences = config_differences(record.get("config"), comparable(config))
+    differences = config_differences(comparable(record.get("config")), comparable(config))
     if differences:
         raise SweepConflict(
             f"{path} holds a complete result for a different config ({'; '.join(differences[:5])}"

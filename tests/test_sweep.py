@@ -297,3 +297,13 @@ def test_slurm_launcher_config_selects_submitit_with_requeue():
 def test_parallel_launcher_config_runs_two_joblib_workers():
     launcher = composed_launcher("parallel").hydra.launcher
     assert launcher._target_.endswith("JoblibLauncher") and launcher.n_jobs == 2
+
+
+def test_a_presets_description_does_not_block_resuming(tmp_path):
+    from heistlab.sweep import previous_run
+
+    config = {"seed": 0, "benchmark": {"metrics": None}}
+    record = {"config": config, "metrics": {"fidelity_test": 0.9}, "status": "complete"}
+    (tmp_path / "results.json").write_text(json.dumps(record))
+    edited = {"seed": 0, "benchmark": {"metrics": ["fidelity_test"], "note": "added later"}}
+    assert previous_run(tmp_path, edited).complete
