@@ -1,0 +1,301 @@
+"""Turns pytest-benchmark's JSON into the Markdown performance tables, optionally into README.md.
+
+    python -m pytest benchmarks --benchmark-json benchmarks/results.json
+    python -m benchmarks.report                                  # prints the Markdown
+    python -m benchmarks.report --readme README.md               # rewrites the README's performance section
+
+Every figure is computed here from the JSON: a rate is the work one round does (``extra_info``:
+``items_per_round``, ``flops_per_round``) over the round's time. The time is the fastest round (the
+machine is shared, so slower rounds measure the neighbours); the JSON keeps every statistic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import NamedTuple
+
+DEFAULT_RESULTS = Path(__file__).resolve().parent / "results.json"
+BEGIN, END = "<!-- performance:begin -->", "<!-- performance:end -->"
+API_BATCHES = (1, 128, 4096)
+
+
+class Entry(NamedTuple):
+    """One benchmark: its fastest round in seconds, its median round, its rounds and its ``extra_info``."""
+
+    name: str
+    seconds: float
+    median: float
+    rounds: int
+    info: dict
+
+    @property
+    def rate(self) -> float:
+        return self.info.get("items_per_round", 1) / self.seconds
+
+    @property
+    def gflops(self) -> float:
+        return self.info["flops_per_round"] / self.seconds / 1e9
+
+
+def load_entries(path: Path) -> tuple[list[Entry], dict]:
+    document = json.loads(Path(path).read_text())
+    entries = [
+        Entry(
+            item["name"],
+            item["stats"]["min"],
+            item["stats"]["median"],
+            item["stats"]["rounds"],
+            item["extra_info"],
+        )
+        for item in document["benchmarks"]
+    ]
+    return entries, document
+
+
+def select(entries: Iterable[Entry], **wanted) -> list[Entry]:
+    return [entry for entry in entries if all(entry.info.get(key) == value for key, value in wanted.items())]
+
+
+def fastest(entries: Iterable[Entry]) -> Entry | None:
+    return min(entries, key=lambda entry: entry.seconds, default=None)
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def seconds(value: float) -> str:
+    return f"{value:.3f} s" if value < 10 else f"{value:.1f} s"
+
+
+def count(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "**not met**"
+
+
+def roofline(entries: list[Entry]) -> Entry | None:
+    return fastest(select(entries, kind="roofline"))
+
+
+def targets_section(entries: list[Entry]) -> list[list[str]]:
+    rows = []
+    ours_steady = fastest(select(entries, kind="experiment", system="heistlab", mode="steady"))
+    art_steady = fastest(select(entries, kind="experiment", system="art", mode="steady"))
+    if ours_steady and art_steady:
+        ratio = art_steady.seconds / ours_steady.seconds
+        measured = f"{seconds(ours_steady.seconds)} vs ART {seconds(art_steady.seconds)}: {ratio:.1f}x"
+        rows.append(["knockoff warm in-process >= 10x faster than ART", measured, verdict(ratio >= 10)])
+        peak, surrogate = roofline(entries), select(entries, kind="training", name="mlp surrogate")
+        if peak and surrogate:
+            floor = surrogate[0].info["flops_per_round"] / (peak.gflops * 1e9)
+            measured = (
+                f"its 800 Adam steps alone take {seconds(floor)} at the roofline: "
+                f"at most {art_steady.seconds / floor:.1f}x ART"
+            )
+            rows.append(["(bound on that ratio from the surrogate's training FLOPs)", measured, ""])
+    ours_fresh = fastest(select(entries, kind="experiment", system="heistlab", mode="fresh"))
+    art_fresh = fastest(select(entries, kind="experiment", system="art", mode="fresh"))
+    if ours_fresh and art_fresh:
+        rows.append([
+            "knockoff fresh process faster than ART's",
+            f"{seconds(ours_fresh.seconds)} vs ART {seconds(art_fresh.seconds)}",
+            verdict(ours_fresh.seconds < art_fresh.seconds),
+        ])  # fmt: skip
+    peak = roofline(entries)
+    mlp = [entry for entry in select(entries, kind="training", family="mlp") if "peer" not in entry.info]
+    best_mlp = max(mlp, key=lambda entry: entry.gflops, default=None)
+    if peak and best_mlp:
+        share = best_mlp.gflops / peak.gflops
+        rows.append([
+            "MLP training >= 60% of the matmul roofline",
+            f"{best_mlp.gflops:.1f} of {peak.gflops:.1f} GFLOP/s ({share:.0%}) at {best_mlp.info['name']}",
+            verdict(share >= 0.6),
+        ])  # fmt: skip
+    for side, batch in sorted({(e.info["side"], e.info["batch"]) for e in select(entries, peer="pytorch")}):
+        ours = fastest(
+            entry for entry in select(entries, kind="training", side=side, batch=batch)
+            if entry.info["name"].endswith("(heistlab)")
+        )  # fmt: skip
+        torch = fastest(select(entries, peer="pytorch", side=side, batch=batch))
+        if ours and torch:
+            ours_step = ours.seconds / ours.info["items_per_round"]
+            torch_step = torch.seconds / torch.info["items_per_round"]
+            threads = torch.info["threads"]
+            measured = f"{ours_step * 1e3:.2f} ms vs PyTorch {torch_step * 1e3:.2f} ms ({threads} thread(s))"
+            target = f"CNN step ({side}x{side}, batch {batch}) at least as fast as PyTorch's CPU step"
+            rows.append([target, measured, verdict(ours_step <= torch_step)])
+    cold = fastest(select(entries, kind="experiment", mode="cold"))
+    if cold and ours_fresh:
+        rows.append([
+            "compilation paid once (persistent cache across processes)",
+            f"compile {cold.info['compile_seconds']:.1f} s with an empty cache, "
+            f"{ours_fresh.info['compile_seconds']:.2f} s (tracing, cache reads) with a warm one",
+            verdict(ours_fresh.info["compile_seconds"] < 0.5 * cold.info["compile_seconds"]),
+        ])  # fmt: skip
+    for sweep in select(entries, kind="sweep"):
+        compiles = sweep.info["compile_seconds"]
+        rest = statistics.median(compiles[1:]) if len(compiles) > 1 else 0.0
+        rows.append([
+            f"no recompilation per run: {sweep.info['name']}",
+            f"compile {compiles[0]:.2f} s in the first run, median {rest:.3f} s in the others",
+            verdict(rest < 0.25 * max(compiles[0], 1e-9)),
+        ])  # fmt: skip
+    for method in ("fgsm", "pgd"):
+        ours = fastest(select(entries, kind="evasion", system="heistlab", method=method))
+        art = fastest(select(entries, kind="evasion", system="art", method=method))
+        if ours and art:
+            ratio = art.seconds / ours.seconds
+            measured = f"{ours.rate:,.0f} vs ART {art.rate:,.0f} examples/s: {ratio:.1f}x"
+            rows.append([f"{method.upper()} throughput beside ART's", measured, verdict(ratio >= 1)])
+    vmapped = fastest(select(entries, kind="seeds", mode="vmapped"))
+    sequential = fastest(select(entries, kind="seeds", mode="sequential"))
+    if vmapped and sequential:
+        ratio = sequential.seconds / vmapped.seconds
+        measured = f"{seconds(vmapped.seconds)} vs {seconds(sequential.seconds)} sequential: {ratio:.2f}x"
+        rows.append(
+            [
+                f"{vmapped.info['seeds']} seeds as one vmapped program",
+                measured,
+                "pays" if ratio > 1.1 else "no gain",
+            ]
+        )
+    return rows
+
+
+def api_section(entries: list[Entry], skipped: list[str]) -> str:
+    by_defense: dict[str, dict[int, float]] = {}
+    for entry in select(entries, kind="api"):
+        by_defense.setdefault(entry.info["defense"], {})[entry.info["batch"]] = entry.rate
+    rows = [
+        [name, *(count(rates[batch]) if batch in rates else "-" for batch in API_BATCHES)]
+        for name, rates in sorted(by_defense.items())
+    ]
+    text = table(["defense", *(f"batch {batch}" for batch in API_BATCHES)], rows)
+    if any("-" in row for row in rows):
+        text += "\n\n`-`: the defense refuses that traffic by design (a cap or a burst below the stream)."
+    if skipped:
+        text += (
+            "\n\nNot timed (they refuse sustained traffic, by design): " + ", ".join(sorted(skipped)) + "."
+        )
+    return text
+
+
+def training_section(entries: list[Entry]) -> str:
+    peak = roofline(entries)
+    rows = []
+    if peak:
+        rows.append([peak.info["name"], "-", f"{peak.gflops:.1f}", "100%"])
+    for entry in select(entries, kind="training"):
+        share = f"{entry.gflops / peak.gflops:.0%}" if peak else "-"
+        rows.append([entry.info["name"], count(entry.rate), f"{entry.gflops:.1f}", share])
+    return table(["workload", "steps/s", "GFLOP/s", "of roofline"], rows)
+
+
+def experiment_section(entries: list[Entry]) -> str:
+    rows = []
+    for entry in sorted(
+        select(entries, kind="experiment"), key=lambda entry: (entry.info["mode"], entry.seconds)
+    ):
+        details = []
+        if "fidelity_test" in entry.info:
+            details.append(f"fidelity_test {entry.info['fidelity_test']:.3f}")
+        if "compile_seconds" in entry.info:
+            details.append(f"compile {entry.info['compile_seconds']:.2f} s")
+        rows.append([entry.info["name"], seconds(entry.seconds), seconds(entry.median), ", ".join(details)])
+    for entry in select(entries, kind="sweep"):
+        per_run = entry.seconds / entry.info["items_per_round"]
+        rows.append(
+            [entry.info["name"], seconds(entry.seconds), seconds(entry.median), f"{per_run:.2f} s per run"]
+        )
+    return table(["experiment", "fastest", "median", "notes"], rows)
+
+
+def paired_section(entries: list[Entry], kind: str, label: Callable[[Entry], str], unit: str) -> str:
+    rows = [
+        [entry.info["name"], count(entry.rate), label(entry)]
+        for entry in sorted(select(entries, kind=kind), key=lambda entry: entry.info["name"])
+    ]
+    return table(["workload", unit, "notes"], rows)
+
+
+def markdown(path: Path, skipped: list[str] | None = None) -> str:
+    entries, document = load_entries(path)
+    machine = document.get("machine_info", {})
+    when = document.get("datetime", "")[:10]
+    evasion_note = lambda entry: f"success rate {entry.info['success_rate']:.2f}"
+    seeds_note = lambda entry: f"{entry.info['devices']} device(s), {seconds(entry.seconds)} per round"
+    cpu = machine.get("cpu", {}).get("brand_raw", "CPU")
+    parts = [
+        f"Measured {when} on {machine.get('cores', '?')} CPU cores ({cpu}), JAX {machine.get('jax', '?')}, "
+        "shared with other work: each figure is the fastest round (medians in the JSON). Regenerate with "
+        "`python -m pytest benchmarks --benchmark-json benchmarks/results.json` then "
+        "`python -m benchmarks.report --readme README.md`.",
+        "### Targets\n\n" + table(["target", "measured", ""], targets_section(entries)),
+        "### Prediction API throughput (queries per second)\n\n" + api_section(entries, skipped or []),
+        "### Training\n\n" + training_section(entries),
+        "### The default experiment\n\n" + experiment_section(entries),
+    ]
+    if select(entries, kind="evasion"):
+        section = paired_section(entries, "evasion", evasion_note, "adversarial examples/s")
+        parts.append("### Evasion (359 test inputs, MLP)\n\n" + section)
+    if select(entries, kind="seeds"):
+        parts.append("### Seeds as a vector\n\n" + paired_section(entries, "seeds", seeds_note, "seeds/s"))
+    parts.append(NOTES)
+    return "\n\n".join(parts) + "\n"
+
+
+NOTES = """\
+How the figures were made (`benchmarks/`): a training step's FLOPs are XLA's cost analysis of one Adam step;
+"of roofline" divides by the 2048^3 matmul measured in the same run. PyTorch and ART run with 1 and with 2
+intra-op threads, and every target is judged against the faster. The bound under the first target is the
+surrogate's training FLOPs over the measured matmul rate, a floor for that much work on this machine. The
+sweeps are single Hydra multiruns with tiny settings (`benchmarks/test_experiment_speed.py`); each run's
+compile seconds come from its `results.json`. API throughput counts input rows served per second, every call
+from a new client, through validation, hashing, the victim, the defense and the client's view. The peer rows
+need `pip install -e ".[dev,peers]"` (with a CPU build of torch); without ART they are skipped."""
+
+
+def skipped_api_defenses(path: Path) -> list[str]:
+    """Defense configs present in ``configs/defense`` with no API throughput entry (refused traffic)."""
+    entries, _ = load_entries(path)
+    timed = {entry.info["defense"] for entry in select(entries, kind="api")}
+    configs = Path(__file__).resolve().parent.parent / "configs" / "defense"
+    return [config.stem for config in configs.glob("*.yaml") if timed and config.stem not in timed]
+
+
+def replace_section(document: str, section: str) -> str:
+    if document.count(BEGIN) != 1 or document.count(END) != 1 or document.index(BEGIN) > document.index(END):
+        raise ValueError(f"the README must hold exactly one {BEGIN} ... {END} pair, in that order")
+    head, rest = document.split(BEGIN)
+    _, tail = rest.split(END)
+    return f"{head}{BEGIN}\n{section}{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "results", nargs="?", type=Path, default=DEFAULT_RESULTS, help="pytest-benchmark JSON"
+    )
+    parser.add_argument(
+        "--readme", type=Path, help="rewrite this file's performance section instead of printing"
+    )
+    arguments = parser.parse_args(argv)
+    section = markdown(arguments.results, skipped_api_defenses(arguments.results))
+    if arguments.readme is None:
+        sys.stdout.write(section)
+        return
+    arguments.readme.write_text(replace_section(arguments.readme.read_text(), section))
+
+
+if __name__ == "__main__":
+    main()

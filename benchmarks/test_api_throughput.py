@@ -1,0 +1,56 @@
+"""Prediction API throughput, queries (input rows) per second, for every defense and batch sizes 1, 128, 4096.
+
+A query runs the whole server path: validation, budget and admission checks, SHA-256 of every row for the
+record, the victim's probabilities, the defense, the client's view. Every call comes from a new client name,
+so per-client state (budgets, rate limits, detectors' histories) starts empty each time. A defense that
+refuses sustained traffic all the same (a global cap on all clients together) is skipped, never timed with
+refusals mixed in; the report names it.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import numpy as np
+import pytest
+
+from benchmarks.conftest import composed, config_options
+from heistlab.api import PredictionAPI, QueryRefused
+from heistlab.experiment import build_defense, defender_data, load_victim
+
+BATCH_SIZES = (1, 128, 4096)
+CLIENT_NAMES = (f"client-{index}" for index in itertools.count())
+
+
+@pytest.fixture(scope="module")
+def apis(splits, bench_cache):
+    """One API per defense config, behind the victim that config's experiment would use."""
+    built = {}
+
+    def api_for(name: str) -> PredictionAPI:
+        if name not in built:
+            cfg = composed(f"defense={name}")
+            defense = build_defense(cfg.defense, defender_data(cfg, splits))
+            victim, _ = load_victim(cfg, splits, defense)
+            built[name] = PredictionAPI(victim, defense, key=jax.random.key(0), budget=None)
+        return built[name]
+
+    return api_for
+
+
+@pytest.mark.parametrize("batch", BATCH_SIZES)
+@pytest.mark.parametrize("defense", config_options("defense"))
+def test_prediction_api_throughput(benchmark, apis, splits, defense, batch):
+    api = apis(defense)
+    inputs = np.resize(splits.test.x, (batch, *splits.input_shape))
+
+    def query() -> np.ndarray:
+        try:
+            return api.query(inputs, client=next(CLIENT_NAMES))
+        except QueryRefused as refusal:
+            pytest.skip(f"{defense} refuses sustained traffic from fresh clients: {refusal.reason}")
+
+    benchmark.group = "api"
+    benchmark.extra_info.update(kind="api", defense=defense, batch=batch, items_per_round=batch)
+    benchmark(query)
