@@ -8,6 +8,7 @@ defense and budget, runs the attack through the API's handle, and measures what 
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import os
 import time
@@ -19,9 +20,10 @@ import numpy as np
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+import defenses
 from attacks.base import Surrogate
 from defenses import DefenderData, Defense, Evidence, chain
-from heistlab import data, metrics, protection, results, training, victims
+from heistlab import data, metrics, models, protection, results, training, victims
 from heistlab.api import PredictionAPI, QueryRefused
 from heistlab.models import build_model
 from heistlab.progress import phase
@@ -112,16 +114,35 @@ def at_rest_from(cfg: DictConfig) -> victims.AtRest:
     return victims.AtRest(key, signing)
 
 
+def source_digest(paths: list[Path]) -> str:
+    """SHA-256 over source files: a cached victim is retrained when the code that made it changes."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+VICTIM_SOURCES = [Path(module.__file__) for module in (data, training, models)]
+
+
 def load_victim(cfg: DictConfig, splits: data.Splits, defense: Defense) -> tuple[victims.Victim, bool]:
-    """Loads or trains the victim; a model-side defense extends its training data and joins its identity."""
+    """Loads or trains the victim; a model-side defense extends its training data and joins its identity.
+
+    The identity also holds a digest of the code that trains victims (and of the defenses package when a
+    defense changes the training data), so editing that code never reuses a stale cached victim.
+    """
     identity = {
         "victim": OmegaConf.to_container(cfg.victim, resolve=True),
         "data": OmegaConf.to_container(cfg.data, resolve=True),
     }
     identity["data"].pop("data_dir", None)
     identity["data"].pop("download", None)
+    sources = list(VICTIM_SOURCES)
     if defense.augment_training is not None:
         identity["defense"] = OmegaConf.to_container(cfg.defense, resolve=True)
+        package = Path(defenses.__file__).parent
+        sources += [path for path in package.glob("*.py") if not path.name.endswith("_test.py")]
+    identity["code"] = source_digest(sources)
     model = build_model_from(cfg.victim, splits.num_classes)
     return victims.load_or_train(
         model,

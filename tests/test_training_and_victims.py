@@ -81,3 +81,15 @@ def test_fast_training_config_is_valid():
     assert FAST_TRAINING.validated() is FAST_TRAINING
     with pytest.raises(ValueError, match="train.epochs must be an integer >= 1, got 0"):
         training.TrainConfig(epochs=0).validated()
+
+
+def test_victim_identity_follows_the_training_code(tmp_path):
+    from heistlab.experiment import source_digest
+
+    first, second = tmp_path / "a.py", tmp_path / "b.py"
+    first.write_text("x = 1\n")
+    second.write_text("y = 2\n")
+    before = source_digest([first, second])
+    assert source_digest([second, first]) == before
+    first.write_text("x = 3\n")
+    assert source_digest([first, second]) != before
