@@ -150,20 +150,7 @@ class PredictionAPI:
         ``client-0 ... client-(n-1)``, each batch going to the identity with the most budget left, and the
         budget it sees is their sum.
         """
-        if not isinstance(identities, int) or identities < 1:
-            raise ValueError(f"identities must be an integer >= 1, got {identities!r}")
-        names = (client,) if identities == 1 else tuple(f"{client}-{index}" for index in range(identities))
-
-        def remaining() -> int | None:
-            left = [self.remaining(name) for name in names]
-            return None if left[0] is None else sum(left)
-
-        def query(inputs):
-            if self.budget is None:
-                return self.query(inputs, min(names, key=lambda name: self._served[name]))
-            return self.query(inputs, max(names, key=lambda name: self.remaining(name)))
-
-        return Oracle(query, remaining, self.input_shape, self.num_classes, self.output, names)
+        return spread_oracle(self, identity_names(client, identities))
 
     def validate(self, inputs) -> np.ndarray:
         """Returns ``inputs`` as float32 or raises ``InvalidQuery`` naming what is wrong."""
@@ -246,6 +233,34 @@ def row_digests_or_blank(inputs) -> list[str]:
     except (TypeError, ValueError):
         pass
     return [hashlib.sha256(repr(inputs).encode()).hexdigest()]
+
+
+def identity_names(client: str, identities: int) -> tuple[str, ...]:
+    """The client names of an attacker: ``(client,)``, or ``client-0 ... client-(n-1)`` for a Sybil."""
+    if isinstance(identities, bool) or not isinstance(identities, int) or identities < 1:
+        raise ValueError(f"identities must be an integer >= 1, got {identities!r}")
+    return (client,) if identities == 1 else tuple(f"{client}-{index}" for index in range(identities))
+
+
+def spread_oracle(api, names: tuple[str, ...]) -> Oracle:
+    """An ``Oracle`` whose batches go to the identity in ``names`` with the most budget left (the least
+    served when budgets are unlimited) and whose budget is their sum.
+
+    ``api`` is anything with ``query(inputs, client)``, ``remaining(client)``, ``served(client)`` and the
+    shape attributes: the in-process ``PredictionAPI`` or the remote ``heistlab.serving.client.RemoteAPI``.
+    """
+
+    def remaining() -> int | None:
+        left = [api.remaining(name) for name in names]
+        return None if left[0] is None else sum(left)
+
+    def query(inputs):
+        left = {name: api.remaining(name) for name in names}
+        if left[names[0]] is None:
+            return api.query(inputs, min(names, key=api.served))
+        return api.query(inputs, max(names, key=left.__getitem__))
+
+    return Oracle(query, remaining, api.input_shape, api.num_classes, api.output, names)
 
 
 class Oracle:

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from heistlab.api import InvalidQuery, Oracle, QueryRefused
+from heistlab.api import InvalidQuery, Oracle, QueryRefused, identity_names, spread_oracle
 from heistlab.serving.auth import Credential
 from heistlab.serving.tls import client_context
 
@@ -260,29 +260,13 @@ class RemoteAPI:
     def oracle(self, client: str = "attacker", identities: int = 1) -> Oracle:
         """The attack's handle, as ``PredictionAPI.oracle`` gives it: ``identities > 1`` is a Sybil whose
         identities ``client-0 ... client-(n-1)`` use the first ``n`` keys of the key file."""
-        if isinstance(identities, bool) or not isinstance(identities, int) or identities < 1:
-            raise ValueError(f"identities must be an integer >= 1, got {identities!r}")
+        names = identity_names(client, identities)
         if identities > len(self.keys):
             raise ValueError(
                 f"identities={identities} needs as many keys; the key file holds {len(self.keys)}"
             )
-        sybil = tuple(f"{client}-{index}" for index in range(identities))
-        names = (client,) if identities == 1 else sybil
         self._routes.update(zip(names, self.keys, strict=False))
-
-        def remaining() -> int | None:
-            left = [self.remaining(name) for name in names]
-            return None if left[0] is None else sum(left)
-
-        def query(inputs):
-            if len(names) == 1:
-                return self.query(inputs, names[0])
-            left = {name: self.remaining(name) for name in names}
-            if left[names[0]] is None:
-                return self.query(inputs, min(names, key=lambda name: self._served[name]))
-            return self.query(inputs, max(names, key=lambda name: left[name]))
-
-        return Oracle(query, remaining, self.input_shape, self.num_classes, self.output, names)
+        return spread_oracle(self, names)
 
     def close(self) -> None:
         self.http.close()
