@@ -106,9 +106,8 @@ def sweep_records(folder: Path) -> list[dict]:
     return [read_results(job) for job in jobs]
 
 
-def test_sweep_of_24_runs(benchmark, default_victim, run_folders):
-    """Defenses x seeds as one Hydra multirun (one process, runs one after another), tiny settings."""
-    overrides = ["-m", f"defense={','.join(SWEEP_DEFENSES)}", f"seed=range({SWEEP_SEEDS})", *SWEEP_SETTINGS]
+def timed_sweep(benchmark, run_folders, overrides: list[str]) -> list[dict]:
+    """Times one multirun of ``overrides`` (after a warm-up one) and returns the timed sweep's records."""
     records = []
 
     def sweep():
@@ -118,6 +117,13 @@ def test_sweep_of_24_runs(benchmark, default_victim, run_folders):
 
     benchmark.group = "experiment"
     benchmark.pedantic(sweep, rounds=1, iterations=1, warmup_rounds=1)
+    return records
+
+
+def test_sweep_of_24_runs(benchmark, default_victim, run_folders):
+    """Defenses x seeds as one Hydra multirun (one process, runs one after another), tiny settings."""
+    overrides = ["-m", f"defense={','.join(SWEEP_DEFENSES)}", f"seed=range({SWEEP_SEEDS})", *SWEEP_SETTINGS]
+    records = timed_sweep(benchmark, run_folders, overrides)
     assert len(records) == len(SWEEP_DEFENSES) * SWEEP_SEEDS
     assert all(record["status"] == "complete" for record in records)
     benchmark.extra_info.update(
@@ -133,15 +139,7 @@ def test_sweep_over_budgets(benchmark, default_victim, run_folders):
     """Budgets 300..1000 in one multirun: training data pad to 512-, 1024- and 2048-row buckets, so only a
     run that opens a new bucket compiles its training program."""
     overrides = ["-m", f"attack.budget={','.join(map(str, BUDGET_SWEEP))}", *SWEEP_SETTINGS[1:]]
-    records = []
-
-    def sweep():
-        folder = next(run_folders)
-        run_cli([*overrides, f"hydra.sweep.dir={folder}"])
-        records[:] = sweep_records(folder)
-
-    benchmark.group = "experiment"
-    benchmark.pedantic(sweep, rounds=1, iterations=1, warmup_rounds=1)
+    records = timed_sweep(benchmark, run_folders, overrides)
     benchmark.extra_info.update(
         kind="sweep", name=f"{len(records)} runs: budgets {BUDGET_SWEEP[0]}..{BUDGET_SWEEP[-1]}",
         system="heistlab", items_per_round=len(records),
