@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -55,8 +56,34 @@ def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
 DEFAULT_TRAINING = TrainConfig()
 
 
+def epoch_order(key: jax.Array, epoch: jax.Array, count: jax.Array, capacity: int) -> jax.Array:
+    """Epoch ``epoch``'s shuffle of ``capacity`` padded rows: the ``count`` real rows first."""
+    shuffle_keys = jax.random.uniform(jax.random.fold_in(key, epoch), (capacity,))
+    return jnp.argsort(jnp.where(jnp.arange(capacity) < count, shuffle_keys, 2.0))
+
+
+# Models stepped from Python run this many steps per dispatch, unrolled in one program (no lax loop, which
+# slows XLA-CPU convolutions). 28x28 CNN, batch 128: 6.0 ms per step one at a time, 4.9 ms four at a time.
+STEPS_PER_CALL = 4
+
+
+class TrainingProgram(NamedTuple):
+    """The compiled pieces of one (model, batch size, learning rate) training loop.
+
+    ``run_all`` nests the steps of an epoch inside a loop over epochs, so each epoch's shuffle (a sort of
+    the whole capacity) is computed once, not once per step. Models stepped from Python get the epoch's
+    ``order`` from ``epoch_program`` and call ``run_chunk`` (``STEPS_PER_CALL`` steps) and ``run_one``.
+    """
+
+    optimizer: optax.GradientTransformation
+    run_all: Callable
+    run_one: Callable
+    run_chunk: Callable
+
+
 @functools.lru_cache(maxsize=64)
-def _training_program(model: nn.Module, batch_size: int, learning_rate: float):
+def _training_program(model: nn.Module, batch_size: int, learning_rate: float) -> TrainingProgram:
+    """Adam on minibatches of a padded data set: the whole loop, one step, and ``STEPS_PER_CALL`` steps."""
     optimizer = optax.adam(learning_rate)
 
     def loss_fn(params, inputs, targets, weights):
@@ -64,13 +91,9 @@ def _training_program(model: nn.Module, batch_size: int, learning_rate: float):
         per_example = -jnp.sum(targets * log_probs, axis=-1)
         return jnp.sum(weights * per_example) / jnp.maximum(jnp.sum(weights), 1.0)
 
-    def step(carry, step_index, data):
+    def step(carry, position_in_epoch, order, inputs, targets, count):
         params, opt_state = carry
-        inputs, targets, count, steps_per_epoch, key = data
-        capacity = inputs.shape[0]
-        epoch, position = step_index // steps_per_epoch, (step_index % steps_per_epoch) * batch_size
-        shuffle_keys = jax.random.uniform(jax.random.fold_in(key, epoch), (capacity,))
-        order = jnp.argsort(jnp.where(jnp.arange(capacity) < count, shuffle_keys, 2.0))
+        position = position_in_epoch * batch_size
         rows = jax.lax.dynamic_slice(order, (position,), (batch_size,))
         weights = ((position + jnp.arange(batch_size)) < count).astype(jnp.float32)
         grads = jax.grad(loss_fn)(params, inputs[rows], targets[rows], weights)
@@ -78,21 +101,38 @@ def _training_program(model: nn.Module, batch_size: int, learning_rate: float):
         return optax.apply_updates(params, updates), opt_state
 
     @jax.jit
-    def run_all(params, inputs, targets, count, steps_per_epoch, total_steps, key):
-        data = (inputs, targets, count, steps_per_epoch, key)
-        carry = (params, optimizer.init(params))
-        params, _ = jax.lax.fori_loop(0, total_steps, lambda i, c: step(c, i, data), carry)
+    def run_all(params, inputs, targets, count, steps_per_epoch, epochs, key):
+        def epoch(index, carry):
+            order = epoch_order(key, index, count, inputs.shape[0])
+            one_step = lambda position, c: step(c, position, order, inputs, targets, count)
+            return jax.lax.fori_loop(0, steps_per_epoch, one_step, carry)
+
+        params, _ = jax.lax.fori_loop(0, epochs, epoch, (params, optimizer.init(params)))
         return params
 
     @jax.jit
-    def run_one(carry, step_index, inputs, targets, count, steps_per_epoch, key):
-        return step(carry, step_index, (inputs, targets, count, steps_per_epoch, key))
+    def run_one(carry, position_in_epoch, order, inputs, targets, count):
+        return step(carry, position_in_epoch, order, inputs, targets, count)
 
-    return optimizer, run_all, run_one
+    @jax.jit
+    def run_chunk(carry, first_position, order, inputs, targets, count):
+        for offset in range(STEPS_PER_CALL):
+            carry = step(carry, first_position + offset, order, inputs, targets, count)
+        return carry
+
+    return TrainingProgram(optimizer, run_all, run_one, run_chunk)
+
+
+epoch_program = jax.jit(epoch_order, static_argnames="capacity")
+
+
+@functools.lru_cache(maxsize=64)
+def _init_program(model: nn.Module, input_shape: tuple[int, ...]):
+    return jax.jit(lambda key: model.init(key, jnp.zeros((1, *input_shape), jnp.float32)))
 
 
 def init_params(model: nn.Module, input_shape: tuple[int, ...], key: jax.Array) -> Params:
-    return model.init(key, jnp.zeros((1, *input_shape), jnp.float32))
+    return _init_program(model, tuple(input_shape))(key)
 
 
 def train_classifier(
@@ -118,14 +158,18 @@ def train_classifier(
     padded_inputs = jnp.asarray(pad_rows(np.asarray(inputs, np.float32), capacity))
     padded_targets = jnp.asarray(pad_rows(np.asarray(targets, np.float32), capacity))
     steps_per_epoch = math.ceil(count / config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
-    optimizer, run_all, run_one = _training_program(model, config.batch_size, float(config.learning_rate))
-    dynamic = (jnp.int32(count), jnp.int32(steps_per_epoch))
+    program = _training_program(model, config.batch_size, float(config.learning_rate))
     if model.compiled_loop:
-        return run_all(params, padded_inputs, padded_targets, *dynamic, jnp.int32(total_steps), shuffle_key)
-    carry = (params, optimizer.init(params))
-    for step_index in range(total_steps):
-        carry = run_one(carry, jnp.int32(step_index), padded_inputs, padded_targets, *dynamic, shuffle_key)
+        dynamic = (jnp.int32(count), jnp.int32(steps_per_epoch), jnp.int32(config.epochs))
+        return program.run_all(params, padded_inputs, padded_targets, *dynamic, shuffle_key)
+    carry, rows = (params, program.optimizer.init(params)), jnp.int32(count)
+    chunked = steps_per_epoch - steps_per_epoch % STEPS_PER_CALL
+    for epoch in range(config.epochs):
+        order = epoch_program(shuffle_key, jnp.int32(epoch), rows, capacity)
+        for position in range(0, chunked, STEPS_PER_CALL):
+            carry = program.run_chunk(carry, jnp.int32(position), order, padded_inputs, padded_targets, rows)
+        for position in range(chunked, steps_per_epoch):
+            carry = program.run_one(carry, jnp.int32(position), order, padded_inputs, padded_targets, rows)
     return carry[0]
 
 

@@ -31,7 +31,7 @@ def test_growing_data_reuses_one_compiled_program(digits_splits):
     x, y = digits_splits.victim_train.x, training.one_hot(digits_splits.victim_train.y, 10)
     config = training.TrainConfig(epochs=1, batch_size=64, learning_rate=1e-3)
     training.train_classifier(SMALL_MLP, x[:150], y[:150], jax.random.key(0), config)
-    _, run_all, _ = training._training_program(SMALL_MLP, 64, 1e-3)
+    run_all = training._training_program(SMALL_MLP, 64, 1e-3).run_all
     compiled = run_all._cache_size()
     for size in (170, 190, 150):
         training.train_classifier(SMALL_MLP, x[:size], y[:size], jax.random.key(size), config)
@@ -41,7 +41,7 @@ def test_growing_data_reuses_one_compiled_program(digits_splits):
 def test_padding_rows_never_enter_the_loss(digits_splits):
     """40 rows in batches of 64: every step sees all rows, so garbage padding and capacity must not matter."""
     x, y = digits_splits.victim_train.x[:40], training.one_hot(digits_splits.victim_train.y[:40], 10)
-    _, run_all, _ = training._training_program(SMALL_MLP, 64, 1e-3)
+    run_all = training._training_program(SMALL_MLP, 64, 1e-3).run_all
     params = training.init_params(SMALL_MLP, (8, 8, 1), jax.random.key(0))
     trained = []
     for capacity, fill in ((128, 0.0), (256, 7.0)):
