@@ -3,6 +3,10 @@
 An attack is built by a factory (``knockoff(budget=1000)``) into an ``Attack`` whose ``run`` takes an oracle
 (the API handle, see ``heistlab.api.Oracle``), the attacker's pool of unlabelled inputs, the surrogate to
 train and a PRNG key. It returns the surrogate's parameters; it never sees the victim's.
+
+An attack that queries first and trains once afterwards also exposes that first half as ``collect``,
+returning a ``TransferSet``; ``run`` is then ``fit_transfer_set(surrogate, collect(...))``. Experiments over
+several seeds (``num_seeds``) collect each seed's transfer set and train all the surrogates in one program.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import jax
 import numpy as np
 
 from heistlab.api import Oracle, QueryRefused
-from heistlab.training import TrainConfig
+from heistlab.training import TrainConfig, train_classifier
 
 
 class Surrogate(NamedTuple):
@@ -38,10 +42,42 @@ class AttackResult(NamedTuple):
     model: nn.Module | None = None
 
 
+class TransferSet(NamedTuple):
+    """What a query-then-train attack collected: the served inputs, the targets its surrogate is fitted to,
+    the key that surrogate is trained from, and one record per round."""
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    train_key: jax.Array
+    rounds: tuple[dict, ...]
+
+
 class Attack(NamedTuple):
+    """``collect`` is set when ``run`` is ``fit_transfer_set(surrogate, collect(...))``, else ``None``."""
+
     name: str
     budget: int
     run: Callable[[Oracle, np.ndarray, Surrogate, jax.Array], AttackResult]
+    collect: Callable[[Oracle, np.ndarray, Surrogate, jax.Array], TransferSet] | None = None
+
+
+def fit_transfer_set(surrogate: Surrogate, transfer: TransferSet) -> AttackResult:
+    """Trains the surrogate on a collected transfer set."""
+    params = train_classifier(
+        surrogate.model, transfer.inputs, transfer.targets, transfer.train_key, surrogate.train
+    )
+    return AttackResult(params, len(transfer.inputs), transfer.rounds)
+
+
+def query_then_train(
+    name: str, budget: int, collect: Callable[[Oracle, np.ndarray, Surrogate, jax.Array], TransferSet]
+) -> Attack:
+    """An attack that spends its queries first and trains its surrogate once, on what was served."""
+
+    def run(oracle: Oracle, pool: np.ndarray, surrogate: Surrogate, key: jax.Array) -> AttackResult:
+        return fit_transfer_set(surrogate, collect(oracle, pool, surrogate, key))
+
+    return Attack(name, budget, run, collect)
 
 
 def check_budget(attack: str, budget: int) -> int:

@@ -29,10 +29,12 @@ from attacks.base import (
     Attack,
     AttackResult,
     Surrogate,
+    TransferSet,
     affordable,
     check_budget,
     check_labels,
     query_in_batches,
+    query_then_train,
     training_targets,
 )
 from heistlab.api import Oracle
@@ -89,7 +91,7 @@ def knockoff(
             f"knockoff: rewards must be a non-empty subset of {', '.join(REWARDS)}; got {rewards!r}"
         )
 
-    def run(oracle: Oracle, pool: np.ndarray, surrogate: Surrogate, key: jax.Array) -> AttackResult:
+    def collect(oracle: Oracle, pool: np.ndarray, surrogate: Surrogate, key: jax.Array) -> TransferSet:
         sample_key, train_key = jax.random.split(key)
         rng = np.random.default_rng(np.asarray(jax.random.key_data(sample_key)))
         chosen = pool[sample_pool(len(pool), affordable(oracle, budget), rng)]
@@ -98,8 +100,7 @@ def knockoff(
             raise RuntimeError("knockoff: the API served no queries, so there is nothing to train on")
         soft = labels == "soft" and oracle.output != "labels"
         targets = training_targets(oracle, answers, labels)
-        params = train_classifier(surrogate.model, inputs, targets, train_key, surrogate.train)
-        return AttackResult(params, len(inputs), ({"round": 0, "queries": len(inputs), "soft": soft},))
+        return TransferSet(inputs, targets, train_key, ({"round": 0, "queries": len(inputs), "soft": soft},))
 
     def run_adaptive(oracle: Oracle, pool: np.ndarray, surrogate: Surrogate, key: jax.Array) -> AttackResult:
         sample_key, train_key, init_key = jax.random.split(key, 3)
@@ -152,7 +153,9 @@ def knockoff(
         params = train_classifier(surrogate.model, all_inputs, all_targets, train_key, surrogate.train)
         return AttackResult(params, len(all_inputs), tuple(history))
 
-    return Attack("knockoff", budget, run if strategy == "random" else run_adaptive)
+    if strategy == "random":
+        return query_then_train("knockoff", budget, collect)
+    return Attack("knockoff", budget, run_adaptive)
 
 
 def cluster_pool(

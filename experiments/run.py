@@ -3,6 +3,7 @@
     python -m experiments.run attack=knockoff defense=rounding defense.decimals=1 attack.budget=2000 seed=3
     python -m experiments.run -m defense=none,rounding,reverse_sigmoid 'seed=range(3)'
     python -m experiments.run -m hydra/launcher=parallel defense=none,rounding 'seed=range(3)'
+    python -m experiments.run num_seeds=8       # seeds 0..7 in one process, surrogates trained by one program
 
 Each run writes ``results.json`` (and ``log.jsonl``) in its Hydra output folder. A sweep launched again
 with the same ``hydra.sweep.dir`` skips the jobs whose results are complete for the same config
@@ -47,7 +48,10 @@ def main(cfg: DictConfig) -> None:
     with sweep.job_progress(job) as progress:
         metrics = run_experiment(cfg, job.output_dir, logger)
         progress(metrics)
-    Console().print(metrics_table(metrics, f"heistlab: {' '.join(job.overrides) or 'defaults'}"))
+    title = f"heistlab: {' '.join(job.overrides) or 'defaults'}"
+    if cfg.num_seeds > 1:
+        title += f" (mean of {cfg.num_seeds} seeds; each seed's metrics are in results.json)"
+    Console().print(metrics_table(metrics, title))
     Console().print(f"results: {job.output_dir / sweep.RESULTS_FILE}")
 
 

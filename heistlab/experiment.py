@@ -7,6 +7,7 @@ defense and budget, runs the attack through the API's handle, and measures what 
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import inspect
@@ -14,16 +15,18 @@ import os
 import time
 import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import defenses
-from attacks.base import Surrogate
+from attacks.base import Attack, AttackResult, Surrogate
 from defenses import DefenderData, Defense, Evidence, chain
-from heistlab import data, metrics, models, protection, results, training, victims
+from heistlab import data, metrics, models, protection, results, seeds, training, victims
 from heistlab.api import PredictionAPI, QueryRefused
 from heistlab.models import build_model
 from heistlab.progress import phase
@@ -259,29 +262,37 @@ def build_api(cfg: DictConfig, victim: victims.Victim, defense: Defense):
     )
 
 
-def execute(cfg: DictConfig, rounds: list | None = None) -> dict:
-    """Runs the experiment described by ``cfg`` and returns its metrics (no files written here).
+class Prepared(NamedTuple):
+    """What every seed of an experiment shares: data, defense, victim, attack and surrogate."""
 
-    ``rounds``, when given, receives the attack's per-round records (queries, known set size...).
-    """
-    started, compile_before = time.perf_counter(), _compile_seconds[0]
+    splits: data.Splits
+    defense: Defense
+    victim: victims.Victim
+    victim_from_cache: bool
+    attack: Attack
+    surrogate: Surrogate
+
+
+def prepare(cfg: DictConfig) -> Prepared:
     with phase(f"loading {cfg.data.name}"):
         splits = build_splits(cfg)
     defense = build_defense(cfg.defense, defender_data(cfg, splits))
     with phase(f"loading or training the {cfg.victim.family} victim"):
         victim, from_cache = load_victim(cfg, splits, defense)
-    attack = instantiate(cfg.attack)
-    api = build_api(cfg, victim, defense)
     surrogate = Surrogate(
         build_model_from(cfg.surrogate, splits.num_classes), train_config_from(cfg.surrogate.train)
     )
-    attack_key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
-    oracle = api.oracle("attacker", identities=cfg.api.attacker_identities)
-    with phase(f"running {attack.name} (budget {attack.budget})"):
-        attack_result = attack.run(oracle, splits.pool, surrogate, attack_key)
-    if rounds is not None:
-        rounds.extend(dict(entry) for entry in attack_result.rounds)
-    stolen_model = attack_result.model or surrogate.model
+    return Prepared(splits, defense, victim, from_cache, instantiate(cfg.attack), surrogate)
+
+
+def attack_key(cfg: DictConfig) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(cfg.seed), 1)
+
+
+def assess(cfg: DictConfig, prepared: Prepared, api, oracle, attack_result: AttackResult) -> dict:
+    """Everything measured after the attack: utility, fidelity, queries, the defense's report, evasion."""
+    splits, victim, defense = prepared.splits, prepared.victim, prepared.defense
+    stolen_model = attack_result.model or prepared.surrogate.model
     with phase("measuring"):
         found = measure(cfg, splits, victim, defense, attack_result, stolen_model, api, oracle.clients)
         benign = stream_benign_clients(cfg, api, splits.test)
@@ -292,16 +303,119 @@ def execute(cfg: DictConfig, rounds: list | None = None) -> dict:
     if cfg.evasion.get("_target_"):
         with phase(f"evasion: {cfg.evasion._target_}"):
             found.update(run_evasion_stage(cfg, splits, victim, api, stolen_model, attack_result.params))
-    found["victim_from_cache"] = from_cache
+    return found
+
+
+def execute(cfg: DictConfig, rounds: list | None = None) -> dict:
+    """Runs the experiment described by ``cfg`` (one seed) and returns its metrics (no files written here).
+
+    ``rounds``, when given, receives the attack's per-round records (queries, known set size...).
+    """
+    started, compile_before = time.perf_counter(), _compile_seconds[0]
+    prepared = prepare(cfg)
+    api = build_api(cfg, prepared.victim, prepared.defense)
+    oracle = api.oracle("attacker", identities=cfg.api.attacker_identities)
+    attack = prepared.attack
+    with phase(f"running {attack.name} (budget {attack.budget})"):
+        attack_result = attack.run(oracle, prepared.splits.pool, prepared.surrogate, attack_key(cfg))
+    if rounds is not None:
+        rounds.extend(dict(entry) for entry in attack_result.rounds)
+    found = assess(cfg, prepared, api, oracle, attack_result)
+    found["victim_from_cache"] = prepared.victim_from_cache
     found["wall_seconds"] = time.perf_counter() - started
     found["compile_seconds"] = _compile_seconds[0] - compile_before
     return found
 
 
+def number_of_seeds(cfg: DictConfig) -> int:
+    count = cfg.get("num_seeds", 1)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"num_seeds must be an integer >= 1, got {count!r}")
+    if count > 1 and cfg.api.get("kind", "inprocess") != "inprocess":
+        raise ValueError(
+            f"num_seeds={count} needs api=inprocess (one fresh API per seed); a remote API's budget and "
+            "state are shared by every seed. Sweep seeds with -m 'seed=range(N)' instead."
+        )
+    return count
+
+
+def with_seed(cfg: DictConfig, seed: int) -> DictConfig:
+    seeded = copy.deepcopy(cfg)
+    seeded.seed = seed
+    return seeded
+
+
+def mean_metrics(per_seed: list[dict]) -> dict:
+    """Each numeric metric's mean over the seeds (booleans: the fraction of seeds where it held)."""
+    names = dict.fromkeys(name for metrics in per_seed for name in metrics)
+    means = {}
+    for name in names:
+        values = [metrics.get(name) for metrics in per_seed]
+        if all(isinstance(value, bool | int | float) for value in values):
+            means[name] = float(np.mean(values))
+    return means
+
+
+def execute_seeds(cfg: DictConfig) -> tuple[dict, list[dict]]:
+    """Runs seeds ``cfg.seed .. cfg.seed + num_seeds - 1``; returns the mean metrics and one record per seed.
+
+    Seed ``s`` is the experiment ``seed=s`` would run, against its own fresh API. When the attack queries
+    first and trains once (``Attack.collect``), every seed's transfer set is collected, then all surrogates
+    are trained by one vmapped program (``heistlab.seeds``); other attacks run seed after seed.
+    """
+    started, compile_before = time.perf_counter(), _compile_seconds[0]
+    count = number_of_seeds(cfg)
+    prepared = prepare(cfg)
+    configs = [with_seed(cfg, cfg.seed + index) for index in range(count)]
+    apis = [build_api(seeded, prepared.victim, prepared.defense) for seeded in configs]
+    oracles = [api.oracle("attacker", identities=cfg.api.attacker_identities) for api in apis]
+    attack, pool, surrogate = prepared.attack, prepared.splits.pool, prepared.surrogate
+    vectorised = attack.collect is not None
+    with phase(f"running {attack.name} (budget {attack.budget}) for {count} seeds"):
+        if vectorised:
+            collected = [
+                attack.collect(oracle, pool, surrogate, attack_key(seeded))
+                for oracle, seeded in zip(oracles, configs, strict=True)
+            ]
+            stacked = seeds.train_classifiers_per_seed(
+                surrogate.model,
+                [transfer.inputs for transfer in collected],
+                [transfer.targets for transfer in collected],
+                jnp.stack([transfer.train_key for transfer in collected]),
+                surrogate.train,
+            )
+            results_by_seed = [
+                AttackResult(seeds.params_for_seed(stacked, index), len(transfer.inputs), transfer.rounds)
+                for index, transfer in enumerate(collected)
+            ]
+        else:
+            results_by_seed = [
+                attack.run(oracle, pool, surrogate, attack_key(seeded))
+                for oracle, seeded in zip(oracles, configs, strict=True)
+            ]
+    per_seed = [
+        {
+            "seed": seeded.seed,
+            "metrics": assess(seeded, prepared, api, oracle, result),
+            "rounds": [dict(entry) for entry in result.rounds],
+        }
+        for seeded, api, oracle, result in zip(configs, apis, oracles, results_by_seed, strict=True)
+    ]
+    found = mean_metrics([record["metrics"] for record in per_seed])
+    found["num_seeds"] = count
+    found["seeds_vectorised"] = vectorised
+    found["victim_from_cache"] = prepared.victim_from_cache
+    found["wall_seconds"] = time.perf_counter() - started
+    found["compile_seconds"] = _compile_seconds[0] - compile_before
+    return found, per_seed
+
+
 def run_experiment(cfg: DictConfig, output_dir: Path, logger=None) -> dict:
     """Runs ``cfg``, writes ``output_dir/results.json`` atomically and returns the metrics.
 
-    A run that fails still leaves a ``results.json`` with ``status: failed`` and the error, then re-raises.
+    With ``num_seeds`` > 1 the metrics are means over the seeds, and ``seeds`` holds each seed's own metrics
+    and rounds (``execute_seeds``). A run that fails still leaves a ``results.json`` with ``status: failed``
+    and the error, then re-raises.
     """
     record = {
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -313,9 +427,12 @@ def run_experiment(cfg: DictConfig, output_dir: Path, logger=None) -> dict:
     if logger is not None:
         logger.log_config(record["config"])
     try:
-        rounds: list[dict] = []
-        record["metrics"] = execute(cfg, rounds)
-        record["rounds"] = rounds
+        if number_of_seeds(cfg) == 1:
+            rounds: list[dict] = []
+            record["metrics"] = execute(cfg, rounds)
+            record["rounds"] = rounds
+        else:
+            record["metrics"], record["seeds"] = execute_seeds(cfg)
     except BaseException as error:
         record.update(status="failed", error="".join(traceback.format_exception(error)))
         results.write_results(output_dir, record)

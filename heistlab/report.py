@@ -1,9 +1,10 @@
 """Reports: a sweep's ``results.json`` files gathered into one table, summarised over seeds, and plotted.
 
 ``gather(paths)`` reads every ``results.json`` under the given folders (recursively; hidden folders such as
-``.attempts`` are skipped) into one row per run. The config keys whose values differ between runs, found by
-comparing the resolved configs, define the *cells* (seed excluded, and so are keys that only say where things
-are kept: ``cache_dir``, ``data.data_dir``, ``logger``...). ``summarize`` gives the mean and sample standard
+``.attempts`` are skipped) into one row per run, and one row per seed of a ``num_seeds`` run. The config keys
+whose values differ between runs, found by comparing the resolved configs, define the *cells* (seed excluded,
+and so are keys that only say where things are kept or how seeds were batched: ``cache_dir``,
+``data.data_dir``, ``logger``, ``num_seeds``...). ``summarize`` gives the mean and sample standard
 deviation (ddof=1) of each metric over the complete runs of a cell; failed or unreadable runs are listed by
 ``failed_runs`` and never averaged. The figures follow the metrics of the field (DESIGN.md): fidelity and
 surrogate accuracy against the query budget (Tramer et al. 2016; Orekondy et al. 2019), the defender's utility
@@ -30,7 +31,7 @@ RESULTS_FILE = "results.json"  # heistlab.results.RESULTS_FILE (that module load
 SEED = "seed"
 BUDGET = "attack.budget"
 # Where things are kept or logged, not what is measured: never a cell of their own.
-NOT_EXPERIMENTAL = ("cache_dir", "data.data_dir", "data.download", "logger", "protection")
+NOT_EXPERIMENTAL = ("cache_dir", "data.data_dir", "data.download", "logger", "protection", "num_seeds")
 # Always in the run table, even when the whole sweep shares one value.
 CONTEXT = ("attack", "defense", BUDGET)
 HEADLINE_METRICS = (
@@ -94,6 +95,22 @@ def load_record(path: Path) -> dict:
             "error": f"{type(error).__name__}: {error}",
         }
     return record
+
+
+def per_seed_records(record: dict) -> list[dict]:
+    """A complete ``num_seeds`` run becomes one record per seed (its config's ``seed`` set to that seed), so
+    a run of N seeds is summarised like N runs; any other record is returned as it is."""
+    if record.get("status") != "complete" or not isinstance(record.get("seeds"), list):
+        return [record]
+    return [
+        {
+            **record,
+            "config": {**(record.get("config") or {}), SEED: entry.get(SEED)},
+            "metrics": entry.get("metrics") or {},
+            SEED: entry.get(SEED),
+        }
+        for entry in record["seeds"]
+    ]
 
 
 def hydra_choices(results_path: Path) -> dict[str, str]:
@@ -162,8 +179,8 @@ def _last_line(text) -> str | None:
 def gather(paths: Iterable[str | Path]) -> Gathered:
     """Reads the runs under ``paths`` into one table: path, status, seed, cell and context columns, then
     metrics."""
-    files = find_results(paths)
-    records = [load_record(path) for path in files]
+    found = [(path, record) for path in find_results(paths) for record in per_seed_records(load_record(path))]
+    files, records = [path for path, _ in found], [record for _, record in found]
     configs = [
         flatten(record.get("config") or {}, hydra_choices(path))
         for record, path in zip(records, files, strict=True)

@@ -190,3 +190,22 @@ def test_report_command_on_a_real_sweep(tmp_path_factory, cache_dir, capsys):
         assert cell["fidelity_test std"] == pytest.approx(abs(first - second) / math.sqrt(2))
     assert {"budget.png", "tradeoff.pdf"} <= {path.name for path in out.iterdir()}
     assert "defense=rounding" in printed and "fidelity_test" in printed
+
+
+def test_a_run_of_several_seeds_is_summarised_like_one_run_per_seed(tmp_path):
+    """A ``num_seeds=2`` run (seeds 0, 1) beside a single run of seed 2 in the same cell: three seeds."""
+    write_run(tmp_path / "0", "none", 100, 0, metrics(0.5, 0.4, 0.97, 0.0, num_seeds=2))
+    record = read_results(tmp_path / "0")
+    record["config"]["num_seeds"] = 2
+    record["seeds"] = [
+        {"seed": 0, "metrics": metrics(0.5, 0.4, 0.97, 0.0), "rounds": []},
+        {"seed": 1, "metrics": metrics(0.7, 0.6, 0.97, 0.0), "rounds": []},
+    ]
+    write_results(tmp_path / "0", record)
+    write_run(tmp_path / "1", "none", 100, 2, metrics(0.9, 0.8, 0.97, 0.0))
+    gathered = report.gather([tmp_path])
+    assert sorted(gathered.runs["seed"]) == [0, 1, 2] and gathered.cells == ()
+    cell = report.summarize(gathered).iloc[0]
+    assert cell["runs"] == 3
+    assert cell["fidelity_test mean"] == pytest.approx(0.7)
+    assert cell["fidelity_test std"] == pytest.approx(0.2)  # sqrt((0.04 + 0 + 0.04) / 2)

@@ -62,6 +62,52 @@ def test_a_stepped_model_trains_per_seed_like_its_sequential_run(answered_querie
     assert largest_difference(seeds.params_for_seed(stacked, 1), sequential) < 1e-5
 
 
+def test_per_seed_data_trains_each_seed_like_its_sequential_run(answered_queries, small_surrogate):
+    """Each seed its own transfer set (as ``num_seeds`` experiments collect them), one program for all."""
+    inputs, targets = answered_queries
+    order = np.random.default_rng(0).permutation(len(inputs))
+    sets = [(inputs, targets), (inputs[order], targets[order]), (inputs[::-1], targets[::-1])]
+    keys = seeds.seed_keys(3, 3)
+    stacked = seeds.train_classifiers_per_seed(
+        small_surrogate.model, [x for x, _ in sets], [y for _, y in sets], keys, TWO_EPOCHS
+    )
+    for index, ((x, y), key) in enumerate(zip(sets, keys, strict=True)):
+        sequential = training.train_classifier(small_surrogate.model, x, y, key, TWO_EPOCHS)
+        assert largest_difference(seeds.params_for_seed(stacked, index), sequential) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "model", [SteppedMLP(num_classes=10, hidden=(16,)), MLP(num_classes=10, hidden=(16,))]
+)
+def test_seeds_with_fewer_rows_take_fewer_steps(answered_queries, model):
+    """An API that refused some queries: seeds of 100 and 70 rows (2 steps per epoch of 64) and 60 (1 step).
+
+    The first two share the largest seed's capacity bucket, so each equals its sequential run; the third sees
+    all its rows in its one step (the shuffle cannot matter) and must not move on the others' second step.
+    """
+    inputs, targets = answered_queries
+    sizes = (100, 70, 60)
+    keys = seeds.seed_keys(5, 3)
+    stacked = seeds.train_classifiers_per_seed(
+        model, [inputs[:n] for n in sizes], [targets[:n] for n in sizes], keys, TWO_EPOCHS
+    )
+    for index, (size, key) in enumerate(zip(sizes, keys, strict=True)):
+        sequential = training.train_classifier(model, inputs[:size], targets[:size], key, TWO_EPOCHS)
+        assert largest_difference(seeds.params_for_seed(stacked, index), sequential) < 1e-5
+
+
+def test_per_seed_data_names_mismatched_lengths(answered_queries, small_surrogate):
+    inputs, targets = answered_queries
+    with pytest.raises(ValueError, match="got 2 input sets, 2 target sets and 3 keys"):
+        seeds.train_classifiers_per_seed(
+            small_surrogate.model, [inputs] * 2, [targets] * 2, seeds.seed_keys(0, 3), TWO_EPOCHS
+        )
+    with pytest.raises(ValueError, match="seed 1's inputs hold 100 rows but its targets 99"):
+        seeds.train_classifiers_per_seed(
+            small_surrogate.model, [inputs] * 2, [targets, targets[:99]], seeds.seed_keys(0, 2), TWO_EPOCHS
+        )
+
+
 SHARDED_RUN = textwrap.dedent(
     """
     import json
@@ -76,18 +122,25 @@ SHARDED_RUN = textwrap.dedent(
     keys = seeds.seed_keys(1, 6)
     stacked = seeds.train_classifiers(model, inputs, targets, keys, config)
     kernel = stacked["params"]["Dense_0"]["kernel"]
+    per_seed = seeds.train_classifiers_per_seed(
+        model, [inputs[index:] for index in range(6)], [targets[index:] for index in range(6)], keys, config
+    )["params"]["Dense_0"]["kernel"]
     worst = 0.0
     for index in range(6):
         alone = training.train_classifier(model, inputs, targets, keys[index], config)
         worst = max(worst, float(np.abs(alone["params"]["Dense_0"]["kernel"] - kernel[index]).max()))
+        alone = training.train_classifier(model, inputs[index:], targets[index:], keys[index], config)
+        worst = max(worst, float(np.abs(alone["params"]["Dense_0"]["kernel"] - per_seed[index]).max()))
     print(json.dumps({"devices": len(jax.devices()), "seeds": kernel.shape[0], "worst": worst,
-                      "shards": len({shard.device for shard in kernel.addressable_shards})}))
+                      "shards": len({shard.device for shard in kernel.addressable_shards}),
+                      "per_seed_shards": len({shard.device for shard in per_seed.addressable_shards})}))
     """
 )
 
 
 def test_seeds_are_sharded_across_simulated_devices_and_match_sequential_runs():
-    """Six seeds over four host devices: padded to eight, two per device, the padding dropped."""
+    """Six seeds over four host devices: padded to eight, two per device, the padding dropped; with shared
+    data and with each seed's own data (34 to 40 rows, one capacity bucket)."""
     environment = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
@@ -101,7 +154,9 @@ def test_seeds_are_sharded_across_simulated_devices_and_match_sequential_runs():
     assert finished.returncode == 0, finished.stderr
     report = json.loads(finished.stdout.strip().splitlines()[-1])
     assert report["devices"] == 4 and report["seeds"] == 6
-    assert report["shards"] == 4, "the seed axis should be spread over every device"
+    assert report["shards"] == report["per_seed_shards"] == 4, (
+        "the seed axis should be spread over every device"
+    )
     assert report["worst"] < 1e-5
 
 
