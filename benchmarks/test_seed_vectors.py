@@ -1,5 +1,6 @@
 """Seeds as a vector (``heistlab.seeds``): 8 knockoff surrogates in one vmapped program against 8 sequential
-``train_classifier`` runs, on the default surrogate (MLP 64-256-256-10, 1000 answered queries), 10 epochs."""
+``train_classifier`` runs, on the default surrogate (MLP 64-256-256-10, 1000 answered queries), 10 epochs; and
+the whole default experiment with ``num_seeds=8`` against 8 single-seed experiments."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 from benchmarks.conftest import composed
 from heistlab import seeds, training
-from heistlab.experiment import build_model_from, train_config_from
+from heistlab.experiment import build_model_from, execute, execute_seeds, train_config_from
 
 SEEDS, EPOCHS = 8, 10
 
@@ -33,5 +34,23 @@ def test_seed_vector_training(benchmark, splits, default_victim, mode):
     benchmark.extra_info.update(
         kind="seeds", name=f"{SEEDS} seeds, {mode}", mode=mode, seeds=SEEDS, items_per_round=SEEDS,
         devices=len(jax.devices()),
+    )  # fmt: skip
+    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("mode", ["num_seeds", "seed after seed"])
+def test_experiment_over_seeds(benchmark, default_victim, mode):
+    """The whole default experiment for 8 seeds: ``num_seeds=8`` (one vmapped training program) against the
+    same 8 single-seed experiments run one after another in the process."""
+    if mode == "num_seeds":
+        cfg = composed(f"num_seeds={SEEDS}")
+        run = lambda: execute_seeds(cfg)
+    else:
+        configs = [composed(f"seed={seed}") for seed in range(SEEDS)]
+        run = lambda: [execute(cfg) for cfg in configs]
+    benchmark.group = "seeds"
+    benchmark.extra_info.update(
+        kind="seeds", name=f"default experiment, {SEEDS} seeds, {mode}", mode=mode, seeds=SEEDS,
+        items_per_round=SEEDS, devices=len(jax.devices()),
     )  # fmt: skip
     benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
