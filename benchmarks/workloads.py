@@ -48,9 +48,31 @@ def training_step_flops(model: nn.Module, input_shape: tuple[int, ...], batch_si
 
 
 class LoopedCNN(CNN):
-    """heistlab's CNN trained inside the compiled ``lax`` loop instead of stepped from Python."""
+    """heistlab's CNN trained inside the compiled ``lax`` loop whatever the image size."""
 
     compiled_loop: ClassVar[bool] = True
+
+
+class SteppedCNN(CNN):
+    """heistlab's CNN stepped from Python whatever the image size."""
+
+    looped_pixels: ClassVar[int] = 0
+
+
+class FlaxConvCNN(nn.Module):
+    """The CNN with ``flax.linen.Conv`` (XLA's convolution) instead of im2col ``PatchConv``, stepped."""
+
+    num_classes: int
+    channels: tuple[int, ...] = (16, 32)
+    hidden: int = 64
+    compiled_loop: ClassVar[bool] = False
+
+    @nn.compact
+    def __call__(self, x):
+        for width in self.channels:
+            x = nn.relu(nn.Conv(width, (3, 3), strides=(2, 2), padding="SAME")(x))
+        x = jnp.reshape(x, (x.shape[0], -1))
+        return nn.Dense(self.num_classes)(nn.relu(nn.Dense(self.hidden)(x)))
 
 
 class PooledCNN(nn.Module):

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from heistlab.models import trains_in_compiled_loop
 from heistlab.training import (
     DEFAULT_TRAINING,
     Params,
@@ -157,7 +158,7 @@ def _train_stacked(model, inputs, targets, counts, keys, config, devices, per_se
     train_all, start_all, orders_all, step_all = _seeded_programs(
         model, config, input_shape, mesh, per_seed_data
     )
-    if model.compiled_loop:
+    if trains_in_compiled_loop(model, input_shape):
         stacked = train_all(keys, *data, jnp.int32(config.epochs))
     else:
         params, opt_state, shuffle_keys = start_all(keys)

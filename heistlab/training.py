@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from heistlab.models import trains_in_compiled_loop
+
 Params = Any
 
 
@@ -159,7 +161,7 @@ def train_classifier(
     padded_targets = jnp.asarray(pad_rows(np.asarray(targets, np.float32), capacity))
     steps_per_epoch = math.ceil(count / config.batch_size)
     program = _training_program(model, config.batch_size, float(config.learning_rate))
-    if model.compiled_loop:
+    if trains_in_compiled_loop(model, inputs.shape[1:]):
         dynamic = (jnp.int32(count), jnp.int32(steps_per_epoch), jnp.int32(config.epochs))
         return program.run_all(params, padded_inputs, padded_targets, *dynamic, shuffle_key)
     carry, rows = (params, program.optimizer.init(params)), jnp.int32(count)

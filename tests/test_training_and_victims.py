@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from heistlab import data, training, victims
-from heistlab.models import CNN, SoftmaxRegression, build_model
+from heistlab.models import CNN, PatchConv, SoftmaxRegression, build_model
 from tests.conftest import FAST_TRAINING, SMALL_MLP
 
 
@@ -93,3 +95,16 @@ def test_victim_identity_follows_the_training_code(tmp_path):
     assert source_digest([second, first]) == before
     first.write_text("x = 3\n")
     assert source_digest([first, second]) != before
+
+
+@pytest.mark.parametrize(
+    ("side", "channels", "kernel", "stride"), [(8, 1, 3, 2), (7, 3, 3, 2), (6, 2, 5, 1), (9, 2, 3, 3)]
+)
+def test_patch_convolution_equals_flax_convolution(side, channels, kernel, stride):
+    """The CNN's im2col convolution: same parameters, same outputs as ``nn.Conv`` with SAME padding."""
+    x = jax.random.uniform(jax.random.key(0), (3, side, side, channels))
+    reference = nn.Conv(5, (kernel, kernel), strides=(stride, stride), padding="SAME")
+    params = reference.init(jax.random.key(1), x)
+    ours = PatchConv(5, (kernel, kernel), strides=(stride, stride))
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, params)
+    np.testing.assert_allclose(ours.apply(params, x), reference.apply(params, x), atol=1e-5)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attacks.evasion.base import TRANSFER, Evasion, check_count, check_norm, check_positive
+from heistlab.models import trains_in_compiled_loop
 from heistlab.training import capacity_for, pad_rows
 
 TINY = 1e-12
@@ -104,9 +105,9 @@ def projected_gradient_descent(
 ) -> np.ndarray:
     """Adversarial versions of ``inputs`` for ``model`` (untargeted: away from ``labels``).
 
-    Rows are padded to a power-of-two capacity, so different batch sizes share a few compiled programs. Dense
-    models run every step inside one compiled loop; convolutional ones are stepped from Python, because
-    XLA-CPU convolutions inside ``lax`` loops ran about 9x slower (DESIGN.md).
+    Rows are padded to a power-of-two capacity, so different batch sizes share a few compiled programs. Models
+    run every step inside one compiled loop where training does (``trains_in_compiled_loop``: dense models,
+    the CNN on small images) and are stepped from Python otherwise.
     """
     count = len(inputs)
     capacity = capacity_for(count)
@@ -114,7 +115,7 @@ def projected_gradient_descent(
     targets = jnp.asarray(pad_rows(np.asarray(labels, np.int32), capacity))
     epsilon, step_size = jnp.float32(epsilon), jnp.float32(step_size)
     start, step, run_all = _programs(model, norm)
-    if model.compiled_loop:
+    if trains_in_compiled_loop(model, clean.shape[1:]):
         adversarial = run_all(
             params,
             clean,

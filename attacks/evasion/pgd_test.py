@@ -1,3 +1,5 @@
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ from attacks.evasion import pgd
 from attacks.evasion.base import perturbation_norms
 from attacks.evasion.pgd import project, projected_gradient_descent, uniform_in_ball
 from heistlab import training
-from heistlab.models import CNN, SoftmaxRegression
+from heistlab.models import CNN, SoftmaxRegression, trains_in_compiled_loop
 
 
 def test_projection_by_hand():
@@ -92,16 +94,29 @@ def small_cnn_params(rng):
     return {"params": layers}
 
 
-def test_convolutional_surrogates_are_stepped_from_python(digits_splits):
-    model = CNN(num_classes=10, channels=(4,), hidden=8)
-    assert not model.compiled_loop
+class SteppedCNN(CNN):
+    """The CNN stepped from Python even on 8x8 digits, as it is on large images."""
+
+    looped_pixels: ClassVar[int] = 0
+
+
+def test_a_cnn_gets_the_same_examples_looped_or_stepped_from_python(digits_splits):
+    looped, stepped = (
+        CNN(num_classes=10, channels=(4,), hidden=8),
+        SteppedCNN(num_classes=10, channels=(4,), hidden=8),
+    )
+    assert trains_in_compiled_loop(looped, (8, 8, 1)) and not trains_in_compiled_loop(stepped, (8, 8, 1))
+    assert not trains_in_compiled_loop(looped, (28, 28, 1))
     params = small_cnn_params(np.random.default_rng(0))
     inputs, labels = digits_splits.test.x[:5], digits_splits.test.y[:5]
     attack = pgd(epsilon=0.2, step_size=0.05, steps=3, random_start=False)
-    adversarial = attack.craft(model, params, inputs, labels, jax.random.key(1))
+    adversarial = attack.craft(looped, params, inputs, labels, jax.random.key(1))
+    np.testing.assert_allclose(
+        adversarial, attack.craft(stepped, params, inputs, labels, jax.random.key(1)), atol=1e-6
+    )
     assert adversarial.shape == inputs.shape
     assert np.all(perturbation_norms(adversarial, inputs, "linf") <= 0.2 + 1e-5)
-    loss = lambda x: -np.log(training.predict_proba(model, params, x)[np.arange(5), labels]).sum()
+    loss = lambda x: -np.log(training.predict_proba(looped, params, x)[np.arange(5), labels]).sum()
     assert loss(adversarial) > loss(inputs), "the steps ascend the surrogate's loss"
 
 
