@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from attacks import activethief, dfme, equation_solving, functional_equivalence, jbda, knockoff
+from attacks.base import fit_transfer_set
 from heistlab.api import Oracle, QueryRefused
 
 ATTACKS = {
@@ -131,3 +132,25 @@ def test_knockoff_with_budget_above_pool_walks_the_pool_again(small_surrogate, r
 def test_bad_attack_parameters_are_named(factory, message):
     with pytest.raises(ValueError, match=message):
         factory()
+
+
+COLLECTING = sorted(name for name, build in ATTACKS.items() if build(10).collect is not None)
+
+
+def test_the_query_then_train_attacks_are_the_ones_expected():
+    assert COLLECTING == ["knockoff_hard", "knockoff_soft"]
+
+
+@pytest.mark.parametrize("name", COLLECTING)
+def test_run_is_collect_then_one_training(name, small_surrogate, rng):
+    """``num_seeds`` relies on it: ``run`` must equal ``fit_transfer_set(collect(...))`` for the same key."""
+    pool = rng.uniform(size=(80, 8, 8, 1)).astype(np.float32)
+    attack = ATTACKS[name](50)
+    counting = CountingOracle(40)
+    transfer = attack.collect(counting.oracle(), pool, small_surrogate, jax.random.key(3))
+    assert len(transfer.inputs) == len(transfer.targets) == counting.served == 40, "the cap, not the budget"
+    collected = fit_transfer_set(small_surrogate, transfer)
+    result = attack.run(CountingOracle(40).oracle(), pool, small_surrogate, jax.random.key(3))
+    assert result.queries == collected.queries and result.rounds == collected.rounds
+    for ours, theirs in zip(jax.tree.leaves(result.params), jax.tree.leaves(collected.params), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
