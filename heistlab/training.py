@@ -41,9 +41,16 @@ class TrainConfig(NamedTuple):
         return self
 
 
-def capacity_for(count: int, minimum: int = 64) -> int:
-    """The power-of-two bucket that holds ``count`` rows (at least ``minimum``)."""
-    return max(minimum, 1 << max(0, count - 1).bit_length())
+def capacity_for(count: int, minimum: int = 64, steps_per_octave: int = 1) -> int:
+    """The bucket that holds ``count`` rows (at least ``minimum``): the next power of two, or with
+    ``steps_per_octave`` > 1 the next of that many evenly spaced sizes up to it (256, 320, 384, 448, 512
+    for 4), so less padding for a few more compiled programs."""
+    power = max(minimum, 1 << max(0, count - 1).bit_length())
+    half = power // 2
+    if steps_per_octave == 1 or count <= half:
+        return power
+    step = max(1, half // steps_per_octave)
+    return half + -(-(count - half) // step) * step
 
 
 def pad_rows(array: np.ndarray, capacity: int) -> np.ndarray:

@@ -108,3 +108,10 @@ def test_patch_convolution_equals_flax_convolution(side, channels, kernel, strid
     ours = PatchConv(5, (kernel, kernel), strides=(stride, stride))
     assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, params)
     np.testing.assert_allclose(ours.apply(params, x), reference.apply(params, x), atol=1e-5)
+
+
+def test_capacity_buckets_worked_by_hand():
+    assert [training.capacity_for(n) for n in (1, 64, 65, 359, 1000)] == [64, 64, 128, 512, 1024]
+    # Four sizes per octave: (256, 512] splits into 320, 384, 448, 512.
+    quarters = [training.capacity_for(n, steps_per_octave=4) for n in (10, 65, 100, 359, 384, 385, 1025)]
+    assert quarters == [64, 80, 112, 384, 384, 448, 1280]

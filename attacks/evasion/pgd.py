@@ -105,15 +105,18 @@ def projected_gradient_descent(
 ) -> np.ndarray:
     """Adversarial versions of ``inputs`` for ``model`` (untargeted: away from ``labels``).
 
-    Rows are padded to a power-of-two capacity, so different batch sizes share a few compiled programs. Models
+    Rows are padded to a bucket (four per power of two: 359 test digits run as 384 rows, 1.5 ms per FGSM call
+    here against 3.0 ms as 512), so different batch sizes share a few compiled programs. Models
     run every step inside one compiled loop where training does (``trains_in_compiled_loop``: dense models,
     the CNN on small images) and are stepped from Python otherwise.
     """
     count = len(inputs)
-    capacity = capacity_for(count)
-    clean = jnp.asarray(pad_rows(np.asarray(inputs, np.float32), capacity))
-    targets = jnp.asarray(pad_rows(np.asarray(labels, np.int32), capacity))
-    epsilon, step_size = jnp.float32(epsilon), jnp.float32(step_size)
+    capacity = capacity_for(count, steps_per_octave=4)
+    # NumPy arguments go to the compiled programs as they are: wrapping each in a jnp array first costs an
+    # eager dispatch apiece, about a quarter of an FGSM call on a few hundred digits.
+    clean = pad_rows(np.asarray(inputs, np.float32), capacity)
+    targets = pad_rows(np.asarray(labels, np.int32), capacity)
+    epsilon, step_size = np.float32(epsilon), np.float32(step_size)
     start, step, run_all = _programs(model, norm)
     if trains_in_compiled_loop(model, clean.shape[1:]):
         adversarial = run_all(
@@ -122,11 +125,12 @@ def projected_gradient_descent(
             targets,
             epsilon,
             step_size,
-            jnp.int32(steps),
+            np.int32(steps),
             key,
             use_random_start=use_random_start,
         )
     else:
+        clean, targets = jnp.asarray(clean), jnp.asarray(targets)
         adversarial = start(clean, epsilon, key) if use_random_start else clean
         for _ in range(steps):
             adversarial = step(params, adversarial, clean, targets, epsilon, step_size)
