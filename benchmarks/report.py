@@ -256,7 +256,9 @@ NOTES = """\
 How the figures were made (`benchmarks/`): a training step's FLOPs are XLA's cost analysis of one Adam step;
 "of roofline" divides by the 2048^3 matmul measured in the same run. PyTorch and ART run with 1 and with 2
 intra-op threads, and every target is judged against the faster. The bound under the first target is the
-surrogate's training FLOPs over the measured matmul rate, a floor for that much work on this machine. The
+surrogate's training FLOPs over the measured matmul rate, a floor for that much work on this machine; at
+batch 64 the MLP's matmuls are too small for XLA-CPU to run near that rate (the `mlp batch 64` row), so the
+warm experiment stays a few times above the floor and the 10x target is out of reach on 2 CPU cores. The
 sweeps are single Hydra multiruns with tiny settings (`benchmarks/test_experiment_speed.py`); each run's
 compile seconds come from its `results.json`. API throughput counts input rows served per second, every call
 from a new client, through validation, hashing, the victim, the defense and the client's view. The peer rows

@@ -6,8 +6,11 @@ own training loop over a vector of keys (``jax.vmap``) inside one ``jit``; with 
 is sharded across them, each device training its share of the seeds. Seed ``i`` comes out equal (to float
 rounding) to ``train_classifier(model, inputs, targets, keys[i], config)``, the sequential run it replaces.
 
+``train_classifiers_per_seed`` does the same with each seed's own data: the transfer sets that
+``num_seeds`` experiments collect, one fresh API per seed (``heistlab.experiment.execute_seeds``).
+
 On 2 CPU cores it gives no reliable gain: ``benchmarks/test_seed_vectors.py`` (8 seeds of the default
-surrogate) measured 1.0x to 2.1x the sequential speed across runs, the larger figures while other work loaded
+surrogate) measured 0.9x to 2.1x the sequential speed across runs, the larger figures while other work loaded
 the machine (README, Performance). It pays on accelerators and across devices.
 """
 
