@@ -84,7 +84,7 @@ CNN_VARIANTS = {
     "inside the compiled loop": lambda: workloads.LoopedCNN(10),
     "stepped from Python": lambda: workloads.SteppedCNN(10),
     "flax nn.Conv, stepped from Python": lambda: workloads.FlaxConvCNN(10),
-    "max-pool, stepped from Python": lambda: workloads.PooledCNN(10),
+    "max-pool, stepped from Python": lambda: workloads.FlaxConvCNN(10, max_pool=True),
 }
 
 

@@ -60,9 +60,11 @@ class SteppedCNN(CNN):
 
 
 class FlaxConvCNN(nn.Module):
-    """The CNN with ``flax.linen.Conv`` (XLA's convolution) instead of im2col ``PatchConv``, stepped."""
+    """The CNN on ``flax.linen.Conv`` (XLA's convolution) instead of im2col ``PatchConv``, stepped from
+    Python; with ``max_pool``, 2x2 max-pooling after stride-1 convolutions instead of stride-2 ones."""
 
     num_classes: int
+    max_pool: bool = False
     channels: tuple[int, ...] = (16, 32)
     hidden: int = 64
     compiled_loop: ClassVar[bool] = False
@@ -70,24 +72,11 @@ class FlaxConvCNN(nn.Module):
     @nn.compact
     def __call__(self, x):
         for width in self.channels:
-            x = nn.relu(nn.Conv(width, (3, 3), strides=(2, 2), padding="SAME")(x))
-        x = jnp.reshape(x, (x.shape[0], -1))
-        return nn.Dense(self.num_classes)(nn.relu(nn.Dense(self.hidden)(x)))
-
-
-class PooledCNN(nn.Module):
-    """The CNN with 2x2 max-pooling after stride-1 convolutions instead of stride-2 convolutions."""
-
-    num_classes: int
-    channels: tuple[int, ...] = (16, 32)
-    hidden: int = 64
-    compiled_loop: ClassVar[bool] = False
-
-    @nn.compact
-    def __call__(self, x):
-        for width in self.channels:
-            x = nn.relu(nn.Conv(width, (3, 3), padding="SAME")(x))
-            x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+            if self.max_pool:
+                x = nn.relu(nn.Conv(width, (3, 3), padding="SAME")(x))
+                x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+            else:
+                x = nn.relu(nn.Conv(width, (3, 3), strides=(2, 2), padding="SAME")(x))
         x = jnp.reshape(x, (x.shape[0], -1))
         return nn.Dense(self.num_classes)(nn.relu(nn.Dense(self.hidden)(x)))
 
