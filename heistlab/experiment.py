@@ -356,6 +356,26 @@ def mean_metrics(per_seed: list[dict]) -> dict:
     return means
 
 
+def attack_every_seed(prepared: Prepared, oracles: list, configs: list[DictConfig]) -> list[AttackResult]:
+    """Each seed's attack through its own oracle; a query-then-train attack's surrogates train together."""
+    attack, pool, surrogate = prepared.attack, prepared.splits.pool, prepared.surrogate
+    pairs = list(zip(oracles, configs, strict=True))
+    if attack.collect is None:
+        return [attack.run(oracle, pool, surrogate, attack_key(seeded)) for oracle, seeded in pairs]
+    collected = [attack.collect(oracle, pool, surrogate, attack_key(seeded)) for oracle, seeded in pairs]
+    stacked = seeds.train_classifiers_per_seed(
+        surrogate.model,
+        [transfer.inputs for transfer in collected],
+        [transfer.targets for transfer in collected],
+        jnp.stack([transfer.train_key for transfer in collected]),
+        surrogate.train,
+    )
+    return [
+        AttackResult(seeds.params_for_seed(stacked, index), len(transfer.inputs), transfer.rounds)
+        for index, transfer in enumerate(collected)
+    ]
+
+
 def execute_seeds(cfg: DictConfig) -> tuple[dict, list[dict]]:
     """Runs seeds ``cfg.seed .. cfg.seed + num_seeds - 1``; returns the mean metrics and one record per seed.
 
@@ -369,30 +389,9 @@ def execute_seeds(cfg: DictConfig) -> tuple[dict, list[dict]]:
     configs = [with_seed(cfg, cfg.seed + index) for index in range(count)]
     apis = [build_api(seeded, prepared.victim, prepared.defense) for seeded in configs]
     oracles = [api.oracle("attacker", identities=cfg.api.attacker_identities) for api in apis]
-    attack, pool, surrogate = prepared.attack, prepared.splits.pool, prepared.surrogate
-    vectorised = attack.collect is not None
+    attack = prepared.attack
     with phase(f"running {attack.name} (budget {attack.budget}) for {count} seeds"):
-        if vectorised:
-            collected = [
-                attack.collect(oracle, pool, surrogate, attack_key(seeded))
-                for oracle, seeded in zip(oracles, configs, strict=True)
-            ]
-            stacked = seeds.train_classifiers_per_seed(
-                surrogate.model,
-                [transfer.inputs for transfer in collected],
-                [transfer.targets for transfer in collected],
-                jnp.stack([transfer.train_key for transfer in collected]),
-                surrogate.train,
-            )
-            results_by_seed = [
-                AttackResult(seeds.params_for_seed(stacked, index), len(transfer.inputs), transfer.rounds)
-                for index, transfer in enumerate(collected)
-            ]
-        else:
-            results_by_seed = [
-                attack.run(oracle, pool, surrogate, attack_key(seeded))
-                for oracle, seeded in zip(oracles, configs, strict=True)
-            ]
+        results_by_seed = attack_every_seed(prepared, oracles, configs)
     per_seed = [
         {
             "seed": seeded.seed,
@@ -403,7 +402,7 @@ def execute_seeds(cfg: DictConfig) -> tuple[dict, list[dict]]:
     ]
     found = mean_metrics([record["metrics"] for record in per_seed])
     found["num_seeds"] = count
-    found["seeds_vectorised"] = vectorised
+    found["seeds_vectorised"] = attack.collect is not None
     found["victim_from_cache"] = prepared.victim_from_cache
     found["wall_seconds"] = time.perf_counter() - started
     found["compile_seconds"] = _compile_seconds[0] - compile_before
