@@ -162,15 +162,15 @@ def _train_stacked(model, inputs, targets, counts, keys, config, devices, per_se
         model, config, input_shape, mesh, per_seed_data
     )
     if trains_in_compiled_loop(model, input_shape):
-        stacked = train_all(keys, *data, jnp.int32(config.epochs))
+        stacked = train_all(keys, *data, np.int32(config.epochs))
     else:
         params, opt_state, shuffle_keys = start_all(keys)
         carries = (params, opt_state)
         capacity = inputs.shape[1] if per_seed_data else inputs.shape[0]
         for epoch in range(config.epochs):
-            orders = orders_all(shuffle_keys, jnp.int32(epoch), data[2], capacity=capacity)
+            orders = orders_all(shuffle_keys, np.int32(epoch), data[2], capacity=capacity)
             for position in range(int(np.max(steps_per_epoch))):
-                carries = step_all(carries, jnp.int32(position), orders, *data)
+                carries = step_all(carries, np.int32(position), orders, *data)
         stacked = carries[0]
     return jax.tree_util.tree_map(lambda leaf: leaf[:seeds], stacked)
 

@@ -169,16 +169,16 @@ def train_classifier(
     steps_per_epoch = math.ceil(count / config.batch_size)
     program = _training_program(model, config.batch_size, float(config.learning_rate))
     if trains_in_compiled_loop(model, inputs.shape[1:]):
-        dynamic = (jnp.int32(count), jnp.int32(steps_per_epoch), jnp.int32(config.epochs))
+        dynamic = (np.int32(count), np.int32(steps_per_epoch), np.int32(config.epochs))
         return program.run_all(params, padded_inputs, padded_targets, *dynamic, shuffle_key)
-    carry, rows = (params, program.optimizer.init(params)), jnp.int32(count)
+    carry, rows = (params, program.optimizer.init(params)), np.int32(count)
     chunked = steps_per_epoch - steps_per_epoch % STEPS_PER_CALL
     for epoch in range(config.epochs):
-        order = epoch_program(shuffle_key, jnp.int32(epoch), rows, capacity)
+        order = epoch_program(shuffle_key, np.int32(epoch), rows, capacity)
         for position in range(0, chunked, STEPS_PER_CALL):
-            carry = program.run_chunk(carry, jnp.int32(position), order, padded_inputs, padded_targets, rows)
+            carry = program.run_chunk(carry, np.int32(position), order, padded_inputs, padded_targets, rows)
         for position in range(chunked, steps_per_epoch):
-            carry = program.run_one(carry, jnp.int32(position), order, padded_inputs, padded_targets, rows)
+            carry = program.run_one(carry, np.int32(position), order, padded_inputs, padded_targets, rows)
     return carry[0]
 
 
