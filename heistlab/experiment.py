@@ -14,6 +14,7 @@ import inspect
 import os
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -289,6 +290,21 @@ def attack_key(cfg: DictConfig) -> jax.Array:
     return jax.random.fold_in(jax.random.key(cfg.seed), 1)
 
 
+def attacker_view(cfg: DictConfig, prepared: Prepared):
+    """A fresh API around the prepared victim and defense, and the attacker's oracle on it."""
+    api = build_api(cfg, prepared.victim, prepared.defense)
+    return api, api.oracle("attacker", identities=cfg.api.attacker_identities)
+
+
+def run_facts(prepared: Prepared, started: float, compile_before: float) -> dict:
+    """How the run went beside what it measured: victim cache hit, wall and compile seconds so far."""
+    return {
+        "victim_from_cache": prepared.victim_from_cache,
+        "wall_seconds": time.perf_counter() - started,
+        "compile_seconds": _compile_seconds[0] - compile_before,
+    }
+
+
 def assess(cfg: DictConfig, prepared: Prepared, api, oracle, attack_result: AttackResult) -> dict:
     """Everything measured after the attack: utility, fidelity, queries, the defense's report, evasion."""
     splits, victim, defense = prepared.splits, prepared.victim, prepared.defense
@@ -313,17 +329,14 @@ def execute(cfg: DictConfig, rounds: list | None = None) -> dict:
     """
     started, compile_before = time.perf_counter(), _compile_seconds[0]
     prepared = prepare(cfg)
-    api = build_api(cfg, prepared.victim, prepared.defense)
-    oracle = api.oracle("attacker", identities=cfg.api.attacker_identities)
+    api, oracle = attacker_view(cfg, prepared)
     attack = prepared.attack
     with phase(f"running {attack.name} (budget {attack.budget})"):
         attack_result = attack.run(oracle, prepared.splits.pool, prepared.surrogate, attack_key(cfg))
     if rounds is not None:
         rounds.extend(dict(entry) for entry in attack_result.rounds)
     found = assess(cfg, prepared, api, oracle, attack_result)
-    found["victim_from_cache"] = prepared.victim_from_cache
-    found["wall_seconds"] = time.perf_counter() - started
-    found["compile_seconds"] = _compile_seconds[0] - compile_before
+    found.update(run_facts(prepared, started, compile_before))
     return found
 
 
@@ -356,7 +369,9 @@ def mean_metrics(per_seed: list[dict]) -> dict:
     return means
 
 
-def attack_every_seed(prepared: Prepared, oracles: list, configs: list[DictConfig]) -> list[AttackResult]:
+def attack_every_seed(
+    prepared: Prepared, oracles: Sequence, configs: Sequence[DictConfig]
+) -> list[AttackResult]:
     """Each seed's attack through its own oracle; a query-then-train attack's surrogates train together."""
     attack, pool, surrogate = prepared.attack, prepared.splits.pool, prepared.surrogate
     pairs = list(zip(oracles, configs, strict=True))
@@ -387,8 +402,7 @@ def execute_seeds(cfg: DictConfig) -> tuple[dict, list[dict]]:
     count = number_of_seeds(cfg)
     prepared = prepare(cfg)
     configs = [with_seed(cfg, cfg.seed + index) for index in range(count)]
-    apis = [build_api(seeded, prepared.victim, prepared.defense) for seeded in configs]
-    oracles = [api.oracle("attacker", identities=cfg.api.attacker_identities) for api in apis]
+    apis, oracles = zip(*(attacker_view(seeded, prepared) for seeded in configs), strict=True)
     attack = prepared.attack
     with phase(f"running {attack.name} (budget {attack.budget}) for {count} seeds"):
         results_by_seed = attack_every_seed(prepared, oracles, configs)
@@ -403,9 +417,7 @@ def execute_seeds(cfg: DictConfig) -> tuple[dict, list[dict]]:
     found = mean_metrics([record["metrics"] for record in per_seed])
     found["num_seeds"] = count
     found["seeds_vectorised"] = attack.collect is not None
-    found["victim_from_cache"] = prepared.victim_from_cache
-    found["wall_seconds"] = time.perf_counter() - started
-    found["compile_seconds"] = _compile_seconds[0] - compile_before
+    found.update(run_facts(prepared, started, compile_before))
     return found, per_seed
 
 
