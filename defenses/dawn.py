@@ -184,16 +184,16 @@ def verify(trials: list[WatermarkRecord], labels_of, classes: int) -> tuple[floa
     matches = int(np.sum(np.asarray(labels_of(inputs)) == expected))
     chance = 1.0 / (classes - 1)
     p_value = float(stats.binom.sf(matches - 1, len(trials), chance))
-    return matches / len(trials), p_value, -log2_binomial_tail(matches, len(trials), chance)
+    return matches / len(trials), p_value, binomial_tail_bits(matches, len(trials), chance)
 
 
-def log2_binomial_tail(successes: int, trials: int, chance: float) -> float:
-    """``log2 P[X >= successes]`` for ``X ~ Binomial(trials, chance)``, summed in log space so that it stays
+def binomial_tail_bits(successes: int, trials: int, chance: float) -> float:
+    """``-log2 P[X >= successes]`` for ``X ~ Binomial(trials, chance)``, summed in log space so that it stays
     finite where the tail itself underflows float64 (scipy's ``binom.logsf`` returns -inf there)."""
     if successes <= 0:
         return 0.0
     log_terms = stats.binom.logpmf(np.arange(successes, trials + 1), trials, chance)
-    return min(0.0, float(special.logsumexp(log_terms)) / math.log(2))
+    return max(0.0, -float(special.logsumexp(log_terms)) / math.log(2))
 
 
 def _is_finite_number(value) -> bool:

@@ -115,6 +115,7 @@ def test_report_without_watermarked_queries_claims_nothing(keyed):
     assert found["watermarked_queries"] == found["watermarked_inputs"] == 0
     assert found["watermark_accuracy"] is None and found["watermark_p_value"] == 1.0
     assert found["watermark_confidence_bits"] == 0.0 and not found["watermark_meets_paper_bar"]
+    assert str(found["watermark_confidence_bits"]) == "0.0"  # not -0.0 in results.json
 
 
 def copies_every_watermark(state):
