@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 import defenses
 from attacks.base import Attack, AttackResult, Surrogate
 from defenses import DefenderData, Defense, Evidence, chain
-from heistlab import data, metrics, models, protection, results, seeds, training, victims
+from heistlab import data, external_data, metrics, models, protection, results, seeds, training, victims
 from heistlab.api import PredictionAPI, QueryRefused
 from heistlab.models import build_model
 from heistlab.progress import phase
@@ -61,16 +61,10 @@ def cache_directory(cfg: DictConfig) -> Path:
 
 def build_splits(cfg: DictConfig) -> data.Splits:
     spec = cfg.data
-    synthetic = OmegaConf.to_container(spec.synthetic) if "synthetic" in spec else None
-    dataset = data.load_dataset(
-        spec.name, data_dir=spec.data_dir, download=spec.download, synthetic=synthetic
-    )
+    dataset = load_data(spec)
     pool_dataset = None
     if spec.pool not in data.POOL_SOURCES:
-        if spec.pool not in data.DATASETS:
-            accepted = ", ".join(data.POOL_SOURCES + data.DATASETS)
-            raise ValueError(f"data.pool must be one of {accepted}; got {spec.pool!r}")
-        pool_dataset = data.load_dataset(spec.pool, data_dir=spec.data_dir, download=spec.download)
+        pool_dataset = load_pool(spec, dataset.input_shape)
     return data.make_splits(
         dataset,
         seed=spec.split_seed,
@@ -79,6 +73,30 @@ def build_splits(cfg: DictConfig) -> data.Splits:
         pool_source=spec.pool,
         pool_size=spec.pool_size,
         pool_dataset=pool_dataset,
+    )
+
+
+def load_data(spec: DictConfig) -> data.Dataset:
+    """The configured data set: a built-in one by name, or a user's ``.npz`` file or image folder."""
+    if spec.name == "arrays":
+        return external_data.load_arrays(spec.path, num_classes=spec.get("num_classes"))
+    if spec.name == "image_folder":
+        return external_data.load_image_folder(spec.root, tuple(spec.image_shape))
+    synthetic = OmegaConf.to_container(spec.synthetic) if "synthetic" in spec else None
+    return data.load_dataset(spec.name, data_dir=spec.data_dir, download=spec.download, synthetic=synthetic)
+
+
+def load_pool(spec: DictConfig, input_shape: tuple[int, ...]) -> data.Dataset:
+    """The attacker's pool from another built-in data set, or from a ``.npz`` file or image folder."""
+    if spec.pool in data.DATASETS:
+        return data.load_dataset(spec.pool, data_dir=spec.data_dir, download=spec.download)
+    if Path(os.path.expanduser(str(spec.pool))).exists():
+        shape = tuple(spec.image_shape) if spec.get("image_shape") else input_shape
+        inputs = external_data.load_pool_inputs(spec.pool, shape)
+        return data.Dataset(inputs, np.zeros(len(inputs), np.int32), 0, str(spec.pool))
+    accepted = ", ".join(data.POOL_SOURCES + data.DATASETS)
+    raise ValueError(
+        f"data.pool must be one of {accepted}, or an existing .npz file or image folder; got {spec.pool!r}"
     )
 
 
