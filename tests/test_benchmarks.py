@@ -20,6 +20,8 @@ def test_every_preset_composes_and_states_its_claim(preset):
     assert cfg.hydra.sweeper.params, "a preset defines its sweep"
     assert preset.command.startswith(("python -m experiments.run -m experiment=", "HEISTLAB_DAWN_KEY"))
     assert preset.runtime and preset.claim and preset.expected
+    # The command as written runs its sweep with Hydra's default launcher: sequentially.
+    assert "one after another" in preset.runtime and "parallel" not in preset.runtime
 
 
 def test_markdown_reports_measured_cells_from_results(tmp_path):
