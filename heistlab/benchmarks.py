@@ -107,6 +107,8 @@ INTRO = (
 # or 0.1% of a large mean (counts, seconds).
 SPREAD_FLOOR = 0.005
 SPREAD_FLOOR_RELATIVE = 0.001
+# One metric's statistics on one line of published.json, so that a regenerated file's diff reads cell by cell.
+STATISTICS_PATTERN = re.compile(r'\{\n\s*"mean": ([^\n]+),\n\s*"std": ([^\n]+),\n\s*"n": (\d+)\n\s*\}')
 
 
 class Measured(NamedTuple):
@@ -285,8 +287,9 @@ def write_published(path: Path, published: dict) -> None:
         "spread_floor_relative": SPREAD_FLOOR_RELATIVE,
         "presets": ordered,
     }
+    text = STATISTICS_PATTERN.sub(r'{"mean": \1, "std": \2, "n": \3}', json.dumps(document, indent=1))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=1, sort_keys=False) + "\n")
+    path.write_text(text + "\n")
 
 
 def allowed_spread(statistics: dict) -> float:
