@@ -70,16 +70,21 @@ def regenerate(arguments: argparse.Namespace) -> None:
                 "run them first (drop --report-only) or name only the presets that have results"
             )
     published = benchmarks.load_published(arguments.published)
-    seconds = {}
+    seconds = {}  # sweeps timed from scratch; a resumed sweep's time says nothing of the preset's
     if not arguments.report_only:
         for preset in chosen:
-            seconds[preset.name] = benchmarks.run_preset(preset, arguments.runs, arguments.jobs)
-            log.info("preset %s: %.0f s", preset.name, seconds[preset.name])
+            resumed = benchmarks.has_results(preset, arguments.runs)
+            took = benchmarks.run_preset(preset, arguments.runs, arguments.jobs)
+            log.info("preset %s: %.0f s%s", preset.name, took, " (resumed)" if resumed else "")
+            if not resumed:
+                seconds[preset.name] = took
     document_dir = arguments.out.resolve().parent
     sections = dict(kept)
     for preset in chosen:
         measured = benchmarks.measure_preset(preset, arguments.runs, arguments.figures, document_dir)
         sections[preset.name] = measured.section
+        if measured.published is None:
+            continue
         published["presets"][preset.name] = {
             **timing(preset.name, seconds, arguments.jobs, published),
             **measured.published,
@@ -90,7 +95,7 @@ def regenerate(arguments: argparse.Namespace) -> None:
 
 
 def timing(name: str, seconds: dict[str, float], jobs: int, published: dict) -> dict:
-    """How long the preset's sweep took now, or, when it was not run now, when it last ran."""
+    """How long the preset's sweep took now from scratch, or else when it last did."""
     if name in seconds:
         return {"command_seconds": round(seconds[name], 1), "jobs": jobs}
     previous = published["presets"].get(name, {})

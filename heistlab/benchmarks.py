@@ -8,8 +8,8 @@ preset's results into its section of BENCHMARKS.md (every number from results.js
 machine-readable entry of ``benchmarks/published.json``. Each section starts with a ``<!-- preset: name -->``
 marker, so ``update_document`` rewrites the chosen presets' sections and keeps every other one byte for byte.
 ``moved_metrics`` compares a rerun with the published means: a mean may move by its standard deviation over
-seeds, and by at least ``SPREAD_FLOOR`` (or ``SPREAD_FLOOR_RELATIVE`` of the mean) where that spread is zero
-or unknown (one seed, or a deterministic metric).
+seeds, never less than ``SPREAD_FLOOR`` or ``SPREAD_FLOOR_RELATIVE`` of the mean (the floor for a zero or
+unknown spread: one seed, or a deterministic metric).
 """
 
 from __future__ import annotations
@@ -102,9 +102,9 @@ INTRO = (
     "the published means are also in `benchmarks/published.json`, which\n"
     "`python -m experiments.benchmarks --check` compares with a fresh rerun of the quick presets.\n\n"
 )
-# A published mean may move by its std over seeds; where that spread is zero or unknown (one seed, or a
-# deterministic metric) it may still move by this much: under 2 of the 359 digits test inputs for a rate,
-# or 0.1% of a large mean (counts, seconds).
+# A published mean may move by its std over seeds, never less than this floor, which is what a zero or
+# unknown spread (one seed, or a deterministic metric) allows: under 2 of the 359 digits test inputs for a
+# rate, or 0.1% of a large mean (counts, seconds).
 SPREAD_FLOOR = 0.005
 SPREAD_FLOOR_RELATIVE = 0.001
 # One metric's statistics on one line of published.json, so that a regenerated file's diff reads cell by cell.

@@ -253,3 +253,25 @@ def test_check_without_published_means_fails_clearly(tmp_path, caplog):
         benchmarks_command.parse_arguments(["--check", f"--published={tmp_path / 'absent.json'}"])
     )
     assert code == 1 and "absent.json does not exist: regenerate the benchmarks first" in caplog.text
+
+
+def test_published_time_is_the_sweep_from_scratch_not_a_resumed_one(tmp_path, monkeypatch):
+    took = iter([42.0, 3.0])
+
+    def fake_run(preset, runs_dir, jobs):
+        write_lee2019_runs(runs_dir)
+        return next(took)
+
+    monkeypatch.setattr(benchmarks, "run_preset", fake_run)
+    arguments = [
+        "lee2019",
+        f"--runs={tmp_path / 'runs'}",
+        f"--figures={tmp_path / 'figures'}",
+        f"--out={tmp_path / 'BENCHMARKS.md'}",
+        f"--published={tmp_path / 'published.json'}",
+    ]
+    for _ in range(2):  # from scratch, then resumed (every run already finished)
+        benchmarks_command.main(arguments)
+        entry = json.loads((tmp_path / "published.json").read_text())["presets"]["lee2019"]
+        assert (entry["command_seconds"], entry["jobs"], entry["run_seconds"]) == (42.0, 2, 6.0)
+        assert benchmarks.recorded_seconds(entry) == 42.0
