@@ -1,12 +1,19 @@
-"""Protection at rest: encrypted checkpoints round-trip; wrong keys, changed bytes, swapped manifests fail."""
+"""Protection at rest: encrypted checkpoints round-trip; wrong keys, changed bytes, swapped manifests fail.
+
+The swap attacks copy cache files on disk exactly as someone with write access to the cache would.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from flax import serialization
 
 from heistlab import protection, training, victims
 from tests.conftest import SMALL_MLP
@@ -111,3 +118,79 @@ def test_protect_command_makes_keys_that_an_experiment_uses(tmp_path, digits_spl
     assert at_rest.encryption_key is not None and at_rest.signing.private is not None
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "keys")])
+
+
+def entry_of(cache, identity) -> Path:
+    return cache / "victims" / victims.config_digest(identity)
+
+
+def copy_entry(source: Path, target: Path) -> None:
+    for name in ("params.msgpack", "manifest.json"):
+        shutil.copyfile(source / name, target / name)
+
+
+VICTIM_A, VICTIM_B = {"victim": "a"}, {"victim": "b"}
+
+
+def test_another_victims_entry_copied_in_is_refused_without_keys(digits_splits, tmp_path):
+    cache = tmp_path / "cache"
+    train_protected(digits_splits, cache, victims.UNPROTECTED, VICTIM_A)
+    victims.load_or_train(SMALL_MLP, digits_splits, ONE_EPOCH, 1, VICTIM_B, cache)
+    copy_entry(entry_of(cache, VICTIM_B), entry_of(cache, VICTIM_A))
+    with pytest.raises(victims.TamperedCheckpointError, match="made for another victim"):
+        train_protected(digits_splits, cache, victims.UNPROTECTED, VICTIM_A)
+
+
+def test_two_signed_entries_swapped_are_refused_with_only_a_verify_key(digits_splits, tmp_path, protected):
+    trainer, server = protected
+    signer, verifier = trainer._replace(encryption_key=None), server._replace(encryption_key=None)
+    cache = tmp_path / "cache"
+    train_protected(digits_splits, cache, signer, VICTIM_A)
+    train_protected(digits_splits, cache, signer, VICTIM_B)
+    first, second = entry_of(cache, VICTIM_A), entry_of(cache, VICTIM_B)
+    shutil.move(first, tmp_path / "held")
+    shutil.move(second, first)
+    shutil.move(tmp_path / "held", second)
+    for identity in (VICTIM_A, VICTIM_B):
+        with pytest.raises(victims.TamperedCheckpointError, match="made for another victim"):
+            train_protected(digits_splits, cache, verifier, identity)
+
+
+def test_a_manifest_naming_another_entry_is_refused(digits_splits, tmp_path, protected):
+    trainer, _ = protected
+    cache = tmp_path / "cache"
+    train_protected(digits_splits, cache, trainer, VICTIM_A)
+    folder = entry_of(cache, VICTIM_A)
+    shutil.copytree(folder, cache / "victims" / "renamed")
+    with pytest.raises(victims.TamperedCheckpointError, match="belongs to cache entry"):
+        victims.load_checkpoint(cache / "victims" / "renamed", None, VICTIM_A, victims.UNPROTECTED)
+
+
+def test_a_plaintext_checkpoint_is_refused_when_an_encryption_key_is_configured(digits_splits, tmp_path):
+    key = bytes.fromhex(protection.new_key())
+    encrypting = victims.AtRest(key)
+    cache = tmp_path / "cache"
+    train_protected(digits_splits, cache, encrypting, VICTIM_A)
+    other, _ = victims.load_or_train(SMALL_MLP, digits_splits, ONE_EPOCH, 1, VICTIM_B, None)
+    folder = entry_of(cache, VICTIM_A)
+    plaintext = serialization.to_bytes(other.params)
+    (folder / "params.msgpack").write_bytes(plaintext)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.update(sha256=hashlib.sha256(plaintext).hexdigest(), encrypted=False)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(protection.ProtectionError, match="encryption key is configured but the checkpoint"):
+        train_protected(digits_splits, cache, encrypting, VICTIM_A)
+    manifest["encrypted"] = True  # lying about it changes nothing
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(protection.ProtectionError, match="stored in the clear"):
+        train_protected(digits_splits, cache, encrypting, VICTIM_A)
+
+
+def test_a_manifest_that_is_not_one_is_refused_by_name(digits_splits, tmp_path):
+    cache = tmp_path / "cache"
+    train_protected(digits_splits, cache, victims.UNPROTECTED, VICTIM_A)
+    manifest_path = entry_of(cache, VICTIM_A) / "manifest.json"
+    for text in ("{not json", "[]", json.dumps({"format": 9, "config": {}, "sha256": ""})):
+        manifest_path.write_text(text)
+        with pytest.raises(victims.TamperedCheckpointError, match="manifest.json"):
+            train_protected(digits_splits, cache, victims.UNPROTECTED, VICTIM_A)
