@@ -194,3 +194,99 @@ def test_a_manifest_that_is_not_one_is_refused_by_name(digits_splits, tmp_path):
         manifest_path.write_text(text)
         with pytest.raises(victims.TamperedCheckpointError, match="manifest.json"):
             train_protected(digits_splits, cache, victims.UNPROTECTED, VICTIM_A)
+
+
+# -- the server: the same protection.* keys, and a refused checkpoint stops its start-up -------------------
+
+
+def serve_overrides(tmp_path: Path, cache: Path, *extra: str) -> list[str]:
+    from experiments import keys
+    from tests.test_serving_cli import TINY_VICTIM
+
+    if not (tmp_path / "tls" / "cert.pem").exists():
+        keys.main(["selfsigned", "--out", str(tmp_path / "tls")])
+        keys.main(
+            ["create", "--store", str(tmp_path / "k.json"), "--role", "admin", "--out", str(tmp_path / "a")]
+        )
+    return [
+        f"cache_dir={cache}",
+        f"serve.key_store={tmp_path / 'k.json'}",
+        f"serve.certfile={tmp_path / 'tls' / 'cert.pem'}",
+        f"serve.keyfile={tmp_path / 'tls' / 'key.pem'}",
+        f"serve.audit_db={tmp_path / 'audit.sqlite'}",
+        *TINY_VICTIM,
+        *extra,
+    ]
+
+
+def start_server(overrides: list[str]):
+    from heistlab.serving.app import app_from_config
+    from tests.test_serving_cli import composed_serve
+
+    return app_from_config(composed_serve(*overrides))
+
+
+def victim_entry(cache: Path) -> Path:
+    (entry,) = (cache / "victims").iterdir()
+    return entry
+
+
+@pytest.mark.slow  # trains two tiny victims through the server's start-up: about 10 s on 2 busy cores
+def test_the_server_takes_the_protect_overrides_verbatim_and_refuses_swapped_entries(
+    tmp_path, capsys, caplog
+):
+    from experiments.protect import main
+
+    main(["--out", str(tmp_path / "keys")])
+    printed = capsys.readouterr().out.split()
+    assert all(override.startswith("protection.") for override in printed) and len(printed) == 3
+    first, second = tmp_path / "first", tmp_path / "second"
+    with caplog.at_level("WARNING", logger="heistlab.serving"):
+        start_server(serve_overrides(tmp_path, first, *printed))  # trains, encrypts and signs victim seed 0
+        start_server(serve_overrides(tmp_path, second, "victim.seed=1", *printed))
+        start_server(serve_overrides(tmp_path, first, *printed))  # served from the cache, verified
+    assert "UNSIGNED CHECKPOINT" not in caplog.text
+    entry = victim_entry(first)
+    assert "signature" in json.loads((entry / "manifest.json").read_text())
+    assert protection.is_encrypted((entry / "params.msgpack").read_bytes())
+    copy_entry(victim_entry(second), entry)
+    with pytest.raises(victims.TamperedCheckpointError, match="made for another victim"):
+        start_server(serve_overrides(tmp_path, first, *printed))
+
+
+@pytest.mark.slow  # trains two tiny victims and starts a server process: about 15 s on 2 busy cores
+def test_an_unsigned_server_warns_and_refuses_to_start_on_a_copied_entry(tmp_path, caplog):
+    import subprocess
+    import sys
+
+    from tests.test_serving_cli import REPO
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    with caplog.at_level("WARNING", logger="heistlab.serving"):
+        start_server(serve_overrides(tmp_path, first))
+    warnings = [record.message for record in caplog.records if "UNSIGNED CHECKPOINT" in record.message]
+    assert len(warnings) == 1 and "protection.verify_key_file" in warnings[0]
+    start_server(serve_overrides(tmp_path, second, "victim.seed=1"))
+    copy_entry(victim_entry(second), victim_entry(first))
+    command = [sys.executable, "-m", "experiments.serve", *serve_overrides(tmp_path, first),
+               f"hydra.run.dir={tmp_path / 'hydra'}"]  # fmt: skip
+    refused = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0
+    assert "experiments.serve refused to start: refusing checkpoint" in refused.stderr
+    assert "made for another victim" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_a_server_with_an_encryption_key_refuses_a_plaintext_checkpoint(tmp_path):
+    (tmp_path / "checkpoint.key").write_text(protection.new_key())
+    keyed = serve_overrides(
+        tmp_path, tmp_path / "cache", f"protection.encryption_key_file={tmp_path / 'checkpoint.key'}"
+    )
+    start_server(keyed)
+    entry = victim_entry(tmp_path / "cache")
+    plaintext = serialization.to_bytes({"params": {"planted": np.zeros(3, np.float32)}})
+    (entry / "params.msgpack").write_bytes(plaintext)
+    manifest = json.loads((entry / "manifest.json").read_text())
+    manifest.update(sha256=hashlib.sha256(plaintext).hexdigest(), encrypted=False)
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(protection.ProtectionError, match="encryption key is configured but the checkpoint"):
+        start_server(keyed)

@@ -474,11 +474,19 @@ def create_app(
 
 def app_from_config(cfg) -> tuple[FastAPI, ServerSettings]:
     """The server a composed ``configs/serve.yaml`` describes: the victim from the victim cache (its
-    checkpoint digest verified), the defense chain, keys, audit log (encrypted at rest when
-    ``serve.audit_key_file`` or ``serve.audit_key_env`` names a key) and limits under ``cfg.serve``."""
+    manifest's binding and digest verified, and its signature under ``protection.verify_key_file``), the
+    defense chain, keys, audit log (encrypted at rest when ``serve.audit_key_file`` or
+    ``serve.audit_key_env`` names a key) and limits under ``cfg.serve``."""
     from hydra.utils import instantiate
 
-    from heistlab.experiment import build_defense, build_splits, defender_data, load_victim
+    from heistlab.experiment import (
+        at_rest_from,
+        build_defense,
+        build_splits,
+        cache_directory,
+        defender_data,
+        load_victim,
+    )
     from heistlab.protection import load_key
     from heistlab.serving.auth import KeyStore, token_secret
     from heistlab.serving.service import build_core
@@ -489,10 +497,16 @@ def app_from_config(cfg) -> tuple[FastAPI, ServerSettings]:
     authenticator = Authenticator(store, token_secret(spec.token_secret_file), spec.token_ttl_s)
     splits = build_splits(cfg)
     defense = build_defense(cfg.defense, defender_data(cfg, splits))
+    signed = at_rest_from(cfg).signing.public is not None
     victim, from_cache = load_victim(cfg, splits, defense)
-    log.info(
-        "victim %s (%s)", cfg.victim.family, "from the cache, digest verified" if from_cache else "trained"
-    )
+    checks = "signature, binding and digest verified" if signed else "binding and digest verified"
+    log.info("victim %s (%s)", cfg.victim.family, f"from the cache, {checks}" if from_cache else "trained")
+    if not signed:
+        log.warning(
+            "UNSIGNED CHECKPOINT: the served victim is checked against an unsigned digest that anyone who "
+            "can write %s can recompute; set protection.verify_key_file (python -m experiments.protect)",
+            cache_directory(cfg),
+        )
     audit_key = load_key(spec.get("audit_key_file"), spec.get("audit_key_env"))
     audit = AuditLog(Path(str(spec.audit_db)).expanduser(), key=audit_key)
     schema = input_schema(splits.input_shape, (0.0, 1.0), spec.max_batch, spec.max_body_bytes)
