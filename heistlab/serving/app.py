@@ -10,8 +10,9 @@ Endpoints (the schema is published at ``/openapi.json``):
 
 Status codes: 400 malformed, 401 no valid credentials (missing, wrong, revoked, expired), 403 beyond the
 role, 404/405 no such route, 413 body too large, 415 not JSON, 422 invalid inputs, 429 refused by admission
-(quota spent, rate limited, or a detector's refusal; with ``Retry-After``), 500 a generic message and a
-request id (the traceback goes to the server log only).
+(quota spent, rate limited, or a detector's refusal; with ``Retry-After``) or too many failed secret checks
+for the key id or from the address (``heistlab.serving.failed_auth``; answered after a hold, with
+``Retry-After``), 500 a generic message and a request id (the traceback goes to the server log only).
 Every request, whatever its fate, is one row in the audit log.
 
 Deliberately weak deployments, for exercising audits (``python -m experiments.audit``) and nothing else, are
@@ -20,6 +21,7 @@ to requests without credentials, as the client ``anonymous`` with role ``insecur
 ``insecure_probabilities_to_every_role`` lets every role that is served predictions ask for probabilities.
 """
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -50,6 +52,7 @@ from heistlab.serving.auth import (
     allowed_output,
     role_named,
 )
+from heistlab.serving.failed_auth import FailedAuthThrottle, Throttled
 from heistlab.serving.service import ServingCore
 from heistlab.serving.throttle import retry_after_header
 from heistlab.serving.validation import (
@@ -268,6 +271,18 @@ def create_app(
         headers = {"WWW-Authenticate": 'Bearer realm="heistlab"'}
         return refused(request, 401, "unauthenticated", str(error), headers=headers)
 
+    @app.exception_handler(Throttled)
+    async def too_many_failures(request: Request, error: Throttled):
+        await asyncio.sleep(error.hold_s)  # no thread held: a client retrying at once is slowed, not served
+        return refused(
+            request,
+            429,
+            "too_many_failures",
+            str(error),
+            headers={"Retry-After": retry_after_header(error.retry_after)},
+            retry_after=error.retry_after,
+        )
+
     @app.exception_handler(Forbidden)
     async def forbidden(request: Request, error: Forbidden):
         return refused(request, 403, "forbidden", str(error))
@@ -310,12 +325,13 @@ def create_app(
 
     async def authenticated(request: Request) -> Principal:
         authorization, api_key = request.headers.get("authorization"), request.headers.get("x-api-key")
+        source = request.client.host if request.client else None
         if not authorization and not api_key and request.url.path in open_routes:
             principal = Principal(ANONYMOUS, open_role)
         elif authorization or not api_key:  # a bearer token is one HMAC: checked right here
             principal = authenticator.authenticate_headers(authorization, api_key)
-        else:  # an API key may cost one scrypt (then it is remembered): off the event loop
-            principal = await run_in_threadpool(authenticator.authenticate_headers, None, api_key)
+        else:  # a key made before keys were SHA-256 may cost one scrypt (then remembered): off the loop
+            principal = await run_in_threadpool(authenticator.authenticate_headers, None, api_key, source)
         if insecure_probabilities_to_every_role:
             principal = principal._replace(role=widened(principal.role))
         note = _note(request)
@@ -367,7 +383,8 @@ def create_app(
             )
         credential = client_credentials(form, request.headers.get("authorization"))
         try:
-            principal = await run_in_threadpool(authenticator.authenticate_secret, credential)
+            source = request.client.host if request.client else None
+            principal = await run_in_threadpool(authenticator.authenticate_secret, credential, source)
         except Unauthenticated as error:
             return refused(
                 request,
@@ -474,11 +491,19 @@ def create_app(
 
 def app_from_config(cfg) -> tuple[FastAPI, ServerSettings]:
     """The server a composed ``configs/serve.yaml`` describes: the victim from the victim cache (its
-    checkpoint digest verified), the defense chain, keys, audit log (encrypted at rest when
-    ``serve.audit_key_file`` or ``serve.audit_key_env`` names a key) and limits under ``cfg.serve``."""
+    manifest's binding and digest verified, and its signature under ``protection.verify_key_file``), the
+    defense chain, keys, audit log (encrypted at rest when ``serve.audit_key_file`` or
+    ``serve.audit_key_env`` names a key) and limits under ``cfg.serve``."""
     from hydra.utils import instantiate
 
-    from heistlab.experiment import build_defense, build_splits, defender_data, load_victim
+    from heistlab.experiment import (
+        at_rest_from,
+        build_defense,
+        build_splits,
+        cache_directory,
+        defender_data,
+        load_victim,
+    )
     from heistlab.protection import load_key
     from heistlab.serving.auth import KeyStore, token_secret
     from heistlab.serving.service import build_core
@@ -486,13 +511,22 @@ def app_from_config(cfg) -> tuple[FastAPI, ServerSettings]:
 
     spec = cfg.serve
     store = KeyStore(Path(str(spec.key_store)).expanduser())
-    authenticator = Authenticator(store, token_secret(spec.token_secret_file), spec.token_ttl_s)
+    throttle = FailedAuthThrottle(spec.failed_auth_burst, spec.failed_auth_rate, spec.failed_auth_hold_s)
+    authenticator = Authenticator(
+        store, token_secret(spec.token_secret_file), spec.token_ttl_s, throttle=throttle
+    )
     splits = build_splits(cfg)
     defense = build_defense(cfg.defense, defender_data(cfg, splits))
+    signed = at_rest_from(cfg).signing.public is not None
     victim, from_cache = load_victim(cfg, splits, defense)
-    log.info(
-        "victim %s (%s)", cfg.victim.family, "from the cache, digest verified" if from_cache else "trained"
-    )
+    checks = "signature, binding and digest verified" if signed else "binding and digest verified"
+    log.info("victim %s (%s)", cfg.victim.family, f"from the cache, {checks}" if from_cache else "trained")
+    if not signed:
+        log.warning(
+            "UNSIGNED CHECKPOINT: the served victim is checked against an unsigned digest that anyone who "
+            "can write %s can recompute; set protection.verify_key_file (python -m experiments.protect)",
+            cache_directory(cfg),
+        )
     audit_key = load_key(spec.get("audit_key_file"), spec.get("audit_key_env"))
     audit = AuditLog(Path(str(spec.audit_db)).expanduser(), key=audit_key)
     schema = input_schema(splits.input_shape, (0.0, 1.0), spec.max_batch, spec.max_body_bytes)
