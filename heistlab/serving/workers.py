@@ -12,7 +12,8 @@ victim itself, nothing is forked from a process that has started JAX). Each bind
 
 What they do not share: the defense chain's state (PRADA's per-key histories, noise keys), and alarms raised
 once per key per worker. The parent verifies the audit log, resets the shared admission from it, then starts
-the workers; when one exits, the others are stopped and the server exits with its status.
+the first worker (which fills the victim cache if needed), then the others once it serves; when one exits,
+the others are stopped and the server exits with status 1.
 
 This module imports no JAX: the parent process stays light.
 """
@@ -154,24 +155,27 @@ def serve_workers(cfg, workers: int) -> int:
 
     previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        for process in processes:
-            process.start()
+        processes[0].start()  # the first worker fills the victim cache; the others then load from it
         announced, started = False, time.monotonic()
         while not stopping.is_set():
-            if any(process.exitcode is not None for process in processes):
+            if any(process.exitcode is not None for process in processes if process.pid is not None):
                 break
+            if readiness[0].is_set() and any(process.pid is None for process in processes):
+                for process in processes[1:]:
+                    process.start()
             if not announced and all(ready.is_set() for ready in readiness):
-                log.warning("serving https://%s:%d with %d workers", spec.host, port, workers)
+                log.info("serving https://%s:%d with %d workers", spec.host, port, workers)
                 announced = True
             if not announced and time.monotonic() - started > READY_TIMEOUT_S:
                 log.error("the workers did not start within %.0f s", READY_TIMEOUT_S)
                 break
             stopping.wait(0.1)
     finally:
-        for process in processes:
+        started_processes = [process for process in processes if process.pid is not None]
+        for process in started_processes:
             if process.is_alive():
                 process.terminate()  # SIGTERM: uvicorn finishes the requests in flight
-        for process in processes:
+        for process in started_processes:
             process.join(timeout=30)
             if process.is_alive():
                 process.kill()
@@ -179,5 +183,9 @@ def serve_workers(cfg, workers: int) -> int:
         holder.close()
         for number, handler in previous.items():
             signal.signal(number, handler)
-    failed = [process.exitcode for process in processes if process.exitcode not in (0, -signal.SIGTERM)]
+    failed = [
+        process.exitcode
+        for process in processes
+        if process.pid is not None and process.exitcode not in (0, -signal.SIGTERM)
+    ]
     return 0 if stopping.is_set() and not failed else 1
