@@ -8,7 +8,6 @@ to accept it, and then logs that decision. The database and its -wal and -shm fi
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import stat
@@ -129,10 +128,14 @@ def test_an_edited_field_is_reported_with_its_row(tmp_path):
 
 def test_a_removed_or_forged_head_is_reported(tmp_path):
     log = chained_log(tmp_path / "audit.sqlite")
-    head = json.loads(log.head_path.read_text())
-    head["tables"]["requests"]["last_id"] = 5  # hide rows 6-8 behind a head edited to match
-    log.head_path.write_text(json.dumps(head))
-    assert findings(log.path) == {"head": ()}
+    original = log.head_path.read_bytes()  # two slots: the head after row 8, and the one before it
+    assert original.count(b'"last_id": 8') == 1 and original.count(b'"last_id": 7') == 1
+    log.head_path.write_bytes(original.replace(b'"last_id": 8', b'"last_id": 5'))  # to hide rows 6-8
+    report = verify_log(log.path, MAC_KEY)
+    assert [(finding.kind, finding.row_ids) for finding in report.findings] == [("head", ())]
+    assert "slot 0" in report.findings[0].detail
+    log.head_path.write_bytes(original.replace(b'"last_id": 8', b'"last_id": 5').replace(b": 7,", b": 5,"))
+    assert [finding.kind for finding in verify_log(log.path, MAC_KEY).findings] == ["head", "head"]
     log.head_path.unlink()
     report = verify_log(log.path, MAC_KEY)
     assert [finding.kind for finding in report.findings] == ["head"]
