@@ -142,6 +142,15 @@ def test_a_removed_or_forged_head_is_reported(tmp_path):
     assert "missing" in report.findings[0].detail
 
 
+def test_a_database_deleted_beside_its_head_is_reported_as_truncated(tmp_path):
+    chained_log(tmp_path / "audit.sqlite").close()
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"audit.sqlite{suffix}").unlink(missing_ok=True)
+    fresh = AuditLog(tmp_path / "audit.sqlite", mac_key=MAC_KEY)  # the head is kept, not overwritten
+    with pytest.raises(BrokenAuditLog, match=r"truncated: requests rows 1-8"):
+        fresh.check_at_start()
+
+
 def test_a_wrong_mac_key_or_a_log_chained_without_one_is_refused(tmp_path):
     chained_log(tmp_path / "audit.sqlite", rows=2).close()
     with pytest.raises(ProtectionError, match="not the one this log was chained with"):

@@ -518,7 +518,8 @@ class AuditLog:
                 "INSERT OR IGNORE INTO meta (name, value) VALUES ('chain', ?), ('chain_check', ?)",
                 (CHAIN, check),
             )
-            self._write_head()
+            if not self.head_path.exists():  # a head left by a deleted database stays, for verify to compare
+                self._write_head()
             return
         if self._mac_key is None:
             raise ProtectionError(
