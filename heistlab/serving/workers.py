@@ -133,6 +133,11 @@ def serve_workers(cfg, workers: int) -> int:
     from heistlab.serving.shared import SharedAdmission
 
     spec = cfg.serve
+    if spec.get("extra_admission"):
+        raise ValueError(
+            "serve.extra_admission keeps its state in one process; with serve.workers > 1 only serve.quota, "
+            "serve.rate and serve.burst are shared: leave serve.extra_admission empty or use one worker"
+        )
     audit = open_audit_log(spec)
     shared = SharedAdmission(audit.path, spec.quota, spec.rate, spec.burst)
     shared.reset(audit.served_rows())
