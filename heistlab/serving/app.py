@@ -489,11 +489,17 @@ def create_app(
     return app
 
 
-def app_from_config(cfg) -> tuple[FastAPI, ServerSettings]:
+def app_from_config(
+    cfg, token_signing_secret: bytes | None = None, worker: bool = False
+) -> tuple[FastAPI, ServerSettings]:
     """The server a composed ``configs/serve.yaml`` describes: the victim from the victim cache (its
     manifest's binding and digest verified, and its signature under ``protection.verify_key_file``), the
-    defense chain, keys, audit log (encrypted at rest when ``serve.audit_key_file`` or
-    ``serve.audit_key_env`` names a key) and limits under ``cfg.serve``."""
+    defense chain, keys, audit log (encrypted at rest and chained when ``cfg.serve`` names those keys;
+    verified before serving, see ``workers.open_audit_log``) and limits under ``cfg.serve``.
+
+    token_signing_secret: the bearer-token secret (None: from the config, else random).
+    worker: one of several processes (``workers.serve_workers``): the quota and rate limit are the shared
+    ones, and the audit log was verified by the parent."""
     from hydra.utils import instantiate
 
     from heistlab.experiment import (
@@ -504,17 +510,18 @@ def app_from_config(cfg) -> tuple[FastAPI, ServerSettings]:
         defender_data,
         load_victim,
     )
-    from heistlab.protection import load_key
     from heistlab.serving.auth import KeyStore, token_secret
     from heistlab.serving.service import build_core
+    from heistlab.serving.shared import SharedAdmission
     from heistlab.serving.validation import input_schema
+    from heistlab.serving.workers import open_audit_log
 
     spec = cfg.serve
     store = KeyStore(Path(str(spec.key_store)).expanduser())
     throttle = FailedAuthThrottle(spec.failed_auth_burst, spec.failed_auth_rate, spec.failed_auth_hold_s)
-    authenticator = Authenticator(
-        store, token_secret(spec.token_secret_file), spec.token_ttl_s, throttle=throttle
-    )
+    secret = token_signing_secret or token_secret(spec.token_secret_file)
+    authenticator = Authenticator(store, secret, spec.token_ttl_s, throttle=throttle)
+    audit = open_audit_log(spec, check=not worker)  # a broken log stops the server before the victim loads
     splits = build_splits(cfg)
     defense = build_defense(cfg.defense, defender_data(cfg, splits))
     signed = at_rest_from(cfg).signing.public is not None
@@ -527,8 +534,12 @@ def app_from_config(cfg) -> tuple[FastAPI, ServerSettings]:
             "can write %s can recompute; set protection.verify_key_file (python -m experiments.protect)",
             cache_directory(cfg),
         )
-    audit_key = load_key(spec.get("audit_key_file"), spec.get("audit_key_env"))
-    audit = AuditLog(Path(str(spec.audit_db)).expanduser(), key=audit_key)
+    shared = SharedAdmission(audit.path, spec.quota, spec.rate, spec.burst) if worker else None
+    if worker and defense.report is not None:
+        log.warning(
+            "each of the serve.workers keeps its own defense state: a detector reads only the queries its "
+            "worker served (a key's stream is split between workers)"
+        )
     schema = input_schema(splits.input_shape, (0.0, 1.0), spec.max_batch, spec.max_body_bytes)
     core = build_core(
         victim,
@@ -542,6 +553,7 @@ def app_from_config(cfg) -> tuple[FastAPI, ServerSettings]:
         extra_admission=[instantiate(member) for member in spec.extra_admission],
         max_batch=spec.max_batch,
         monitor_every=spec.monitor_every,
+        shared=shared,
     )
     burst = spec.burst if spec.burst is not None or spec.rate is None else max(1, math.ceil(spec.rate))
     app = create_app(

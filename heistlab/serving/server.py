@@ -1,8 +1,8 @@
 """Running the app on uvicorn over HTTPS: in the foreground (``python -m experiments.serve``) or in a thread.
 
-One process serves (no uvicorn workers): the quota ledger, the rate-limit buckets and the defense state live
-in it, and one lock over them is what makes budgets exact. TLS 1.2 is the minimum protocol version (Python's
-default for server contexts).
+Here one process serves: the quota ledger, the rate-limit buckets and the defense state live in it, and one
+lock over them is what makes budgets exact (``workers`` runs several processes on one port, the quota and rate
+limit shared through SQLite). TLS 1.2 is the minimum protocol version (Python's default for server contexts).
 """
 
 from __future__ import annotations
