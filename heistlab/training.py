@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from heistlab import progress
 from heistlab.models import trains_in_compiled_loop
 
 Params = Any
@@ -173,12 +174,19 @@ def train_classifier(
         return program.run_all(params, padded_inputs, padded_targets, *dynamic, shuffle_key)
     carry, rows = (params, program.optimizer.init(params)), np.int32(count)
     chunked = steps_per_epoch - steps_per_epoch % STEPS_PER_CALL
-    for epoch in range(config.epochs):
-        order = epoch_program(shuffle_key, np.int32(epoch), rows, capacity)
-        for position in range(0, chunked, STEPS_PER_CALL):
-            carry = program.run_chunk(carry, np.int32(position), order, padded_inputs, padded_targets, rows)
-        for position in range(chunked, steps_per_epoch):
-            carry = program.run_one(carry, np.int32(position), order, padded_inputs, padded_targets, rows)
+    shown = progress.interactive()
+    with progress.counter(f"training {type(model).__name__} (epochs)", config.epochs) as advance:
+        for epoch in range(config.epochs):
+            order = epoch_program(shuffle_key, np.int32(epoch), rows, capacity)
+            for position in range(0, chunked, STEPS_PER_CALL):
+                carry = program.run_chunk(
+                    carry, np.int32(position), order, padded_inputs, padded_targets, rows
+                )
+            for position in range(chunked, steps_per_epoch):
+                carry = program.run_one(carry, np.int32(position), order, padded_inputs, padded_targets, rows)
+            if shown:  # the bar counts finished epochs, not dispatched ones
+                jax.block_until_ready(carry)
+            advance(1)
     return carry[0]
 
 

@@ -46,6 +46,8 @@ def test_multirun_sweeps_defenses_and_seeds(tmp_path, cache_dir):
     sweep = ["-m", "defense=none,label_only", "seed=range(2)", *TINY, f"hydra.sweep.dir={tmp_path}"]
     finished = run_cli(sweep, cache_dir)
     assert finished.returncode == 0, finished.stderr
+    # One line per job, no table per job.
+    assert finished.stdout.count(": complete in ") == 4 and "metric" not in finished.stdout
     records = [read_results(folder) for folder in sorted(tmp_path.glob("[0-9]*"))]
     cells = {(record["config"]["defense"]["_target_"], record["seed"]) for record in records}
     assert len(records) == 4 and len(cells) == 4
