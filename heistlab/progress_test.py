@@ -84,3 +84,27 @@ def test_counting_oracle_counts_served_rows_only():
         wrapped.query(np.zeros((4, 2), np.float32))
     assert counted == [3] and wrapped.remaining == 2
     assert (wrapped.input_shape, wrapped.num_classes, wrapped.output) == ((2,), 3, "probabilities")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["mlp", "cnn_stepped"])
+def test_training_counts_its_epochs_and_learns_the_same_parameters(family, terminal, capsys):
+    """A compiled training loop (MLP) reports each epoch from the device; a stepped one (a CNN on 24x24
+    images) from Python. The parameters are those of the same training without a bar."""
+    from heistlab import models, training
+
+    shape = (8, 8, 1) if family == "mlp" else (24, 24, 1)
+    model = models.MLP(3, (8,)) if family == "mlp" else models.CNN(3, (4,), 8)
+    assert models.trains_in_compiled_loop(model, shape) == (family == "mlp")
+    rng = np.random.default_rng(0)
+    inputs = rng.uniform(size=(40, *shape)).astype(np.float32)
+    targets = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 40)]
+    config = training.TrainConfig(epochs=3, batch_size=16, learning_rate=0.01)
+    terminal.setenv(progress.FORCE_VARIABLE, "0")
+    quiet = training.train_classifier(model, inputs, targets, jax.random.key(1), config)
+    terminal.setenv(progress.FORCE_VARIABLE, "1")
+    shown = training.train_classifier(model, inputs, targets, jax.random.key(1), config)
+    rendered = capsys.readouterr().err
+    assert "epochs" in rendered and "3/3" in rendered
+    for left, right in zip(jax.tree.leaves(quiet), jax.tree.leaves(shown), strict=True):
+        np.testing.assert_allclose(np.asarray(left), np.asarray(right), rtol=1e-6, atol=1e-7)
