@@ -140,9 +140,9 @@ def check_static(cfg: Mapping) -> None:
     check_remote_api(cfg["api"])
 
 
-def check_evasion_output(evasion_name: str, kind: str, output: str | None) -> None:
+def check_evasion_output(evasion_name: str, needs_scores: bool, output: str | None) -> None:
     """A score-based evasion (Square) cannot search through an API that serves labels only."""
-    if kind == "score" and output == "labels":
+    if needs_scores and output == "labels":
         raise ConfigError(
             f"evasion {evasion_name} needs scores, but api.output=labels serves labels only; accepted: "
             "api.output=probabilities or top_k, or a decision-based evasion (evasion=hopskipjump)"

@@ -300,11 +300,13 @@ def describe_victim(spec: DictConfig) -> str:
 
 def check_evasion(cfg: DictConfig) -> None:
     """Builds the evasion config (if any) to refuse a score-based evasion behind a labels-only API."""
+    from attacks.evasion import SCORE
+
     if not cfg.evasion.get("_target_"):
         return
     with building("evasion"):
         evasion = instantiate(cfg.evasion)
-    checks.check_evasion_output(evasion.name, evasion.kind, cfg.api.get("output"))
+    checks.check_evasion_output(evasion.name, evasion.kind == SCORE, cfg.api.get("output"))
 
 
 def check_against_data(cfg: DictConfig, splits: data.Splits, attack: Attack, allow_mismatch: bool):

@@ -8,6 +8,8 @@ fails the test: a refusal that came after training would be caught by it.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +24,8 @@ from heistlab import checks
 from heistlab.checks import ConfigError
 from tests.test_configs import composed
 
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["attack.budget=120", "surrogate.train.epochs=3", "eval.uniform_samples=64"]
 HYDRA_LOG_CONFIGURERS = (hydra._internal.hydra, hydra._internal.core_plugins.basic_launcher, hydra.core.utils)
 
 
@@ -174,3 +178,25 @@ def test_a_matching_victim_needs_no_opt_in():
     assert checks.check_victim_family(functional_equivalence(), MLP(10, (32,)), "x", False) is None
     with pytest.raises(ConfigError, match="one-hidden-layer ReLU"):
         checks.check_victim_family(functional_equivalence(), MLP(10, (32, 32)), "mlp", False)
+
+
+@pytest.mark.slow
+def test_a_sweep_stops_at_its_refused_job_with_one_line(tmp_path, cache_dir):
+    """Job 0 runs; job 1 (seed=abc) is refused in one line, exit status 2, whatever Hydra wraps."""
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        "-m",
+        "seed=0,abc",
+        *TINY,
+        f"hydra.sweep.dir={tmp_path}",
+    ]
+    environment = {**os.environ, "HEISTLAB_CACHE_DIR": str(cache_dir), "CI": "true"}
+    finished = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == checks.REFUSED_STATUS, finished.stderr
+    lines = [line for line in finished.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in finished.stderr
+    assert lines[0].startswith("heistlab: refused: sweep ") and "job 2/2 (seed=abc" in lines[0]
+    assert json.loads((tmp_path / "0" / "results.json").read_text())["status"] == "complete"
+    assert json.loads((tmp_path / "1" / "results.json").read_text())["status"] == "refused"
