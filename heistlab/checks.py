@@ -2,8 +2,9 @@
 training a victim or inside a traceback.
 
 Every refusal is a ``ConfigError`` whose message names what was wrong and what is accepted, on one line;
-``python -m experiments.run`` prints it once to stderr and exits with status 2. This module loads no JAX
-(the process that launches a sweep checks its launcher here before Hydra composes anything).
+``python -m experiments.run`` prints it once to stderr and exits with status 2. Importing this module loads
+no JAX (the process that launches a sweep checks its launcher here before Hydra composes anything); checking
+a defense config imports the ``defenses`` package.
 """
 
 from __future__ import annotations
