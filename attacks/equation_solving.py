@@ -24,11 +24,23 @@ import jax
 import numpy as np
 import scipy.linalg
 
-from attacks.base import Attack, AttackResult, Surrogate, affordable, check_budget, query_in_batches
+from attacks.base import (
+    Attack,
+    AttackResult,
+    Surrogate,
+    VictimFamily,
+    affordable,
+    check_budget,
+    query_in_batches,
+)
 from heistlab.api import Oracle
 from heistlab.models import SoftmaxRegression
 
 GRAM_CHUNK = 256
+SOFTMAX_REGRESSION = VictimFamily(
+    "a softmax-regression victim (victim=softmax_regression)",
+    lambda model: isinstance(model, SoftmaxRegression),
+)
 
 
 def require_probabilities(attack: str, oracle: Oracle) -> None:
@@ -168,4 +180,4 @@ def equation_solving(budget: int = 650, floor: float = 0.0, query_batch: int = 1
         }
         return AttackResult(params, len(inputs), ({"round": 0, "queries": len(inputs), **record},), model)
 
-    return Attack("equation_solving", budget, run)
+    return Attack("equation_solving", budget, run, extracts=SOFTMAX_REGRESSION)

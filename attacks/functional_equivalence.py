@@ -32,7 +32,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from attacks.base import Attack, AttackResult, Surrogate, affordable, check_budget
+from attacks.base import Attack, AttackResult, Surrogate, VictimFamily, affordable, check_budget
 from heistlab.api import Oracle, QueryRefused
 from heistlab.models import MLP
 
@@ -378,6 +378,12 @@ def one_hidden_layer_params(
     }
 
 
+ONE_HIDDEN_RELU = VictimFamily(
+    "a one-hidden-layer ReLU network (victim=relu_one_hidden)",
+    lambda model: isinstance(model, MLP) and len(model.hidden) == 1,
+)
+
+
 def functional_equivalence(
     budget: int = 20000,
     hidden: int | None = None,
@@ -484,4 +490,4 @@ def functional_equivalence(
         model = MLP(num_classes=oracle.num_classes, hidden=(width,))
         return AttackResult(params, ask.spent, tuple(history), model)
 
-    return Attack("functional_equivalence", budget, run)
+    return Attack("functional_equivalence", budget, run, extracts=ONE_HIDDEN_RELU)

@@ -55,4 +55,4 @@ def test_an_attack_that_trains_in_rounds_runs_its_seeds_one_after_another(cache_
 def test_bad_seed_counts_are_named(tmp_path, cache_dir, overrides, message):
     with pytest.raises(ValueError, match=message):
         run_experiment(composed(*overrides, f"cache_dir={cache_dir}", *TINY), tmp_path)
-    assert read_results(tmp_path)["status"] == "failed"
+    assert read_results(tmp_path)["status"] == "refused"
