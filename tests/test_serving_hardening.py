@@ -274,3 +274,65 @@ def test_the_body_parser_gives_the_same_answer_in_a_thread_and_in_a_worker_proce
         assert in_process._pool is not None and in_thread._pool is None
     finally:
         in_process.close()
+
+
+@pytest.fixture(scope="module")
+def asgi_app(tmp_path_factory, small_victim):
+    """The app alone (schemathesis calls it in-process through ASGI), with a client and an admin key."""
+    folder = tmp_path_factory.mktemp("schema")
+    store = folder / "keys.json"
+    client, admin = create_key(store, "probabilities", CHEAP_KDF), create_key(store, "admin", CHEAP_KDF)
+    audit = AuditLog(folder / "audit.sqlite")
+    core = build_core(small_victim, rounding(2), audit=audit, quota=1_000_000)
+    authenticator = Authenticator(KeyStore(store), b"t" * 32, 300)
+    app = create_app(core, authenticator, audit, input_schema(small_victim.input_shape, max_batch=4))
+    return app, client, admin, audit
+
+
+def fuzz(operation, mode, headers: dict, statuses: list, examples: int, excluded=()):
+    """Runs ``examples`` schemathesis cases of ``operation`` (schema-valid or schema-invalid, as ``mode``
+    says) with every default check on but ``excluded``."""
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(case=operation.as_strategy(generation_mode=mode))
+    def check(case) -> None:
+        response = case.call_and_validate(headers=headers, excluded_checks=list(excluded))
+        statuses.append(response.status_code)
+
+    check()
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_no_disagreement_between_the_schema_and_the_server(asgi_app):
+    """Every documented operation, schema-valid and schema-invalid requests, with schemathesis's checks on
+    (no 5xx, documented status codes, response schemas and content types, schema-valid requests not refused
+    with 400/422, schema-invalid ones not served), as a client key and as the admin key."""
+    import schemathesis
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis.specs.openapi.checks import ignored_auth
+
+    app, client, admin, audit = asgi_app
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) == 7
+    statuses: list[int] = []
+    negative = schemathesis.GenerationMode.NEGATIVE
+    with_invalid_requests = set()
+    for operation in operations:
+        for credential in (client, admin):
+            for mode in (schemathesis.GenerationMode.POSITIVE, negative):
+                # Schema-invalid requests may carry an empty Authorization header next to the valid X-API-Key
+                # sent here, which the server serves (an empty header counts as absent): ignored_auth would
+                # call that unenforced auth. It runs on the schema-valid requests.
+                excluded = [ignored_auth] if mode == negative else []
+                try:
+                    fuzz(operation, mode, {"X-API-Key": credential.api_key}, statuses, 10, excluded)
+                except Unsatisfiable:  # nothing in the request can be invalid (GET /healthz)
+                    assert mode == negative
+                else:
+                    with_invalid_requests.add(operation.label) if mode == negative else None
+    assert len(with_invalid_requests) >= 5, with_invalid_requests
+    assert all(status < 500 for status in statuses) and len(statuses) >= 7 * 2 * 2
+    assert any(400 <= status < 500 for status in statuses) and 200 in statuses
+    assert audit.count() >= len(statuses)

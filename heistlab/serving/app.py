@@ -72,6 +72,7 @@ from heistlab.serving.validation import (
 
 log = logging.getLogger("heistlab.serving")
 MAX_TOKEN_BODY_BYTES = 8192
+TOKEN_PARAMETERS = ("grant_type", "client_id", "client_secret")
 SECURITY_HEADERS = {
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
@@ -153,10 +154,11 @@ def parse_token_form(body: bytes, content_type: str | None) -> dict[str, list[st
             400, "invalid_request", "the token request must be application/x-www-form-urlencoded"
         )
     try:
-        form = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False, max_num_fields=8)
+        form = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
     except (UnicodeDecodeError, ValueError):
         raise BadRequest(400, "invalid_request", "malformed form body") from None
-    repeated = sorted(name for name, values in form.items() if len(values) > 1)
+    # RFC 6749 section 3.1: unrecognised parameters are ignored, and none may be sent more than once.
+    repeated = sorted(name for name in TOKEN_PARAMETERS if len(form.get(name, ())) > 1)
     if repeated:
         raise BadRequest(400, "invalid_request", f"parameters must appear once: {repeated}")
     return form
@@ -386,8 +388,12 @@ def create_app(
                             "required": ["grant_type", "client_id", "client_secret"],
                             "properties": {
                                 "grant_type": {"type": "string", "enum": ["client_credentials"]},
-                                "client_id": {"type": "string", "description": "the key id"},
-                                "client_secret": {"type": "string", "description": "the key's secret"},
+                                "client_id": {"type": "string", "minLength": 1, "description": "the key id"},
+                                "client_secret": {
+                                    "type": "string",
+                                    "minLength": 1,
+                                    "description": "the key's secret",
+                                },
                             },
                         }
                     }
