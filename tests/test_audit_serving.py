@@ -177,7 +177,8 @@ def test_the_quota_probe_sends_one_batch_past_the_quota_and_sees_it_refused_whol
         server.stop()
     assert not found.present and found.tested
     assert found.figures == {
-        "quota": 10, "remaining_before": 10, "status": 429, "error": "refused", "remaining_after": 10
+        "quota": 10, "remaining_before": 10, "rows_drained": 0, "drain_status_counts": {},
+        "remaining_drained": 10, "status": 429, "error": "refused", "remaining_after": 10,
     }  # fmt: skip
     assert probing.ledger.spent == {"probes": 11} and core.served(client.key_id) == 0
 
