@@ -558,6 +558,8 @@ def app_from_config(cfg) -> tuple[FastAPI, ServerSettings]:
         monitor_every=spec.monitor_every,
     )
     burst = spec.burst if spec.burst is not None or spec.rate is None else max(1, math.ceil(spec.rate))
+    body_parser = BodyParser()
+    body_parser.warm()
     app = create_app(
         core,
         authenticator,
@@ -568,6 +570,7 @@ def app_from_config(cfg) -> tuple[FastAPI, ServerSettings]:
         insecure_open_routes=list(spec.get("insecure_open_routes") or ()),
         insecure_open_role=spec.get("insecure_open_role", "probabilities"),
         insecure_probabilities_to_every_role=bool(spec.get("insecure_probabilities_to_every_role", False)),
+        body_parser=body_parser,
     )
     settings = ServerSettings(
         spec.host,

@@ -206,6 +206,11 @@ class BodyParser:
                 self._pool = ProcessPoolExecutor(self.workers, mp_context=context)
             return self._pool
 
+    def warm(self) -> None:
+        """Starts the worker processes now (a spawned worker imports the server's modules: seconds), rather
+        than on the first large body."""
+        self._processes().submit(int)
+
     def _discard(self, pool: ProcessPoolExecutor) -> None:
         with self._lock:
             if self._pool is pool:
