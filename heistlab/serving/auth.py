@@ -24,7 +24,8 @@ A client proves who it is in one of two ways:
   ``grant_type=client_credentials``, ``client_id=<key id>`` and ``client_secret=<secret>`` returns a
   short-lived bearer token, sent as ``Authorization: Bearer <token>``. A token is
   ``hl1.<claims>.<signature>``: base64url JSON claims (``sub`` the key id, ``jti`` a token id, ``iat``,
-  ``exp``) and their HMAC-SHA256 under the server's signing secret. Revoking a key refuses every token
+  ``exp``) and their HMAC-SHA256 under the server's signing secret, in its one canonical unpadded base64url
+  spelling (any other spelling of the same bytes is refused). Revoking a key refuses every token
   issued for it; tokens expire after their TTL.
 
 A key's role decides what it receives and what it may do (see ``ROLES``).
@@ -370,11 +371,12 @@ def verify_token(token: str, secret: bytes, now: float) -> dict:
     if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
         raise Unauthenticated("malformed bearer token")
     signed = f"{parts[0]}.{parts[1]}"
-    expected = hmac.new(secret, signed.encode(), hashlib.sha256).digest()
+    expected = _b64(hmac.new(secret, signed.encode(), hashlib.sha256).digest())
+    # The one canonical spelling (unpadded base64url) is compared, not its decoding: padded, standard-alphabet
+    # or junk-carrying spellings of a genuine signature are refused.
+    if not hmac.compare_digest(parts[2].encode("utf-8", "replace"), expected.encode()):
+        raise Unauthenticated("bearer token signature does not verify")
     try:
-        signature = _unb64(parts[2])
-        if not hmac.compare_digest(signature, expected):
-            raise Unauthenticated("bearer token signature does not verify")
         claims = json.loads(_unb64(parts[1]))
         subject, expiry, token_id = claims["sub"], float(claims["exp"]), claims["jti"]
     except (ValueError, KeyError, TypeError) as error:
