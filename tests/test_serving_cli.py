@@ -92,7 +92,6 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.slow
 @pytest.mark.slow  # a fresh process imports JAX, Hydra and FastAPI: about 10 s on 2 cores
 def test_serve_cli_answers_over_https_as_the_in_process_api_does(tmp_path, cache_dir):
     for command in (
