@@ -41,6 +41,7 @@ def test_equation_solving_extracts_softmax_regression_on_digits(cache_dir):
     assert found["fidelity_uniform"] >= 0.999 and found["fidelity_test"] >= 0.999
 
 
+@pytest.mark.slow
 def test_two_decimal_rounding_costs_equation_solving_fidelity_or_queries(cache_dir):
     rounded = [
         softmax_regression_run(cache_dir, budget, "defense=rounding", "defense.decimals=2")

@@ -155,6 +155,7 @@ WEAKNESSES = (
 )
 
 
+@pytest.mark.slow
 def test_the_weak_deployment_is_reported_with_its_weaknesses_and_fails_the_gate(weak):
     findings = weak.findings
     for check in WEAKNESSES:
@@ -186,6 +187,7 @@ def exit_status_of(audited: Audited, fail_on: str) -> int:
     return exit_status(found, fail_on)
 
 
+@pytest.mark.slow
 def test_the_hardened_deployment_reports_the_weaknesses_absent_and_passes_the_gate(hardened):
     findings = hardened.findings
     held = (
@@ -223,6 +225,7 @@ def test_the_hardened_deployment_reports_the_weaknesses_absent_and_passes_the_ga
     assert flood["tested"] and flood["present"] == ("429" not in flood["figures"]["status_counts"])
 
 
+@pytest.mark.slow
 def test_extraction_is_measured_as_fidelity_per_queries_with_its_detection(weak, hardened):
     for audited in (weak, hardened):
         knockoff = audited.findings["extraction.knockoff"]["figures"]
@@ -237,6 +240,7 @@ def test_extraction_is_measured_as_fidelity_per_queries_with_its_detection(weak,
     assert weak.findings["detection.monitoring"]["present"]  # no detector: the admin key saw no alarm
 
 
+@pytest.mark.slow
 def test_the_report_shows_each_finding_its_figures_and_the_configuration(weak):
     markdown = (weak.out_dir / "report.md").read_text()
     html = (weak.out_dir / "report.html").read_text()

@@ -31,6 +31,7 @@ def run(cache_dir):
     return run
 
 
+@pytest.mark.slow
 def test_mad_argmax_keeps_top1_and_mad_lowers_fidelity_further(run):
     undefended = run("defense=none", *CHEAP)
     argmax_preserving = run("defense=mad_argmax", *CHEAP)

@@ -28,6 +28,7 @@ def run(cache_dir, *overrides):
     return execute(composed(f"cache_dir={cache_dir}", *CHEAP, *overrides))
 
 
+@pytest.mark.slow
 def test_prada_detects_jbda_within_its_budget_and_spares_benign_streams(cache_dir):
     # JBDA with 400 queries: 150 natural seeds, then Jacobian steps. Its distances turn non-normal within the
     # first augmentation round; three benign clients each stream the whole shuffled test split (360 digits).

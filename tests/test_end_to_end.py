@@ -28,6 +28,7 @@ def run_cli(arguments: list[str], cache_dir: Path) -> subprocess.CompletedProces
     return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_single_run_writes_complete_results(tmp_path, cache_dir):
     overrides = ["attack=knockoff", "defense=rounding", "defense.decimals=1", "seed=3", *TINY]
     finished = run_cli([*overrides, f"hydra.run.dir={tmp_path}"], cache_dir)
@@ -42,6 +43,7 @@ def test_single_run_writes_complete_results(tmp_path, cache_dir):
     assert events == ["config", "metrics", "finish"]
 
 
+@pytest.mark.slow
 def test_multirun_sweeps_defenses_and_seeds(tmp_path, cache_dir):
     sweep = ["-m", "defense=none,label_only", "seed=range(2)", *TINY, f"hydra.sweep.dir={tmp_path}"]
     finished = run_cli(sweep, cache_dir)

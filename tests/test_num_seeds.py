@@ -12,6 +12,7 @@ from tests.test_end_to_end import TINY, run_cli
 PER_RUN = ("victim_accuracy", "served_accuracy", "queries_served", "queries_refused", "mean_l1_distortion")
 
 
+@pytest.mark.slow
 def test_each_seed_of_a_vectorised_run_is_the_single_seed_run(tmp_path, cache_dir):
     finished = run_cli(
         ["num_seeds=2", "seed=4", "defense=rounding", *TINY, f"hydra.run.dir={tmp_path}"], cache_dir

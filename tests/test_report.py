@@ -115,6 +115,7 @@ def test_mean_and_std_over_seeds_match_the_hand_computed_values(hand_made_sweep)
     )
 
 
+@pytest.mark.slow
 def test_report_writes_tables_plots_and_lists_failed_runs(hand_made_sweep, tmp_path):
     written = report.write_report([hand_made_sweep], tmp_path)
     names = {path.name for path in written.files}
@@ -169,6 +170,7 @@ def test_missing_inputs_are_named(tmp_path):
         report.gather([tmp_path])
 
 
+@pytest.mark.slow
 def test_report_command_on_a_real_sweep(tmp_path_factory, cache_dir, capsys):
     sweep = interrupted_then_resumed_sweep(tmp_path_factory.getbasetemp(), cache_dir)
     out = tmp_path_factory.mktemp("real_report")
