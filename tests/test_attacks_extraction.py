@@ -267,3 +267,28 @@ def test_dfme_learns_digits_without_data(digits_splits, small_victim, small_surr
 def test_bad_extraction_parameters_are_named(factory, message):
     with pytest.raises(ValueError, match=message):
         factory()
+
+
+def test_equation_solving_reports_unknowns_that_answers_rounded_to_zero_leave_undetermined(
+    small_surrogate, caplog
+):
+    # A softmax regression whose class 9 has bias -30: at 2 decimals its probability is always 0, so no
+    # query gives an equation for its 64 weights and bias (65 of the 585 unknowns).
+    rng = np.random.default_rng(0)
+    kernel, bias = rng.normal(size=(64, 10)), np.zeros(10)
+    bias[9] = -30.0
+
+    def rounded(inputs):
+        logits = inputs.reshape(len(inputs), -1) @ kernel + bias
+        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return np.round(exp / exp.sum(axis=1, keepdims=True), 2).astype(np.float32)
+
+    oracle = Oracle(rounded, lambda: None, (8, 8, 1), 10, "probabilities")
+    with caplog.at_level("WARNING", logger="heistlab.attacks"):
+        result = equation_solving(budget=650).run(oracle, UNIFORM[:1], small_surrogate, jax.random.key(0))
+    assert result.metrics["unknowns"] == 585
+    assert result.metrics["unknowns_determined"] <= 585 - 65
+    assert result.metrics["answers_censored"] >= 650
+    assert "determine" in caplog.text and "set to zero" in caplog.text
+    # The undetermined class keeps the minimum-norm value: weights equal to class 0's, which is fixed at 0.
+    np.testing.assert_allclose(result.params["params"]["Dense_0"]["kernel"][:, 9], 0.0, atol=1e-6)
