@@ -620,7 +620,8 @@ def functional_equivalence(
 
         An input where they disagree lies across a unit the search never crossed: it becomes the end of a
         segment from a visited endpoint, and the network is fitted again, until every checked input agrees,
-        each disagreeing input has ended ``POOL_TRIES`` segments, or the budget is spent.
+        each disagreeing input has ended ``POOL_TRIES`` segments, ``hidden`` units are found, or the budget
+        is spent.
         """
         history: list[dict] = []
         checked = np.zeros((0, pool.shape[1]))
@@ -633,7 +634,7 @@ def functional_equivalence(
             checked, answers = checked[finite], answers[finite]
         tries = np.zeros(len(checked), int)
         network = fit_network(ask, units, classes)
-        while True:
+        while hidden is None or len(units) < hidden:
             disagreeing = np.flatnonzero(network.disagreement(checked, answers, tolerance))
             candidates = disagreeing[tries[disagreeing] < POOL_TRIES][:segments_per_round]
             if len(candidates) == 0:
@@ -641,7 +642,7 @@ def functional_equivalence(
             tries[candidates] += 1
             segments = []
             for index in candidates:
-                start = visited[rng.integers(len(visited))] if visited else rng.uniform(size=pool.shape[1])
+                start = visited[rng.integers(len(visited))] if visited else checked[candidates[0]]
                 segments.append(Segment(start, checked[index] - start))
                 visited.append(checked[index])
             try:
