@@ -34,12 +34,14 @@ class AttackResult(NamedTuple):
 
     model: the module ``params`` belong to, when the attack chose its own architecture (exact extraction
     recovers the victim's family); ``None`` means the surrogate's model.
+    metrics: numbers the attack measured about itself (hidden units found...), reported with the run's.
     """
 
     params: Any
     queries: int
     rounds: tuple[dict, ...]
     model: nn.Module | None = None
+    metrics: dict | None = None
 
 
 class TransferSet(NamedTuple):

@@ -216,6 +216,7 @@ def measure(cfg, splits, victim, defense, attack_result, stolen_model, api, atta
         "queries_refused": sum(api.refused(name) for name in attackers),
         "simulated_seconds": max(api.simulated_seconds(name) for name in attackers),
         "attack_rounds": len(attack_result.rounds),
+        **(attack_result.metrics or {}),
     }
 
 

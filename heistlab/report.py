@@ -120,7 +120,12 @@ def hydra_choices(results_path: Path) -> dict[str, str]:
     if not saved.exists():
         return {}
     choices = (yaml.safe_load(saved.read_text()) or {}).get("hydra", {}).get("runtime", {}).get("choices", {})
-    return {group: str(option) for group, option in (choices or {}).items() if "/" not in group}
+    # A group set to null (a preset that sweeps whole configs in its place) has no option to name.
+    return {
+        group: str(option)
+        for group, option in (choices or {}).items()
+        if "/" not in group and option is not None
+    }
 
 
 def flatten(config: dict, choices: dict[str, str] | None = None, prefix: str = "") -> dict:

@@ -39,7 +39,9 @@ def test_a_pool_from_an_image_folder_is_resized_to_the_data_shape(tmp_path):
 
 @pytest.mark.slow
 def test_knockoff_runs_on_a_users_npz_from_the_command_line(tmp_path, digits_npz, cache_dir):
-    finished = run_cli(["data=arrays", f"data.path={digits_npz}", *TINY, f"hydra.run.dir={tmp_path}"], cache_dir)
+    finished = run_cli(
+        ["data=arrays", f"data.path={digits_npz}", *TINY, f"hydra.run.dir={tmp_path}"], cache_dir
+    )
     assert finished.returncode == 0, finished.stderr[-2000:]
     record = read_results(tmp_path)
     assert record["metrics"]["queries_served"] == 120 and record["metrics"]["victim_accuracy"] > 0.9
