@@ -27,7 +27,18 @@ from omegaconf import DictConfig, OmegaConf
 import defenses
 from attacks.base import Attack, AttackResult, Surrogate
 from defenses import DefenderData, Defense, Evidence, chain
-from heistlab import data, external_data, metrics, models, protection, results, seeds, training, victims
+from heistlab import (
+    data,
+    external_data,
+    external_victims,
+    metrics,
+    models,
+    protection,
+    results,
+    seeds,
+    training,
+    victims,
+)
 from heistlab.api import PredictionAPI, QueryRefused
 from heistlab.models import build_model
 from heistlab.progress import phase
@@ -101,6 +112,8 @@ def load_pool(spec: DictConfig, input_shape: tuple[int, ...]) -> data.Dataset:
 
 
 def build_model_from(spec: DictConfig, num_classes: int):
+    if spec.family == "flax":
+        return external_victims.flax_module(spec.module, num_classes)
     options = OmegaConf.to_container(spec.options, resolve=True) if "options" in spec else {}
     return build_model(spec.family, num_classes, **(options or {}))
 
@@ -147,12 +160,17 @@ def source_digest(paths: list[Path]) -> str:
 VICTIM_SOURCES = [Path(module.__file__) for module in (data, training, models)]
 
 
-def load_victim(cfg: DictConfig, splits: data.Splits, defense: Defense) -> tuple[victims.Victim, bool]:
+def load_victim(cfg: DictConfig, splits: data.Splits, defense: Defense) -> tuple[victims.Classifier, bool]:
     """Loads or trains the victim; a model-side defense extends its training data and joins its identity.
 
     The identity also holds a digest of the code that trains victims (and of the defenses package when a
-    defense changes the training data), so editing that code never reuses a stale cached victim.
+    defense changes the training data), so editing that code never reuses a stale cached victim. Victims
+    loaded whole (``victim=onnx``, ``callable``, ``flax`` with ``params``) are checked against the data and
+    never cached (the second value, "from the cache", is False).
     """
+    loaded = external_victims.load_configured(cfg.victim, splits, defense.augment_training is not None)
+    if loaded is not None:
+        return loaded, False
     identity = {
         "victim": OmegaConf.to_container(cfg.victim, resolve=True),
         "data": OmegaConf.to_container(cfg.data, resolve=True),
@@ -164,8 +182,9 @@ def load_victim(cfg: DictConfig, splits: data.Splits, defense: Defense) -> tuple
         identity["defense"] = OmegaConf.to_container(cfg.defense, resolve=True)
         package = Path(defenses.__file__).parent
         sources += [path for path in package.glob("*.py") if not path.name.endswith("_test.py")]
-    identity["code"] = source_digest(sources)
     model = build_model_from(cfg.victim, splits.num_classes)
+    sources.append(Path(inspect.getsourcefile(type(model))))
+    identity["code"] = source_digest(sorted(set(sources)))
     return victims.load_or_train(
         model,
         splits,
@@ -224,17 +243,18 @@ def stream_benign_clients(cfg: DictConfig, api: PredictionAPI, test: data.Datase
 def evidence_for(cfg, splits, victim, stolen_model, stolen_params, attackers, benign) -> Evidence:
     """Label functions a defense's report may test; the independent model is trained only if asked for."""
 
+    model, train_config = external_victims.independent_model(victim, splits.num_classes)
+
     @functools.cache
     def independent_params():
         key = jax.random.key(cfg.victim.seed + 7919)
         targets = training.one_hot(splits.victim_train.y, splits.num_classes)
-        return training.train_classifier(
-            victim.model, splits.victim_train.x, targets, key, train_config_from(cfg.victim.train)
-        )
+        config = train_config or train_config_from(cfg.victim.train)
+        return training.train_classifier(model, splits.victim_train.x, targets, key, config)
 
     return Evidence(
         surrogate_labels=lambda x: training.predict_labels(stolen_model, stolen_params, x),
-        independent_labels=lambda x: training.predict_labels(victim.model, independent_params(), x),
+        independent_labels=lambda x: training.predict_labels(model, independent_params(), x),
         victim_labels=lambda x: victim.predict_proba(x).argmax(axis=-1),
         attackers=tuple(attackers),
         benign=benign,
@@ -257,7 +277,7 @@ def run_evasion_stage(cfg, splits, victim, api, stolen_model, stolen_params) -> 
     return run_evasion(instantiate(cfg.evasion), stage)
 
 
-def build_api(cfg: DictConfig, victim: victims.Victim, defense: Defense):
+def build_api(cfg: DictConfig, victim: victims.Classifier, defense: Defense):
     """The API the attack queries: in-process, or a prediction server over HTTPS (``api=http``)."""
     if cfg.api.get("kind", "inprocess") == "http":
         from heistlab.serving.client import remote_api
@@ -286,7 +306,7 @@ class Prepared(NamedTuple):
 
     splits: data.Splits
     defense: Defense
-    victim: victims.Victim
+    victim: victims.Classifier
     victim_from_cache: bool
     attack: Attack
     surrogate: Surrogate
@@ -295,6 +315,8 @@ class Prepared(NamedTuple):
 def prepare(cfg: DictConfig) -> Prepared:
     with phase(f"loading {cfg.data.name}"):
         splits = build_splits(cfg)
+    # Reads the victim's input shape and classes: a mismatch with the data stops here, before any training.
+    external_victims.load_configured(cfg.victim, splits, trains_victim=False)
     defense = build_defense(cfg.defense, defender_data(cfg, splits))
     with phase(f"loading or training the {cfg.victim.family} victim"):
         victim, from_cache = load_victim(cfg, splits, defense)
