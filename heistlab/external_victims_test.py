@@ -10,14 +10,12 @@ import pytest
 from flax import serialization
 from onnx import TensorProto, helper, numpy_helper
 
-from defenses import Defense
+from defenses import identity
 from heistlab import external_victims, training
 from heistlab.api import PredictionAPI, QueryRefused
 from heistlab.external_victims import VictimOutputError, VictimShapeError
 from heistlab.models import MLP
 from heistlab.victims import Classifier
-
-NO_DEFENSE = Defense(lambda: (), lambda probs, state, context: (probs, state))
 
 
 def linear_onnx(path, weights, input_shape, *, softmax=True, extra_output=False):
@@ -126,12 +124,24 @@ def test_an_onnx_shape_mismatch_names_both_shapes(tmp_path):
 def test_a_victim_from_outside_is_held_by_the_api_with_budget_and_records(tmp_path):
     path = linear_onnx(tmp_path / "m.onnx", np.eye(4, 3), [None, 4])
     victim = external_victims.load_onnx(path, (4, 1, 1))
-    api = PredictionAPI(victim, NO_DEFENSE, key=jax.random.key(0), budget=3, output="labels")
+    api = PredictionAPI(victim, identity(), key=jax.random.key(0), budget=3, output="labels")
     inputs = np.eye(4, dtype=np.float32)[:3].reshape(3, 4, 1, 1)
     np.testing.assert_array_equal(api.oracle().query(inputs), [0, 1, 2])
     with pytest.raises(QueryRefused):
         api.query(inputs[:1])
     assert api.num_classes == 3 and [record.served for record in api.records] == [True] * 3 + [False]
+
+
+def test_the_prediction_server_serves_a_victim_from_outside(tmp_path):
+    from heistlab.serving.audit import AuditLog
+    from heistlab.serving.service import build_core
+
+    victim = external_victims.load_onnx(linear_onnx(tmp_path / "m.onnx", np.eye(4, 3), [None, 4]), (4, 1, 1))
+    core = build_core(victim, identity(), audit=AuditLog(tmp_path / "audit.sqlite"), quota=5)
+    inputs = np.eye(4, dtype=np.float32)[:2].reshape(2, 4, 1, 1)
+    served = core.predict("key-1", inputs, "labels")
+    np.testing.assert_array_equal(served.answers, [0, 1])
+    assert served.remaining == 3 and core.served("key-1") == 2
 
 
 def halves(inputs):
@@ -155,7 +165,7 @@ def test_a_python_function_is_a_victim_with_declared_shape_and_checked_answers()
         ("heistlab.external_victims_test.halves", "must be written package.module:function"),
         ("heistlab.no_such_module:f", "module 'heistlab.no_such_module' cannot be imported"),
         ("heistlab.external_victims_test:absent", "has no attribute 'absent'"),
-        ("heistlab.external_victims_test:NO_DEFENSE", "names a Defense, not a function"),
+        ("heistlab.external_victims:OUTPUT_KINDS", "names a tuple, not a function"),
     ],
 )
 def test_bad_callable_targets_are_named(target, message):
