@@ -162,18 +162,25 @@ def input_adapter(
 def onnx_output_name(session, requested: str | None, source: str) -> str:
     """The output to serve: ``requested``, or the model's only floating-point output of rank 2."""
     outputs = session.get_outputs()
-    names = [output.name for output in outputs]
-    if requested is not None:
-        if requested not in names:
-            raise ValueError(f"victim.output_name {requested!r} is not an output of {source}; it has {names}")
-        return requested
     scores = [o.name for o in outputs if o.type in ONNX_INPUT_TYPES and len(o.shape) == 2]
-    if len(scores) != 1:
+    described = ", ".join(f"{o.name} {o.type}" for o in outputs)
+    if requested is not None and requested in scores:
+        return requested
+    if requested is not None:
         raise ValueError(
-            f"{source} has {len(scores)} floating-point (batch, classes) outputs among {names}; name the one "
-            "to serve with victim.output_name"
+            f"victim.output_name {requested!r} is not a floating-point (batch, classes) output of {source}; "
+            f"its outputs: {described}"
         )
-    return scores[0]
+    if len(scores) == 1:
+        return scores[0]
+    zipmap = any(o.type.startswith("seq(map") for o in outputs)
+    hint = (
+        "; a scikit-learn export needs to_onnx(..., options={id(model): {'zipmap': False}})" if zipmap else ""
+    )
+    raise ValueError(
+        f"{source} has {len(scores)} floating-point (batch, classes) outputs ({described}); "
+        f"name the one to serve with victim.output_name{hint}"
+    )
 
 
 def in_batches_of(size: int | None, predict: Callable[[np.ndarray], np.ndarray]):
@@ -325,13 +332,8 @@ def check_flax_fits(
 def read_params(path: Path) -> Any:
     """A parameter tree from a Flax msgpack file (``flax.serialization.to_bytes``) or an Orbax folder."""
     if path.is_dir():
-        try:
-            import orbax.checkpoint as ocp
-        except ImportError:
-            raise ValueError(
-                f"victim.params {path} is a folder (an Orbax checkpoint) but orbax-checkpoint is not "
-                'installed: pip install -e ".[orbax]"'
-            ) from None
+        import orbax.checkpoint as ocp  # installed with flax
+
         with warnings.catch_warnings():  # restored on this host's devices, as the parameters are used
             warnings.filterwarnings("ignore", message="Sharding info not provided")
             return ocp.PyTreeCheckpointer().restore(str(path.resolve()))

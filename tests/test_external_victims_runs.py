@@ -79,6 +79,14 @@ def test_a_sklearn_export_serves_sklearns_own_probabilities(sklearn_onnx, digits
     expected = classifier.predict_proba(test.x.reshape(len(test.x), -1))
     np.testing.assert_allclose(victim.predict_proba(test.x), expected, atol=1e-5)
     assert not from_cache and victim.num_classes == 10 and victim.input_shape == (8, 8, 1)
+    from skl2onnx import to_onnx
+
+    zipmap = path.with_name("zipmap.onnx")  # skl2onnx's default: probabilities as a sequence of dicts
+    zipmap.write_bytes(to_onnx(classifier, test.x[:1].reshape(1, -1)).SerializeToString())
+    with pytest.raises(
+        ValueError, match=r"has 0 floating-point .* options=\{id\(model\): \{'zipmap': False\}\}"
+    ):
+        external_victims.load_onnx(zipmap, (8, 8, 1))
 
 
 @pytest.mark.slow
@@ -109,14 +117,16 @@ def test_a_pytorch_export_is_served_channels_first_from_logits(tmp_path, digits_
         torch.nn.functional.cross_entropy(network(images), torch.from_numpy(train.y).long()).backward()
         optimizer.step()
     path = tmp_path / "torch_cnn.onnx"
-    torch.onnx.export(
-        network,
-        (images[:1],),
-        str(path),
-        input_names=["image"],
-        dynamic_axes={"image": {0: "batch"}},
-        dynamo=False,
-    )
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation (dynamo=True needs onnxscript)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            network,
+            (images[:1],),
+            str(path),
+            input_names=["image"],
+            dynamic_axes={"image": {0: "batch"}},
+            dynamo=False,
+        )
     cfg = composed(
         "victim=onnx", f"victim.path={path}", "victim.outputs=logits", "victim.channels_first=true"
     )
