@@ -38,7 +38,7 @@ from heistlab.victims import Victim
 OUTPUT_KINDS = ("probabilities", "logits")
 # Victims heistlab cannot train: they are loaded whole, never through the training loop.
 LOADED_KINDS = ("onnx", "callable")
-ONNX_INPUT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
+ONNX_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
 
 # The "independent" model a watermark test compares against, for victims that are not a trainable Flax
 # module (onnx, callable): the default victim=mlp architecture and training.
@@ -119,12 +119,9 @@ def check_classes(model_classes: int, data_classes: int, source: str) -> None:
 
 
 def shape_text(shape: Sequence[int | None]) -> str:
-    return (
-        "("
-        + ", ".join("?" if size is None else str(size) for size in shape)
-        + ("," if len(shape) == 1 else "")
-        + ")"
-    )
+    """A shape as Python prints a tuple, ``?`` standing for a size the model leaves free."""
+    sizes = ["?" if size is None else str(size) for size in shape]
+    return f"({sizes[0]},)" if len(sizes) == 1 else f"({', '.join(sizes)})"
 
 
 # ONNX
@@ -162,7 +159,7 @@ def input_adapter(
 def onnx_output_name(session, requested: str | None, source: str) -> str:
     """The output to serve: ``requested``, or the model's only floating-point output of rank 2."""
     outputs = session.get_outputs()
-    scores = [o.name for o in outputs if o.type in ONNX_INPUT_TYPES and len(o.shape) == 2]
+    scores = [o.name for o in outputs if o.type in ONNX_FLOAT_TYPES and len(o.shape) == 2]
     described = ", ".join(f"{o.name} {o.type}" for o in outputs)
     if requested is not None and requested in scores:
         return requested
@@ -222,10 +219,10 @@ def load_onnx(
             f"{source} takes {len(inputs)} inputs {[i.name for i in inputs]}; exactly one is accepted"
         )
     graph_input = inputs[0]
-    if graph_input.type not in ONNX_INPUT_TYPES:
+    if graph_input.type not in ONNX_FLOAT_TYPES:
         raise ValueError(
             f"{source}'s input {graph_input.name!r} is {graph_input.type}; "
-            f"accepted: {', '.join(ONNX_INPUT_TYPES)}"
+            f"accepted: {', '.join(ONNX_FLOAT_TYPES)}"
         )
     dims = [size if isinstance(size, int) and size > 0 else None for size in graph_input.shape]
     if not dims:
@@ -233,7 +230,7 @@ def load_onnx(
             f"{source}'s input {graph_input.name!r} is a scalar; a batch of inputs is expected"
         )
     adapt = input_adapter(dims[1:], data_shape, channels_first, source)
-    dtype, name = ONNX_INPUT_TYPES[graph_input.type], onnx_output_name(session, output_name, source)
+    dtype, name = ONNX_FLOAT_TYPES[graph_input.type], onnx_output_name(session, output_name, source)
     run = lambda batch: session.run([name], {graph_input.name: adapt(batch).astype(dtype)})[0]
     predict = in_batches_of(dims[0], run)
     num_classes = int(np.asarray(predict(np.zeros((1, *data_shape), np.float32))).shape[-1])
