@@ -23,7 +23,7 @@ import numpy as np
 
 from defenses import Defense, Evidence, QueryContext, Request
 from heistlab.training import capacity_for, pad_rows
-from heistlab.victims import Victim
+from heistlab.victims import Classifier
 
 OUTPUT_KINDS = ("probabilities", "top_k", "labels")
 
@@ -61,6 +61,9 @@ def row_digests(inputs: np.ndarray) -> list[str]:
 class PredictionAPI:
     """A defended victim behind per-client budgets, with every query recorded.
 
+    victim: anything with ``predict_proba``, ``input_shape`` and ``num_classes`` (``victims.Classifier``): a
+        built-in victim, or a Flax, ONNX or Python-function victim from ``heistlab.external_victims``.
+
     budget: the most queries (input rows) one client is served; ``None`` means unlimited.
     output: what clients receive: ``probabilities``, ``top_k`` (the k largest scores, zeros elsewhere) or
         ``labels`` (int32 class indices).
@@ -68,7 +71,7 @@ class PredictionAPI:
 
     def __init__(
         self,
-        victim: Victim,
+        victim: Classifier,
         defense: Defense,
         *,
         key: jax.Array,
@@ -92,7 +95,7 @@ class PredictionAPI:
         self.budget, self.output, self.top_k = budget, output, top_k
         self.input_range, self.max_batch = input_range, max_batch
         self.input_shape = tuple(victim.input_shape)
-        self.num_classes = int(victim.model.num_classes)
+        self.num_classes = int(victim.num_classes)
         self.records: list[QueryRecord] = []
         self._served: dict[str, int] = defaultdict(int)
         self._refused: dict[str, int] = defaultdict(int)

@@ -31,6 +31,7 @@ from heistlab import (
     checks,
     data,
     external_data,
+    external_victims,
     metrics,
     models,
     protection,
@@ -113,6 +114,8 @@ def load_pool(spec: DictConfig, input_shape: tuple[int, ...]) -> data.Dataset:
 
 
 def build_model_from(spec: DictConfig, num_classes: int):
+    if spec.family == "flax":
+        return external_victims.flax_module(spec.module, num_classes)
     options = OmegaConf.to_container(spec.options, resolve=True) if "options" in spec else {}
     return build_model(spec.family, num_classes, **(options or {}))
 
@@ -159,12 +162,17 @@ def source_digest(paths: list[Path]) -> str:
 VICTIM_SOURCES = [Path(module.__file__) for module in (data, training, models)]
 
 
-def load_victim(cfg: DictConfig, splits: data.Splits, defense: Defense) -> tuple[victims.Victim, bool]:
+def load_victim(cfg: DictConfig, splits: data.Splits, defense: Defense) -> tuple[victims.Classifier, bool]:
     """Loads or trains the victim; a model-side defense extends its training data and joins its identity.
 
     The identity also holds a digest of the code that trains victims (and of the defenses package when a
-    defense changes the training data), so editing that code never reuses a stale cached victim.
+    defense changes the training data), so editing that code never reuses a stale cached victim. Victims
+    loaded whole (``victim=onnx``, ``callable``, ``flax`` with ``params``) are checked against the data and
+    never cached (the second value, "from the cache", is False).
     """
+    loaded = external_victims.load_configured(cfg.victim, splits, defense.augment_training is not None)
+    if loaded is not None:
+        return loaded, False
     identity = {
         "victim": OmegaConf.to_container(cfg.victim, resolve=True),
         "data": OmegaConf.to_container(cfg.data, resolve=True),
@@ -176,8 +184,9 @@ def load_victim(cfg: DictConfig, splits: data.Splits, defense: Defense) -> tuple
         identity["defense"] = OmegaConf.to_container(cfg.defense, resolve=True)
         package = Path(defenses.__file__).parent
         sources += [path for path in package.glob("*.py") if not path.name.endswith("_test.py")]
-    identity["code"] = source_digest(sources)
     model = build_model_from(cfg.victim, splits.num_classes)
+    sources.append(Path(inspect.getsourcefile(type(model))))
+    identity["code"] = source_digest(sorted(set(sources)))
     return victims.load_or_train(
         model,
         splits,
@@ -237,17 +246,18 @@ def stream_benign_clients(cfg: DictConfig, api: PredictionAPI, test: data.Datase
 def evidence_for(cfg, splits, victim, stolen_model, stolen_params, attackers, benign) -> Evidence:
     """Label functions a defense's report may test; the independent model is trained only if asked for."""
 
+    model, train_config = external_victims.independent_model(victim, splits.num_classes)
+
     @functools.cache
     def independent_params():
         key = jax.random.key(cfg.victim.seed + 7919)
         targets = training.one_hot(splits.victim_train.y, splits.num_classes)
-        return training.train_classifier(
-            victim.model, splits.victim_train.x, targets, key, train_config_from(cfg.victim.train)
-        )
+        config = train_config or train_config_from(cfg.victim.train)
+        return training.train_classifier(model, splits.victim_train.x, targets, key, config)
 
     return Evidence(
         surrogate_labels=lambda x: training.predict_labels(stolen_model, stolen_params, x),
-        independent_labels=lambda x: training.predict_labels(victim.model, independent_params(), x),
+        independent_labels=lambda x: training.predict_labels(model, independent_params(), x),
         victim_labels=lambda x: victim.predict_proba(x).argmax(axis=-1),
         attackers=tuple(attackers),
         benign=benign,
@@ -270,7 +280,7 @@ def run_evasion_stage(cfg, splits, victim, api, stolen_model, stolen_params) -> 
     return run_evasion(instantiate(cfg.evasion), stage)
 
 
-def build_api(cfg: DictConfig, victim: victims.Victim, defense: Defense):
+def build_api(cfg: DictConfig, victim: victims.Classifier, defense: Defense):
     """The API the attack queries: in-process, or a prediction server over HTTPS (``api=http``)."""
     if cfg.api.get("kind", "inprocess") == "http":
         from heistlab.serving.client import remote_api
@@ -302,7 +312,7 @@ class Prepared(NamedTuple):
 
     splits: data.Splits
     defense: Defense
-    victim: victims.Victim
+    victim: victims.Classifier
     victim_from_cache: bool
     attack: Attack
     surrogate: Surrogate
@@ -350,8 +360,9 @@ def check_against_data(cfg: DictConfig, splits: data.Splits, attack: Attack, all
             number_of_seeds(cfg),
             checks.available_memory(),
         )
+    loaded = cfg.victim.family in external_victims.LOADED_KINDS  # no Flax module to inspect
     with building("victim"):
-        victim_model = build_model_from(cfg.victim, splits.num_classes)
+        victim_model = None if loaded else build_model_from(cfg.victim, splits.num_classes)
     return checks.check_victim_family(attack, victim_model, describe_victim(cfg.victim), allow_mismatch)
 
 
@@ -361,8 +372,11 @@ def prepare(cfg: DictConfig) -> Prepared:
     checks.check_static(cfg)
     attack, allow_mismatch = build_attack(cfg.attack)
     check_evasion(cfg)
-    with phase(f"loading {cfg.data.name}"):
+    with phase(f"loading {cfg.data.name}"), building("data"):
         splits = build_splits(cfg)
+    with building("victim"):
+        # Reads a loaded victim's input shape and classes: a mismatch with the data stops here.
+        external_victims.load_configured(cfg.victim, splits, trains_victim=False)
     mismatch = check_against_data(cfg, splits, attack, allow_mismatch)
     with building("defense"):
         defense = build_defense(cfg.defense, defender_data(cfg, splits))
@@ -372,7 +386,7 @@ def prepare(cfg: DictConfig) -> Prepared:
         )
     with phase(f"loading or training the {cfg.victim.family} victim") as ready:
         victim, from_cache = load_victim(cfg, splits, defense)
-        ready(victim.params)
+        ready(getattr(victim, "params", None))  # a loaded victim (onnx, callable) holds no JAX arrays
     return Prepared(splits, defense, victim, from_cache, attack, surrogate, mismatch)
 
 

@@ -109,8 +109,12 @@ class CNN(nn.Module):
 
 
 def trains_in_compiled_loop(model: nn.Module, input_shape: Sequence[int]) -> bool:
-    """Whether training (and PGD) on inputs shaped ``(H, W, C)`` runs inside one compiled loop."""
-    return model.compiled_loop or math.prod(input_shape[:-1]) <= getattr(model, "looped_pixels", 0)
+    """Whether training (and PGD) on inputs shaped ``(H, W, C)`` runs inside one compiled loop.
+
+    A user's module (``victim=flax``) that does not say is stepped from Python, which suits every model.
+    """
+    looped = getattr(model, "compiled_loop", False)
+    return looped or math.prod(input_shape[:-1]) <= getattr(model, "looped_pixels", 0)
 
 
 MODEL_FAMILIES = {"softmax_regression": SoftmaxRegression, "mlp": MLP, "cnn": CNN}

@@ -20,10 +20,11 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
@@ -51,12 +52,34 @@ class AtRest(NamedTuple):
 UNPROTECTED = AtRest()
 
 
+@runtime_checkable
+class Classifier(Protocol):
+    """What the prediction API needs of a victim: any object with these serves (see external_victims).
+
+    ``predict_proba`` maps float32 inputs ``(N, *input_shape)`` to ``(N, num_classes)`` probabilities.
+    """
+
+    @property
+    def input_shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def num_classes(self) -> int: ...
+
+    def predict_proba(self, inputs: np.ndarray) -> np.ndarray: ...
+
+
 class Victim(NamedTuple):
-    """A trained model: its Flax module and parameters (held by the prediction API, never by an attack)."""
+    """A Flax model and its parameters (held by the prediction API, never by an attack)."""
 
     model: nn.Module
     params: Any
     input_shape: tuple[int, ...]
+
+    @property
+    def num_classes(self) -> int:
+        """The width of the model's output, traced (not computed) on one input of ``input_shape``."""
+        probe = jax.ShapeDtypeStruct((1, *self.input_shape), jnp.float32)
+        return int(jax.eval_shape(self.model.apply, self.params, probe).shape[-1])
 
     def predict_proba(self, inputs: np.ndarray) -> np.ndarray:
         return training.predict_proba(self.model, self.params, inputs)

@@ -50,7 +50,7 @@ def test_every_attack_config_instantiates_and_sets_the_api_budget(name):
 
 @pytest.mark.parametrize("group", ["victim", "surrogate"])
 def test_every_model_config_builds(group):
-    for name in options(group):
+    for name in set(options(group)) - {"onnx", "callable"}:  # loaded whole, never built: tested apart
         spec = composed(f"{group}={name}")[group]
         assert build_model_from(spec, 10).num_classes == 10
         assert train_config_from(spec.train).validated().epochs >= 1
