@@ -498,8 +498,8 @@ def app_from_config(
     verified before serving, see ``workers.open_audit_log``) and limits under ``cfg.serve``.
 
     token_signing_secret: the bearer-token secret (None: from the config, else random).
-    worker: one of several processes (``workers.serve_workers``): the quota and rate limit are the shared
-    ones, and the audit log was verified by the parent."""
+    worker: one of several processes (``workers.serve_workers``): the quota, rate limit and (for a chain with
+    state) the defense state are the shared ones, and the audit log was verified by the parent."""
     from hydra.utils import instantiate
 
     from heistlab.experiment import (
@@ -513,6 +513,7 @@ def app_from_config(
     from heistlab.serving.auth import KeyStore, token_secret
     from heistlab.serving.service import build_core
     from heistlab.serving.shared import SharedAdmission
+    from heistlab.serving.shared_defense import store_for
     from heistlab.serving.validation import input_schema
     from heistlab.serving.workers import open_audit_log
 
@@ -535,11 +536,7 @@ def app_from_config(
             cache_directory(cfg),
         )
     shared = SharedAdmission(audit.path, spec.quota, spec.rate, spec.burst) if worker else None
-    if worker and defense.report is not None:
-        log.warning(
-            "each of the serve.workers keeps its own defense state: a detector reads only the queries its "
-            "worker served (a key's stream is split between workers)"
-        )
+    defense_store = store_for(audit.path, defense) if worker else None
     schema = input_schema(splits.input_shape, (0.0, 1.0), spec.max_batch, spec.max_body_bytes)
     core = build_core(
         victim,
@@ -554,6 +551,7 @@ def app_from_config(
         max_batch=spec.max_batch,
         monitor_every=spec.monitor_every,
         shared=shared,
+        defense_store=defense_store,
     )
     burst = spec.burst if spec.burst is not None or spec.rate is None else max(1, math.ceil(spec.rate))
     app = create_app(

@@ -8,12 +8,15 @@ victim itself, nothing is forked from a process that has started JAX). Each bind
   ``BEGIN IMMEDIATE`` transaction per admission);
 - the audit log and its chain (every append is one ``BEGIN IMMEDIATE`` transaction);
 - keys and revocations: every worker re-reads the key store when the file changes, on each request;
-- the bearer-token signing secret (made once by the parent when none is configured, handed to each worker).
+- the bearer-token signing secret (made once by the parent when none is configured, handed to each worker);
+- the defense chain's state, when it has one (PRADA's per-key histories, the batch count that draws each
+  batch's key, the alarms raised), through ``shared_defense.DefenseStateStore`` in the audit database: the
+  batches of all workers go through the defense one at a time. A stateless chain is not synchronised.
 
-What they do not share: the defense chain's state (PRADA's per-key histories, noise keys), and alarms raised
-once per key per worker. The parent verifies the audit log, resets the shared admission from it, then starts
-the first worker (which fills the victim cache if needed), then the others once it serves; when one exits,
-the others are stopped and the server exits with status 1.
+The parent verifies the audit log, resets the shared admission from it and the shared defense state to the
+defense's initial state (as one process starts), then starts the first worker (which fills the victim
+cache if needed), then the others once it serves; when one exits, the others are stopped and the server
+exits with status 1.
 
 This module imports no JAX: the parent process stays light.
 """
@@ -131,6 +134,7 @@ def serve_workers(cfg, workers: int) -> int:
 
     from heistlab.serving.auth import token_secret
     from heistlab.serving.shared import SharedAdmission
+    from heistlab.serving.shared_defense import reset_shared_state
 
     spec = cfg.serve
     if spec.get("extra_admission"):
@@ -142,6 +146,7 @@ def serve_workers(cfg, workers: int) -> int:
     shared = SharedAdmission(audit.path, spec.quota, spec.rate, spec.burst)
     shared.reset(audit.served_rows())
     shared.close()
+    reset_shared_state(audit.path)
     audit.close()
     secret = token_secret(spec.token_secret_file)
     holder = shared_socket(str(spec.host), int(spec.port))  # holds the port (and resolves port 0)
