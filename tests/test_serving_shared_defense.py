@@ -4,6 +4,7 @@ serving cores on one database that detect, answer and alarm exactly as one proce
 from __future__ import annotations
 
 import math
+import sqlite3
 from types import MappingProxyType
 
 import jax
@@ -11,7 +12,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from defenses import chain, gaussian_noise, prada, rounding
+from defenses import QueryContext, chain, gaussian_noise, prada, rounding
 from defenses.dawn import DawnState, WatermarkRecord
 from defenses.prada import ClientTrace, PradaState
 from heistlab.api import PredictionAPI
@@ -108,6 +109,32 @@ def test_two_stores_on_one_file_see_each_others_updates_and_load_only_new_versio
 
     reset_shared_state(path)  # a server start: every worker from init() again
     assert second.update(reading) == 0 and first.update(counting) == 0 and second.update(reading) == 1
+
+
+def test_a_request_writes_and_loads_only_what_it_changed(tmp_path, digits_splits):
+    detector, path = prada(), tmp_path / "audit.sqlite"
+    first, second = (DefenseStateStore(path, ServingState(detector.init())) for _ in range(2))
+
+    def serving(client: str, rows: np.ndarray):
+        def step(state: ServingState) -> tuple[None, ServingState]:
+            probs = np.eye(10, dtype=np.float32)[np.arange(len(rows)) % 10]
+            context = QueryContext(rows, jax.random.key(0), client=client)
+            _, defense = detector.apply(probs, state.defense, context)
+            return None, state._replace(defense=defense, batches=state.batches + 1)
+
+        return step
+
+    x = digits_splits.test.x
+    for index, start in enumerate(range(0, 300, 15)):  # ten keys, 30 queries each
+        first.update(serving(f"key-{index % 10}", x[start : start + 15]))
+    whole = first.state_bytes
+    second.update(serving("key-3", x[300:301]))  # one more row of one key, in the other worker
+    assert 0 < second.written_bytes < whole / 5 and second.loaded_bytes >= whole
+    first.update(reading)
+    assert 0 < first.loaded_bytes < whole / 5  # it decoded the new root and key-3's trace only
+    assert encode_tree(first.update(lambda state: (state, state))) == encode_tree(second._value)
+    chunks = sqlite3.connect(path).execute("SELECT COUNT(*) FROM shared_defense_chunks").fetchone()[0]
+    assert chunks == len(second._chunks) == 10  # one trace per key: the replaced one was deleted
 
 
 def test_only_a_chain_with_state_is_synchronised(tmp_path):

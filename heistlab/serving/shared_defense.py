@@ -3,25 +3,35 @@
 A stateful defense (PRADA's per-key query histories, DAWN's watermark records, feature squeezing's tallies)
 must see each key's whole stream, whichever worker of ``serve.workers`` the kernel hands a connection to. The
 state is one pytree (``Defense.init()`` and what ``apply`` returns), so the workers keep one copy of it in
-the ``shared_defense`` table: one row holding the serialised state and a version number. A worker answers a
-batch inside one ``BEGIN IMMEDIATE`` transaction: it reads the version, decodes the stored state only if the
-version moved since it last wrote or read it, runs the defense (through the prediction API) on it, and
-writes the new state with the next version before committing. SQLite lets one writer in at a time across
-processes, so the batches of all workers go through the defense one after another, exactly as in one
-process: the same stream, in the same order, raises PRADA's alarm at the same query.
+the database, under a version number. A worker answers a batch inside one ``BEGIN IMMEDIATE`` transaction:
+it reads the version, decodes the stored state only if the version moved since it last wrote or read it,
+runs the defense (through the prediction API) on it, and writes the new state with the next version before
+committing. SQLite lets one writer in at a time across processes, so the batches of all workers go through
+the defense one after another, exactly as in one process: the same stream, in the same order, raises PRADA's
+alarm at the same query.
+
+Only what changed is written. Every value of a mapping in the state (one key's PRADA trace, one class's
+growing set) whose encoding takes at least ``CHUNK_MIN_BYTES`` is stored as its own chunk, named by its
+BLAKE2b digest, and the state refers to it. Defense states are immutable (``apply`` returns a new state and
+keeps the parts it did not change), so a worker remembers, by identity, the chunk each value was stored or
+loaded as, encodes only the values that are new, and decodes only the chunks it has not seen: a request
+costs about the size of what its batch changed (the requesting key's trace, the classes its rows fell in),
+not of every key's history. Chunks no state refers to any more are deleted in the same transaction.
 
 Chains whose state cannot change (every member built by ``defenses.stateless``: rounding, noise, top-k...)
 are not synchronised at all, so their workers stay parallel (``is_stateless``).
 
-The state is serialised with msgpack and a small closed set of types (``encode_tree``): None, bool, int,
-float, str, bytes, lists, tuples, mappings, NamedTuples of modules already imported, and numpy arrays (jax
-arrays are stored as numpy arrays). Decoding never runs code from the database (no pickle): a NamedTuple is
-rebuilt only from a class already loaded in the worker.
+The state is serialised with msgpack and a small closed set of types: None, bool, int, float, str, bytes,
+lists, tuples, mappings, NamedTuples of modules already imported, and numpy arrays of numbers (jax arrays
+are stored as numpy arrays). Decoding never runs code from the database (no pickle): a NamedTuple is rebuilt
+only from a class already loaded in the worker. Anyone who can write the database can still rewrite the
+state (erase a key's history), as they can its quota rows.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import sqlite3
 import sys
 import threading
@@ -40,8 +50,14 @@ CREATE TABLE IF NOT EXISTS shared_defense (
     version INTEGER NOT NULL,
     state BLOB
 );
+CREATE TABLE IF NOT EXISTS shared_defense_chunks (
+    digest BLOB PRIMARY KEY,
+    data BLOB NOT NULL
+);
 """
-TUPLE, NAMED_TUPLE, ARRAY = 1, 2, 3  # msgpack extension codes
+TUPLE, NAMED_TUPLE, ARRAY, CHUNK = 1, 2, 3, 4  # msgpack extension codes
+CHUNK_MIN_BYTES = 4096
+SCALARS = (type(None), bool, int, float, str, bytes)
 Result = TypeVar("Result")
 
 
@@ -56,6 +72,15 @@ class ServingState(NamedTuple):
     raised: Mapping[str, tuple[str, ...]] = {}
 
 
+class Chunk(NamedTuple):
+    """A value stored on its own: the value, its digest, the digests of the chunks inside it, its size."""
+
+    value: Any
+    digest: bytes
+    children: tuple[bytes, ...]
+    size: int
+
+
 def is_stateless(state: State) -> bool:
     """Whether a defense state can never change: ``EmptyState``, or a tuple (a chain) of such states."""
     if isinstance(state, EmptyState):
@@ -63,29 +88,38 @@ def is_stateless(state: State) -> bool:
     return type(state) is tuple and all(is_stateless(inner) for inner in state)
 
 
-def _encode(value: Any) -> msgpack.ExtType:
-    if isinstance(value, tuple) and hasattr(type(value), "_fields"):
-        kind = type(value)
-        payload = [kind.__module__, kind.__qualname__, list(value)]
-        return msgpack.ExtType(NAMED_TUPLE, _pack(payload))
-    if isinstance(value, tuple):
-        return msgpack.ExtType(TUPLE, _pack(list(value)))
+def _pack(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True, strict_types=True)
+
+
+def _packable(value: Any, entry: Callable[[Any], Any]) -> Any:
+    """``value`` in msgpack's own types, each value of a mapping in it through ``entry``."""
+    kind = type(value)
+    if kind in SCALARS:
+        return value
+    if kind is list:
+        return [_packable(item, entry) for item in value]
+    if isinstance(value, tuple) and hasattr(kind, "_fields"):
+        fields = [_packable(item, entry) for item in value]
+        return msgpack.ExtType(NAMED_TUPLE, _pack([kind.__module__, kind.__qualname__, fields]))
+    if kind is tuple:
+        return msgpack.ExtType(TUPLE, _pack([_packable(item, entry) for item in value]))
     if isinstance(value, Mapping):
-        return dict(value)
-    if isinstance(value, np.generic | np.ndarray) or type(value).__module__.startswith("jax"):
+        return {_inline(key): entry(item) for key, item in value.items()}
+    if isinstance(value, np.generic | np.ndarray) or kind.__module__.startswith("jax"):
         array = np.asarray(value)
         if array.dtype.kind not in "biufc":
             raise TypeError(f"cannot share a defense state array of dtype {array.dtype}: numbers only")
         payload = [array.dtype.str, list(array.shape), np.ascontiguousarray(array).tobytes()]
         return msgpack.ExtType(ARRAY, _pack(payload))
     raise TypeError(
-        f"cannot share a defense state holding a {type(value).__qualname__}: the shared state takes None, "
-        "bool, int, float, str, bytes, lists, tuples, NamedTuples, mappings and numpy or jax arrays"
+        f"cannot share a defense state holding a {kind.__qualname__}: the shared state takes None, bool, "
+        "int, float, str, bytes, lists, tuples, NamedTuples, mappings and numpy or jax arrays of numbers"
     )
 
 
-def _pack(value: Any) -> bytes:
-    return msgpack.packb(value, default=_encode, use_bin_type=True, strict_types=True)
+def _inline(value: Any) -> Any:
+    return _packable(value, _inline)
 
 
 def _named_tuple_class(module: str, qualname: str) -> type:
@@ -97,32 +131,39 @@ def _named_tuple_class(module: str, qualname: str) -> type:
     return found
 
 
-def _decode(code: int, data: bytes) -> Any:
-    payload = _unpack(data)
-    if code == TUPLE:
-        return tuple(payload)
-    if code == NAMED_TUPLE:
-        module, qualname, fields = payload
-        return _named_tuple_class(module, qualname)._make(fields)
-    if code == ARRAY:
-        dtype, shape, raw = payload
-        array = np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape).copy()
-        return array[()] if array.ndim == 0 else array
-    raise ValueError(f"the shared defense state holds an unknown msgpack extension {code}")
+def _unpack(data: bytes, chunk: Callable[[bytes], Any]) -> Any:
+    """The value ``data`` encodes; ``chunk(digest)`` gives the value of a chunk it refers to."""
+
+    def extension(code: int, payload: bytes) -> Any:
+        if code == CHUNK:
+            return chunk(payload)
+        inner = _unpack(payload, chunk)
+        if code == TUPLE:
+            return tuple(inner)
+        if code == NAMED_TUPLE:
+            module, qualname, fields = inner
+            return _named_tuple_class(module, qualname)._make(fields)
+        if code == ARRAY:
+            dtype, shape, raw = inner
+            array = np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape).copy()
+            return array[()] if array.ndim == 0 else array
+        raise ValueError(f"the shared defense state holds an unknown msgpack extension {code}")
+
+    return msgpack.unpackb(data, ext_hook=extension, raw=False, strict_map_key=False)
 
 
-def _unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, ext_hook=_decode, raw=False, strict_map_key=False)
+def _no_chunks(digest: bytes) -> Any:
+    raise ValueError("a tree encoded by encode_tree refers to no chunks")
 
 
 def encode_tree(tree: Any) -> bytes:
-    """``tree`` as bytes; ``TypeError`` naming a value of a type the shared state does not take."""
-    return _pack(tree)
+    """``tree`` as bytes, in one piece (``TypeError`` naming a value of a type it cannot take)."""
+    return _pack(_inline(tree))
 
 
 def decode_tree(data: bytes) -> Any:
     """The tree ``encode_tree`` encoded (arrays come back as numpy arrays, mappings as dicts)."""
-    return _unpack(data)
+    return _unpack(data, _no_chunks)
 
 
 def store_for(path: Path | str, defense: Defense) -> DefenseStateStore | None:
@@ -138,6 +179,7 @@ def reset_shared_state(path: Path | str) -> None:
         connection.execute("PRAGMA busy_timeout=30000")
         connection.executescript(SCHEMA)
         connection.execute("BEGIN IMMEDIATE")
+        connection.execute("DELETE FROM shared_defense_chunks")
         connection.execute(
             "INSERT INTO shared_defense (id, version, state) VALUES (0, 1, NULL) "
             "ON CONFLICT (id) DO UPDATE SET version = version + 1, state = NULL"
@@ -148,15 +190,16 @@ def reset_shared_state(path: Path | str) -> None:
 class DefenseStateStore:
     """One shared ``ServingState`` in the SQLite file at ``path``, updated one transaction at a time.
 
-    initial: the state while the table holds none (a fresh start: ``ServingState(defense.init())``).
-    ``loads`` and ``stores`` count the states decoded and written by this store (the synchronisation's cost).
+    initial: the state while the database holds none (a fresh start: ``ServingState(defense.init())``).
+    ``loads`` and ``stores`` count the states decoded and written by this store; ``written_bytes`` is what
+    its last store wrote (the state's root and its new chunks), ``state_bytes`` the size of the whole state
+    then, and ``loaded_bytes`` what its last load read (the root and the chunks it did not know).
     """
 
     def __init__(self, path: Path | str, initial: ServingState):
         self.path, self.initial = Path(path), initial
         encode_tree(initial)  # a state the store cannot take is refused at start-up, not on a request
-        self.loads = self.stores = 0
-        self.stored_bytes = 0
+        self.loads = self.stores = self.written_bytes = self.state_bytes = self.loaded_bytes = 0
         self._lock = threading.Lock()  # one connection, used by the worker's threads one at a time
         self._connection = sqlite3.connect(
             self.path, timeout=30.0, isolation_level=None, check_same_thread=False
@@ -168,6 +211,8 @@ class DefenseStateStore:
         self._connection.executescript(SCHEMA)
         self._version: int | None = None
         self._value = initial
+        self._chunks: dict[bytes, Chunk] = {}  # the chunks the stored state at self._version refers to
+        self._by_identity: dict[int, Chunk] = {}
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -183,6 +228,69 @@ class DefenseStateStore:
         row = self._connection.execute("SELECT version FROM shared_defense WHERE id = 0").fetchone()
         return 0 if row is None else int(row[0])
 
+    def _reach(self, chunk: Chunk, reached: dict[bytes, Chunk]) -> None:
+        reached[chunk.digest] = chunk
+        for child in chunk.children:
+            self._reach(self._chunks[child], reached)
+
+    def _load(self) -> tuple[ServingState, dict[bytes, Chunk]]:
+        """The stored state and the chunks it refers to, decoding only chunks not already known."""
+        row = self._connection.execute("SELECT state FROM shared_defense WHERE id = 0").fetchone()
+        if row is None or row[0] is None:
+            self.loaded_bytes = 0
+            return self.initial, {}
+        self.loaded_bytes = len(row[0])
+        reached: dict[bytes, Chunk] = {}
+        found: list[list[bytes]] = [[]]
+
+        def chunk(digest: bytes) -> Any:
+            known = self._chunks.get(digest)
+            if known is not None:
+                self._reach(known, reached)
+            else:
+                stored = self._connection.execute(
+                    "SELECT data FROM shared_defense_chunks WHERE digest = ?", (digest,)
+                ).fetchone()
+                if stored is None:
+                    raise ValueError(f"the shared defense state refers to a missing chunk {digest.hex()}")
+                self.loaded_bytes += len(stored[0])
+                found.append([])
+                value = _unpack(stored[0], chunk)
+                known = reached[digest] = Chunk(value, digest, tuple(found.pop()), len(stored[0]))
+            found[-1].append(digest)
+            return known.value
+
+        return _unpack(row[0], chunk), reached
+
+    def _encode(self, state: ServingState) -> tuple[bytes, dict[bytes, Chunk], dict[bytes, bytes]]:
+        """The state's root, the chunks it refers to, and the bytes of those not stored before."""
+        reached: dict[bytes, Chunk] = {}
+        new: dict[bytes, bytes] = {}
+        found: list[list[bytes]] = [[]]
+
+        def entry(value: Any) -> Any:
+            if type(value) in SCALARS:
+                return value
+            known = self._by_identity.get(id(value))
+            if known is None or known.value is not value:
+                found.append([])
+                packable = _packable(value, entry)
+                children = found.pop()
+                data = _pack(packable)
+                if len(data) < CHUNK_MIN_BYTES:
+                    found[-1].extend(children)
+                    return packable
+                digest = hashlib.blake2b(data, digest_size=16).digest()
+                known = Chunk(value, digest, tuple(children), len(data))
+                reached[known.digest] = known
+                new[known.digest] = data
+            else:
+                self._reach(known, reached)
+            found[-1].append(known.digest)
+            return msgpack.ExtType(CHUNK, known.digest)
+
+        return _pack(_packable(state, entry)), reached, new
+
     def update(self, step: Callable[[ServingState], tuple[Result, ServingState]]) -> Result:
         """Runs ``step`` on the newest shared state and stores the state it returns, in one transaction.
 
@@ -193,23 +301,33 @@ class DefenseStateStore:
             with self._transaction():
                 version = self._stored_version()
                 if version != self._version:
-                    row = self._connection.execute("SELECT state FROM shared_defense WHERE id = 0").fetchone()
-                    stored = None if row is None else row[0]
-                    self._value = self.initial if stored is None else decode_tree(stored)
-                    self._version = version
+                    self._value, chunks = self._load()
+                    self._version, self._chunks = version, chunks
+                    self._by_identity = {id(chunk.value): chunk for chunk in chunks.values()}
                     self.loads += 1
                 result, value = step(self._value)
+                chunks = self._chunks
                 if value is not self._value:
-                    data = encode_tree(value)
+                    root, chunks, new = self._encode(value)
+                    gone = [(digest,) for digest in self._chunks if digest not in chunks]
+                    added = [(digest, new[digest]) for digest in chunks if digest not in self._chunks]
+                    self._connection.executemany("DELETE FROM shared_defense_chunks WHERE digest = ?", gone)
+                    self._connection.executemany(
+                        "INSERT OR IGNORE INTO shared_defense_chunks (digest, data) VALUES (?, ?)", added
+                    )
                     self._connection.execute(
                         "INSERT INTO shared_defense (id, version, state) VALUES (0, ?, ?) "
                         "ON CONFLICT (id) DO UPDATE SET version = excluded.version, state = excluded.state",
-                        (version + 1, data),
+                        (version + 1, root),
                     )
                     version += 1
                     self.stores += 1
-                    self.stored_bytes = len(data)
-            self._value, self._version = value, version  # only once committed
+                    self.written_bytes = len(root) + sum(len(data) for _, data in added)
+                    self.state_bytes = len(root) + sum(chunk.size for chunk in chunks.values())
+            if chunks is not self._chunks:  # only once committed
+                self._chunks = chunks
+                self._by_identity = {id(chunk.value): chunk for chunk in chunks.values()}
+            self._value, self._version = value, version
         return result
 
     def close(self) -> None:
