@@ -177,3 +177,16 @@ def test_two_cores_on_one_database_answer_and_alarm_as_one_process(tmp_path, sma
     alarms = audit.alarms()
     assert [(alarm["key_id"], alarm["name"]) for alarm in alarms] == [("attacker", "detected")]
     assert alarms[0]["report"]["queries_to_detection"] == expected["queries_to_detection"]
+
+
+def test_workers_of_a_stateless_chain_draw_their_own_noise(tmp_path, small_victim, digits_splits):
+    audit, x = AuditLog(tmp_path / "audit.sqlite"), digits_splits.test.x[:4]
+
+    def first_answer(key_stream):
+        core = build_core(small_victim, gaussian_noise(0.1), audit=audit, key_stream=key_stream)
+        return core.predict("k", x, "probabilities").answers
+
+    alone = PredictionAPI(small_victim, gaussian_noise(0.1), key=jax.random.key(0)).query(x)
+    np.testing.assert_array_equal(first_answer(None), alone)  # one process: the experiment's key
+    workers = [first_answer(index) for index in range(2)]  # each worker's first batch
+    assert not np.allclose(workers[0], workers[1]) and not np.allclose(workers[0], alone)

@@ -490,7 +490,7 @@ def create_app(
 
 
 def app_from_config(
-    cfg, token_signing_secret: bytes | None = None, worker: bool = False
+    cfg, token_signing_secret: bytes | None = None, worker: int | None = None
 ) -> tuple[FastAPI, ServerSettings]:
     """The server a composed ``configs/serve.yaml`` describes: the victim from the victim cache (its
     manifest's binding and digest verified, and its signature under ``protection.verify_key_file``), the
@@ -498,8 +498,9 @@ def app_from_config(
     verified before serving, see ``workers.open_audit_log``) and limits under ``cfg.serve``.
 
     token_signing_secret: the bearer-token secret (None: from the config, else random).
-    worker: one of several processes (``workers.serve_workers``): the quota, rate limit and (for a chain with
-    state) the defense state are the shared ones, and the audit log was verified by the parent."""
+    worker: the index of this process among several (``workers.serve_workers``; None: the only one): the
+    quota, rate limit and (for a chain with state) the defense state are the shared ones, and the audit log
+    was verified by the parent."""
     from hydra.utils import instantiate
 
     from heistlab.experiment import (
@@ -522,7 +523,9 @@ def app_from_config(
     throttle = FailedAuthThrottle(spec.failed_auth_burst, spec.failed_auth_rate, spec.failed_auth_hold_s)
     secret = token_signing_secret or token_secret(spec.token_secret_file)
     authenticator = Authenticator(store, secret, spec.token_ttl_s, throttle=throttle)
-    audit = open_audit_log(spec, check=not worker)  # a broken log stops the server before the victim loads
+    audit = open_audit_log(
+        spec, check=worker is None
+    )  # a broken log stops the server before the victim loads
     splits = build_splits(cfg)
     defense = build_defense(cfg.defense, defender_data(cfg, splits))
     signed = at_rest_from(cfg).signing.public is not None
@@ -535,8 +538,9 @@ def app_from_config(
             "can write %s can recompute; set protection.verify_key_file (python -m experiments.protect)",
             cache_directory(cfg),
         )
-    shared = SharedAdmission(audit.path, spec.quota, spec.rate, spec.burst) if worker else None
-    defense_store = store_for(audit.path, defense) if worker else None
+    several = worker is not None
+    shared = SharedAdmission(audit.path, spec.quota, spec.rate, spec.burst) if several else None
+    defense_store = store_for(audit.path, defense) if several else None
     schema = input_schema(splits.input_shape, (0.0, 1.0), spec.max_batch, spec.max_body_bytes)
     core = build_core(
         victim,
@@ -552,6 +556,7 @@ def app_from_config(
         monitor_every=spec.monitor_every,
         shared=shared,
         defense_store=defense_store,
+        key_stream=worker if several and defense_store is None else None,
     )
     burst = spec.burst if spec.burst is not None or spec.rate is None else max(1, math.ceil(spec.rate))
     app = create_app(

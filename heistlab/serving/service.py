@@ -276,6 +276,7 @@ def build_core(
     clock: Callable[[], float] = time.monotonic,
     shared: SharedAdmission | None = None,
     defense_store: DefenseStateStore | None = None,
+    key_stream: int | None = None,
 ) -> ServingCore:
     """A ``ServingCore`` for ``victim`` behind ``defense``, its quota ledger seeded from ``audit``.
 
@@ -284,6 +285,8 @@ def build_core(
     shared: the workers' shared quota and rate limit (``serve.workers`` > 1), in place of ``quota``, ``rate``
     and ``burst`` here; ``extra_admission`` cannot be shared and is refused with it.
     defense_store: the workers' shared defense state (``serve.workers`` > 1 and a stateful chain).
+    key_stream: a worker's index when its chain is not shared (stateless): folded into the API's key, so
+    that no two workers draw the same batch keys (None: the key of an in-process experiment).
     """
     extra_admission = list(extra_admission)
     if shared is not None and extra_admission:
@@ -299,7 +302,9 @@ def build_core(
     api = PredictionAPI(
         victim,
         defense,
-        key=jax.random.key(seed),
+        key=jax.random.key(seed)
+        if key_stream is None
+        else jax.random.fold_in(jax.random.key(seed), key_stream),
         budget=None,
         output="probabilities",
         input_range=input_range,

@@ -11,7 +11,8 @@ victim itself, nothing is forked from a process that has started JAX). Each bind
 - the bearer-token signing secret (made once by the parent when none is configured, handed to each worker);
 - the defense chain's state, when it has one (PRADA's per-key histories, the batch count that draws each
   batch's key, the alarms raised), through ``shared_defense.DefenseStateStore`` in the audit database: the
-  batches of all workers go through the defense one at a time. A stateless chain is not synchronised.
+  batches of all workers go through the defense one at a time. A stateless chain is not synchronised: each
+  worker folds its index into its batch keys, so no two workers draw the same noise.
 
 The parent verifies the audit log, resets the shared admission from it and the shared defense state to the
 defense's initial state (as one process starts), then starts the first worker (which fills the victim
@@ -101,7 +102,7 @@ def shared_socket(host: str, port: int) -> socket.socket:
     return listener
 
 
-def run_worker(config_yaml: str, port: int, token_secret: bytes, ready) -> None:
+def run_worker(index: int, config_yaml: str, port: int, token_secret: bytes, ready) -> None:
     """One worker: builds the app from the config (shared admission, no second audit check) and serves."""
     import uvicorn
     from omegaconf import OmegaConf
@@ -114,7 +115,7 @@ def run_worker(config_yaml: str, port: int, token_secret: bytes, ready) -> None:
     logging.basicConfig(level=str(cfg.serve.log_level).upper(), stream=sys.stderr)
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     enable_compilation_cache(cache_directory(cfg))
-    app, settings = app_from_config(cfg, token_signing_secret=token_secret, worker=True)
+    app, settings = app_from_config(cfg, token_signing_secret=token_secret, worker=index)
     listener = shared_socket(settings.host, port)
     server = uvicorn.Server(uvicorn_config(app, settings.host, port, *settings[2:]))
 
@@ -155,7 +156,9 @@ def serve_workers(cfg, workers: int) -> int:
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     readiness = [context.Event() for _ in range(workers)]
     processes = [
-        context.Process(target=run_worker, args=(config_yaml, port, secret, ready), name=f"worker-{index}")
+        context.Process(
+            target=run_worker, args=(index, config_yaml, port, secret, ready), name=f"worker-{index}"
+        )
         for index, ready in enumerate(readiness)
     ]
     stopping = threading.Event()
