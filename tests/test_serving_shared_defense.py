@@ -12,7 +12,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from defenses import QueryContext, chain, gaussian_noise, prada, rounding
+from defenses import Defense, QueryContext, chain, gaussian_noise, prada, rounding
 from defenses.dawn import DawnState, WatermarkRecord
 from defenses.prada import ClientTrace, PradaState
 from heistlab.api import PredictionAPI
@@ -142,6 +142,9 @@ def test_only_a_chain_with_state_is_synchronised(tmp_path):
     assert is_stateless(stateless.init()) and store_for(tmp_path / "a.sqlite", stateless) is None
     assert not is_stateless(chain(rounding(2), prada()).init())
     assert isinstance(store_for(tmp_path / "a.sqlite", chain(rounding(2), prada())), DefenseStateStore)
+    keeps_a_set = Defense(init=lambda: {"seen": set()}, apply=lambda probs, state, context: (probs, state))
+    with pytest.raises(ValueError, match="serve.workers > 1 shares the defense state.*set.*use one worker"):
+        store_for(tmp_path / "a.sqlite", keeps_a_set)
 
 
 def test_two_cores_on_one_database_answer_and_alarm_as_one_process(tmp_path, small_victim, digits_splits):

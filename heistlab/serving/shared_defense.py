@@ -170,7 +170,12 @@ def store_for(path: Path | str, defense: Defense) -> DefenseStateStore | None:
     """The shared store for ``defense``'s state in the SQLite file at ``path``; None for a stateless chain,
     whose workers need no synchronisation."""
     initial = ServingState(defense.init())
-    return None if is_stateless(initial.defense) else DefenseStateStore(path, initial)
+    if is_stateless(initial.defense):
+        return None
+    try:
+        return DefenseStateStore(path, initial)
+    except TypeError as error:
+        raise ValueError(f"serve.workers > 1 shares the defense state, and {error}; use one worker") from None
 
 
 def reset_shared_state(path: Path | str) -> None:
