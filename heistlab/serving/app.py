@@ -523,9 +523,8 @@ def app_from_config(
     throttle = FailedAuthThrottle(spec.failed_auth_burst, spec.failed_auth_rate, spec.failed_auth_hold_s)
     secret = token_signing_secret or token_secret(spec.token_secret_file)
     authenticator = Authenticator(store, secret, spec.token_ttl_s, throttle=throttle)
-    audit = open_audit_log(
-        spec, check=worker is None
-    )  # a broken log stops the server before the victim loads
+    # A broken log stops the server before the victim loads; a worker's parent checked it.
+    audit = open_audit_log(spec, check=worker is None)
     splits = build_splits(cfg)
     defense = build_defense(cfg.defense, defender_data(cfg, splits))
     signed = at_rest_from(cfg).signing.public is not None
