@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from defenses import Defense, Evidence, QueryContext, Request
+from defenses.base import State
 from heistlab.training import capacity_for, pad_rows
 from heistlab.victims import Classifier
 
@@ -118,6 +119,14 @@ class PredictionAPI:
 
     def clients(self) -> list[str]:
         return sorted(set(self._served) | set(self._refused))
+
+    def defense_state(self) -> tuple[State, int]:
+        """The defense chain's state and the count of batches served (each batch's PRNG key folds it in)."""
+        return self._state, self._batches
+
+    def restore_defense_state(self, state: State, batches: int) -> None:
+        """Continues from what ``defense_state`` returned, here or in another process serving the same API."""
+        self._state, self._batches = state, batches
 
     def report(self, evidence: Evidence) -> dict:
         """The defense's own metrics (detections, watermark tests) from its state after the attack."""

@@ -13,9 +13,11 @@ import time
 from pathlib import Path
 
 import httpx
+import jax
+import numpy as np
 import pytest
 
-from defenses import budget, rounding
+from defenses import QueryContext, budget, prada, rounding
 from experiments import audit_log, keys
 from heistlab.serving.audit import AuditLog
 from heistlab.serving.auth import create_key
@@ -186,3 +188,99 @@ def test_four_workers_serve_exactly_the_quota_to_32_clients_and_revoke_in_every_
     assert audit.served_rows() == {hammered.key_id: quota} and audit.verify().intact
     check = ["verify", "--db", str(audit.path), "--mac-key-file", str(tmp_path / "mac.key")]
     assert audit_log.main(check) == 0
+
+
+def established_by(port: int, workers: list[int]) -> set[int]:
+    """The workers holding an established connection on the server's ``port`` (from ``/proc/net/tcp``)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01" and fields[9] != "0":
+                inodes.add(f"socket:[{fields[9]}]")
+    holders = set()
+    for pid in workers:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                if os.readlink(fd) in inodes:
+                    holders.add(pid)
+            except OSError:
+                continue
+    return holders
+
+
+@pytest.mark.slow  # four processes import JAX and load the victim: about a minute on 2 busy cores
+def test_prada_sees_a_keys_whole_stream_over_four_workers_and_alarms_once(tmp_path, cache_dir, digits_splits):
+    assert keys.main(["selfsigned", "--out", str(tmp_path / "tls")]) == 0
+    store = tmp_path / "keys.json"
+    attacker, benign, admin = (
+        create_key(store, role, kdf=CHEAP_KDF) for role in ("probabilities", "probabilities", "admin")
+    )
+    port, log_file = free_port(), tmp_path / "server.log"
+    command = [
+        sys.executable, "-m", "experiments.serve", *TINY_VICTIM, f"cache_dir={cache_dir}",
+        "defense=prada", "defense.delta=0.85", "serve.workers=4", f"serve.port={port}", "serve.quota=null",
+        "serve.rate=null", f"serve.key_store={store}", f"serve.audit_db={tmp_path / 'audit.sqlite'}",
+        f"serve.certfile={tmp_path / 'tls' / 'cert.pem'}", f"serve.keyfile={tmp_path / 'tls' / 'key.pem'}",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+    ]  # fmt: skip
+    with open(log_file, "wb") as output:
+        server = subprocess.Popen(
+            command, cwd=REPO, env={**os.environ, "CI": "true"}, stdout=output, stderr=output
+        )
+    url, context = f"https://127.0.0.1:{port}", client_context(tmp_path / "tls" / "cert.pem")
+    # JBDA-like: 20 natural seeds, then 15 small signed steps away from each; benign: natural test digits.
+    seeds = digits_splits.pool[:20]
+    steps = 0.05 * np.sign(np.random.default_rng(0).normal(size=(15, *seeds.shape)))
+    grown = np.clip(seeds[None] + steps, 0, 1).reshape(-1, *seeds.shape[1:])
+    attack = np.concatenate([seeds, grown]).astype(np.float32)  # the server reads float32
+    natural = digits_splits.test.x[: len(attack)]
+    served: dict[str, list[np.ndarray]] = {attacker.key_id: [], benign.key_id: []}
+    serving: dict[str, list[int]] = {attacker.key_id: [], benign.key_id: []}
+    try:
+        deadline = time.monotonic() + 300
+        while "with 4 workers" not in log_file.read_text():
+            assert server.poll() is None, log_file.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the 4 workers did not start within 300 s"
+            time.sleep(0.5)
+        workers = worker_pids(server.pid)
+        assert len(workers) == 4, workers
+        for start in range(0, len(attack), 8):  # each request on a new connection: the kernel picks a worker
+            for client, rows in ((attacker, attack), (benign, natural)):
+                with httpx.Client(verify=context, timeout=60) as session:
+                    answer = session.post(
+                        f"{url}/v1/predict",
+                        json={"inputs": rows[start : start + 8].tolist()},
+                        headers={"X-API-Key": client.api_key},
+                    )
+                    assert answer.status_code == 200, answer.text
+                    served[client.key_id].append(np.asarray(answer.json()["outputs"]))
+                    (holder,) = established_by(port, workers)
+                    serving[client.key_id].append(holder)
+        with httpx.Client(verify=context, timeout=60) as session:
+            alarms = session.get(f"{url}/admin/alarms", headers={"X-API-Key": admin.api_key}).json()["alarms"]
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    log = log_file.read_text()
+    assert server.returncode == 0 and "Traceback" not in log, log[-3000:]
+    assert len(set(serving[attacker.key_id])) >= 3, serving  # the stream was spread over the workers
+
+    # The in-process detector on the same stream, classes from the answers served (PRADA logs, never changes).
+    detector = prada(delta=0.85)
+    state = detector.init()
+    for client, rows in ((attacker, attack), (benign, natural)):
+        for start, answers in zip(range(0, len(rows), 8), served[client.key_id], strict=True):
+            context = QueryContext(rows[start : start + 8], jax.random.key(0), client=client.key_id)
+            _, state = detector.apply(answers, state, context)
+    expected = state.traces[attacker.key_id].alarm
+    assert expected is not None and state.traces[benign.key_id].alarm is None
+    (alarm,) = alarms  # once for the key, though its later requests went to several workers
+    assert alarm["key_id"] == attacker.key_id and alarm["name"] == "detected"
+    assert alarm["report"]["queries_to_detection"] == expected.queries
+    after_alarm = serving[attacker.key_id][(expected.queries + 7) // 8 :]
+    assert len(set(after_alarm)) >= 2, serving

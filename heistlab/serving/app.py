@@ -538,7 +538,7 @@ def create_app(
 
 
 def app_from_config(
-    cfg, token_signing_secret: bytes | None = None, worker: bool = False
+    cfg, token_signing_secret: bytes | None = None, worker: int | None = None
 ) -> tuple[FastAPI, ServerSettings]:
     """The server a composed ``configs/serve.yaml`` describes: the victim from the victim cache (its
     manifest's binding and digest verified, and its signature under ``protection.verify_key_file``), the
@@ -546,8 +546,9 @@ def app_from_config(
     verified before serving, see ``workers.open_audit_log``) and limits under ``cfg.serve``.
 
     token_signing_secret: the bearer-token secret (None: from the config, else random).
-    worker: one of several processes (``workers.serve_workers``): the quota and rate limit are the shared
-    ones, and the audit log was verified by the parent."""
+    worker: the index of this process among several (``workers.serve_workers``; None: the only one): the
+    quota, rate limit and (for a chain with state) the defense state are the shared ones, and the audit log
+    was verified by the parent."""
     from hydra.utils import instantiate
 
     from heistlab.experiment import (
@@ -561,6 +562,7 @@ def app_from_config(
     from heistlab.serving.auth import KeyStore, token_secret
     from heistlab.serving.service import build_core
     from heistlab.serving.shared import SharedAdmission
+    from heistlab.serving.shared_defense import store_for
     from heistlab.serving.validation import input_schema
     from heistlab.serving.workers import open_audit_log
 
@@ -569,7 +571,8 @@ def app_from_config(
     throttle = FailedAuthThrottle(spec.failed_auth_burst, spec.failed_auth_rate, spec.failed_auth_hold_s)
     secret = token_signing_secret or token_secret(spec.token_secret_file)
     authenticator = Authenticator(store, secret, spec.token_ttl_s, throttle=throttle)
-    audit = open_audit_log(spec, check=not worker)  # a broken log stops the server before the victim loads
+    # A broken log stops the server before the victim loads; a worker's parent checked it.
+    audit = open_audit_log(spec, check=worker is None)
     splits = build_splits(cfg)
     defense = build_defense(cfg.defense, defender_data(cfg, splits))
     signed = at_rest_from(cfg).signing.public is not None
@@ -582,12 +585,9 @@ def app_from_config(
             "can write %s can recompute; set protection.verify_key_file (python -m experiments.protect)",
             cache_directory(cfg),
         )
-    shared = SharedAdmission(audit.path, spec.quota, spec.rate, spec.burst) if worker else None
-    if worker and defense.report is not None:
-        log.warning(
-            "each of the serve.workers keeps its own defense state: a detector reads only the queries its "
-            "worker served (a key's stream is split between workers)"
-        )
+    several = worker is not None
+    shared = SharedAdmission(audit.path, spec.quota, spec.rate, spec.burst) if several else None
+    defense_store = store_for(audit.path, defense) if several else None
     schema = input_schema(splits.input_shape, (0.0, 1.0), spec.max_batch, spec.max_body_bytes)
     core = build_core(
         victim,
@@ -602,6 +602,8 @@ def app_from_config(
         max_batch=spec.max_batch,
         monitor_every=spec.monitor_every,
         shared=shared,
+        defense_store=defense_store,
+        key_stream=worker if several and defense_store is None else None,
     )
     burst = spec.burst if spec.burst is not None or spec.rate is None else max(1, math.ceil(spec.rate))
     body_parser = BodyParser()

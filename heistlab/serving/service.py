@@ -13,8 +13,10 @@ sequence the same as in-process (same queries in the same order give the same an
 
 With several worker processes (``serve.workers``), step 1 is ``shared.SharedAdmission``: the quota and rate
 limit are decided and committed in one SQLite transaction shared by every worker (exact across processes),
-and refunded if the answer then fails. The defense chain's state (noise keys, PRADA's histories) stays in
-each worker: a detector sees the queries its own worker served.
+and refunded if the answer then fails. Steps 2 and 4 run inside one transaction of
+``shared_defense.DefenseStateStore`` when the defense chain has state: each worker continues from the newest
+shared state (PRADA's histories, the batch count that draws each batch's key, the alarms already raised), so
+a detector sees each key's whole stream, whichever worker serves it, and raises each alarm once.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import NamedTuple
 
 import jax
@@ -32,11 +34,18 @@ from defenses.base import Defense, Evidence, Request, State
 from heistlab.api import PredictionAPI, QueryRefused
 from heistlab.serving.audit import AuditLog
 from heistlab.serving.shared import SharedAdmission
+from heistlab.serving.shared_defense import DefenseStateStore, ServingState
 from heistlab.serving.throttle import real_clock_verdict, server_admission
 from heistlab.victims import Victim
 
 log = logging.getLogger("heistlab.serving")
 ALARM_WORDS = ("alarm", "detect", "flag")
+
+
+class RaisedAlarm(NamedTuple):
+    name: str
+    value: object
+    report: dict
 
 
 class Served(NamedTuple):
@@ -95,7 +104,8 @@ class ServingCore:
     seeds the count of rows each key was served. admission, admission_state: a defense whose ``admit`` runs on
     ``clock`` (real seconds) before each batch, and its state (None: admit everything).
     top_k: how many scores the ``top_k`` output keeps. monitor_every: read the defense report for a key
-    after every this many of its served requests (0: never).
+    after every this many of its served requests (0: never). shared, defense_store: the quota, rate limit and
+    defense state shared by the workers of ``serve.workers`` (None: this process's own).
     """
 
     def __init__(
@@ -113,6 +123,7 @@ class ServingCore:
         victim_labels: Callable[[np.ndarray], np.ndarray] | None = None,
         clock: Callable[[], float] = time.monotonic,
         shared: SharedAdmission | None = None,
+        defense_store: DefenseStateStore | None = None,
     ):
         if quota is not None and (isinstance(quota, bool) or not isinstance(quota, int) or quota < 0):
             raise ValueError(f"quota must be a non-negative integer or null, got {quota!r}")
@@ -124,6 +135,8 @@ class ServingCore:
             raise ValueError("admission must be a defense with an admit part (a quota or rate limit)")
         if admission is not None and shared is not None:
             raise ValueError("admission and shared are exclusive: shared admission decides for every worker")
+        if defense_store is not None and shared is None:
+            raise ValueError("defense_store is the workers' shared defense state: it needs shared admission")
         self.api, self.audit, self.top_k, self.quota = api, audit, top_k, quota
         self.admission, self.clock, self.monitor_every = admission, clock, monitor_every
         self._admission_state = admission_state
@@ -134,7 +147,7 @@ class ServingCore:
         self._raised: set[tuple[str, str]] = set()
         self._report_failed = False
         self._lock = threading.Lock()
-        self.shared = shared
+        self.shared, self.defense_store = shared, defense_store
 
     def remaining(self, key_id: str) -> int | None:
         if self.shared is not None:
@@ -167,42 +180,83 @@ class ServingCore:
             return Served(client_view(np.asarray(probs), output, self.top_k), output, self.remaining(key_id))
 
     def _predict_shared(self, key_id: str, inputs: np.ndarray, output: str) -> Served:
-        """``predict`` with the admission committed first in the workers' store, refunded on failure."""
+        """``predict`` with the admission committed first in the workers' store, refunded on failure, and the
+        defense run on the workers' shared state when it has one."""
         rows = len(inputs)
         verdict, remaining = self.shared.admit(key_id, rows, self.clock())
         if not verdict.admitted:
             raise QueryRefused(key_id, rows, remaining, verdict.reason, verdict.delay)
         with self._lock:
             try:
-                probs = self.api.query(inputs, client=key_id)
+                if self.defense_store is None:
+                    probs = self.api.query(inputs, client=key_id)
+                    alarms = self._count_request(key_id)
+                else:
+                    probs, alarms = self.defense_store.update(
+                        lambda state: self._answer_in_turn(state, key_id, inputs)
+                    )
             except BaseException:
                 self.shared.refund(key_id, rows)
                 raise
             finally:
                 self.api.records.clear()
             self._served[key_id] = self._served.get(key_id, 0) + rows
-            self._after_answer(key_id)
+        self._record_alarms(key_id, alarms)
         return Served(client_view(np.asarray(probs), output, self.top_k), output, remaining)
 
-    def _after_answer(self, key_id: str) -> None:
-        self._requests[key_id] = self._requests.get(key_id, 0) + 1
-        if self._reports and self._requests[key_id] % self.monitor_every == 0:
-            self._monitor(key_id)
+    def _answer_in_turn(
+        self, state: ServingState, key_id: str, inputs: np.ndarray
+    ) -> tuple[tuple[np.ndarray, list[RaisedAlarm]], ServingState]:
+        """Answers from the workers' newest shared state; the answer, new alarms and the next shared state."""
+        self.api.restore_defense_state(state.defense, state.batches)
+        probs = self.api.query(inputs, client=key_id)
+        defense_state, batches = self.api.defense_state()
+        requests = state.requests.get(key_id, 0) + 1
+        raised = tuple(state.raised.get(key_id, ()))
+        alarms = self._new_alarms(key_id, requests, raised)
+        next_state = ServingState(
+            defense=defense_state,
+            batches=batches,
+            requests={**state.requests, key_id: requests},
+            raised={**state.raised, key_id: raised + tuple(alarm.name for alarm in alarms)}
+            if alarms
+            else state.raised,
+        )
+        return (probs, alarms), next_state
 
-    def _monitor(self, key_id: str) -> None:
+    def _after_answer(self, key_id: str) -> None:
+        self._record_alarms(key_id, self._count_request(key_id))
+
+    def _count_request(self, key_id: str) -> list[RaisedAlarm]:
+        """Counts a served request of ``key_id`` in this process; the alarms it raises for the first time."""
+        self._requests[key_id] = self._requests.get(key_id, 0) + 1
+        raised = {name for key, name in self._raised if key == key_id}
+        alarms = self._new_alarms(key_id, self._requests[key_id], raised)
+        self._raised.update((key_id, alarm.name) for alarm in alarms)
+        return alarms
+
+    def _new_alarms(self, key_id: str, requests: int, raised: Collection[str]) -> list[RaisedAlarm]:
+        """The alarms the defense report raises for ``key_id`` after its ``requests``-th served request (read
+        every ``monitor_every`` of them), less those already ``raised``."""
+        if not self._reports or requests % self.monitor_every != 0:
+            return []
         try:
             report = self.api.report(online_evidence(key_id, self._victim_labels))
         except Exception as error:
             if not self._report_failed:
                 log.warning("the defense report cannot be read online (%s); alarms are off", error)
             self._report_failed = True
-            return
-        for name, value in alarms_in(report).items():
-            if (key_id, name) in self._raised:
-                continue
-            self._raised.add((key_id, name))
-            log.warning("alarm %s=%r for key %s", name, value, key_id)
-            self.audit.record_alarm(key_id, name, value, report)
+            return []
+        return [
+            RaisedAlarm(name, value, report)
+            for name, value in alarms_in(report).items()
+            if name not in raised
+        ]
+
+    def _record_alarms(self, key_id: str, alarms: list[RaisedAlarm]) -> None:
+        for alarm in alarms:
+            log.warning("alarm %s=%r for key %s", alarm.name, alarm.value, key_id)
+            self.audit.record_alarm(key_id, alarm.name, alarm.value, alarm.report)
 
 
 def build_core(
@@ -221,6 +275,8 @@ def build_core(
     monitor_every: int = 1,
     clock: Callable[[], float] = time.monotonic,
     shared: SharedAdmission | None = None,
+    defense_store: DefenseStateStore | None = None,
+    key_stream: int | None = None,
 ) -> ServingCore:
     """A ``ServingCore`` for ``victim`` behind ``defense``, its quota ledger seeded from ``audit``.
 
@@ -228,6 +284,9 @@ def build_core(
     probabilities; each request's view (labels, top-k, probabilities) is cut from them by the key's role.
     shared: the workers' shared quota and rate limit (``serve.workers`` > 1), in place of ``quota``, ``rate``
     and ``burst`` here; ``extra_admission`` cannot be shared and is refused with it.
+    defense_store: the workers' shared defense state (``serve.workers`` > 1 and a stateful chain).
+    key_stream: a worker's index when its chain is not shared (stateless): folded into the API's key, so
+    that no two workers draw the same batch keys (None: the key of an in-process experiment).
     """
     extra_admission = list(extra_admission)
     if shared is not None and extra_admission:
@@ -243,7 +302,9 @@ def build_core(
     api = PredictionAPI(
         victim,
         defense,
-        key=jax.random.key(seed),
+        key=jax.random.key(seed)
+        if key_stream is None
+        else jax.random.fold_in(jax.random.key(seed), key_stream),
         budget=None,
         output="probabilities",
         input_range=input_range,
@@ -267,4 +328,5 @@ def build_core(
         victim_labels=lambda x: victim.predict_proba(x).argmax(axis=-1),
         clock=clock,
         shared=shared,
+        defense_store=defense_store,
     )

@@ -8,12 +8,16 @@ victim itself, nothing is forked from a process that has started JAX). Each bind
   ``BEGIN IMMEDIATE`` transaction per admission);
 - the audit log and its chain (every append is one ``BEGIN IMMEDIATE`` transaction);
 - keys and revocations: every worker re-reads the key store when the file changes, on each request;
-- the bearer-token signing secret (made once by the parent when none is configured, handed to each worker).
+- the bearer-token signing secret (made once by the parent when none is configured, handed to each worker);
+- the defense chain's state, when it has one (PRADA's per-key histories, the batch count that draws each
+  batch's key, the alarms raised), through ``shared_defense.DefenseStateStore`` in the audit database: the
+  batches of all workers go through the defense one at a time. A stateless chain is not synchronised: each
+  worker folds its index into its batch keys, so no two workers draw the same noise.
 
-What they do not share: the defense chain's state (PRADA's per-key histories, noise keys), and alarms raised
-once per key per worker. The parent verifies the audit log, resets the shared admission from it, then starts
-the first worker (which fills the victim cache if needed), then the others once it serves; when one exits,
-the others are stopped and the server exits with status 1.
+The parent verifies the audit log, resets the shared admission from it and the shared defense state to the
+defense's initial state (as one process starts), then starts the first worker (which fills the victim
+cache if needed), then the others once it serves; when one exits, the others are stopped and the server
+exits with status 1.
 
 This module imports no JAX: the parent process stays light.
 """
@@ -98,7 +102,7 @@ def shared_socket(host: str, port: int) -> socket.socket:
     return listener
 
 
-def run_worker(config_yaml: str, port: int, token_secret: bytes, ready) -> None:
+def run_worker(index: int, config_yaml: str, port: int, token_secret: bytes, ready) -> None:
     """One worker: builds the app from the config (shared admission, no second audit check) and serves."""
     import uvicorn
     from omegaconf import OmegaConf
@@ -111,7 +115,7 @@ def run_worker(config_yaml: str, port: int, token_secret: bytes, ready) -> None:
     logging.basicConfig(level=str(cfg.serve.log_level).upper(), stream=sys.stderr)
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     enable_compilation_cache(cache_directory(cfg))
-    app, settings = app_from_config(cfg, token_signing_secret=token_secret, worker=True)
+    app, settings = app_from_config(cfg, token_signing_secret=token_secret, worker=index)
     listener = shared_socket(settings.host, port)
     server = uvicorn.Server(uvicorn_config(app, settings.host, port, *settings[2:]))
 
@@ -131,6 +135,7 @@ def serve_workers(cfg, workers: int) -> int:
 
     from heistlab.serving.auth import token_secret
     from heistlab.serving.shared import SharedAdmission
+    from heistlab.serving.shared_defense import reset_shared_state
 
     spec = cfg.serve
     if spec.get("extra_admission"):
@@ -142,6 +147,7 @@ def serve_workers(cfg, workers: int) -> int:
     shared = SharedAdmission(audit.path, spec.quota, spec.rate, spec.burst)
     shared.reset(audit.served_rows())
     shared.close()
+    reset_shared_state(audit.path)
     audit.close()
     secret = token_secret(spec.token_secret_file)
     holder = shared_socket(str(spec.host), int(spec.port))  # holds the port (and resolves port 0)
@@ -150,7 +156,9 @@ def serve_workers(cfg, workers: int) -> int:
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     readiness = [context.Event() for _ in range(workers)]
     processes = [
-        context.Process(target=run_worker, args=(config_yaml, port, secret, ready), name=f"worker-{index}")
+        context.Process(
+            target=run_worker, args=(index, config_yaml, port, secret, ready), name=f"worker-{index}"
+        )
         for index, ready in enumerate(readiness)
     ]
     stopping = threading.Event()
