@@ -125,6 +125,19 @@ MAC_COLUMNS = {
 FINDING_KINDS = ("deleted", "reordered", "truncated", "edited", "head")
 
 
+@contextlib.contextmanager
+def immediate_transaction(connection: sqlite3.Connection) -> Iterator[None]:
+    """One ``BEGIN IMMEDIATE`` transaction: SQLite's writer lock is taken first, so writers (threads or worker
+    processes) never interleave; rolled back on any exception, committed otherwise."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+
+
 class AuditEntry(NamedTuple):
     request_id: str
     time: float
@@ -484,16 +497,8 @@ class AuditLog:
                 self._check_key()
                 self._check_chain()
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
-        """One ``BEGIN IMMEDIATE`` transaction: the writer lock first, so appends never interleave."""
-        self._connection.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self._connection.execute("ROLLBACK")
-            raise
-        self._connection.execute("COMMIT")
+    def _transaction(self) -> contextlib.AbstractContextManager[None]:
+        return immediate_transaction(self._connection)
 
     @property
     def chained(self) -> bool:

@@ -23,6 +23,7 @@ from pathlib import Path
 from defenses.base import Request, Verdict
 from defenses.budget import BudgetState
 from defenses.rate_limit import Bucket, BucketState
+from heistlab.serving.audit import immediate_transaction
 from heistlab.serving.throttle import real_clock_verdict, server_admission
 
 SCHEMA = """
@@ -56,14 +57,8 @@ class SharedAdmission:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
-        with self._lock:
-            self._connection.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                self._connection.execute("ROLLBACK")
-                raise
-            self._connection.execute("COMMIT")
+        with self._lock, immediate_transaction(self._connection):
+            yield
 
     def reset(self, spent: Mapping[str, int]) -> None:
         """Starts every key from the rows the audit log says it was served (buckets full again)."""

@@ -35,7 +35,7 @@ import hashlib
 import sqlite3
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -43,6 +43,7 @@ import msgpack
 import numpy as np
 
 from defenses.base import Defense, EmptyState, State
+from heistlab.serving.audit import immediate_transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS shared_defense (
@@ -219,15 +220,8 @@ class DefenseStateStore:
         self._chunks: dict[bytes, Chunk] = {}  # the chunks the stored state at self._version refers to
         self._by_identity: dict[int, Chunk] = {}
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
-        self._connection.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self._connection.execute("ROLLBACK")
-            raise
-        self._connection.execute("COMMIT")
+    def _transaction(self) -> contextlib.AbstractContextManager[None]:
+        return immediate_transaction(self._connection)
 
     def _stored_version(self) -> int:
         row = self._connection.execute("SELECT version FROM shared_defense WHERE id = 0").fetchone()
