@@ -221,7 +221,7 @@ def stream_benign_clients(cfg: DictConfig, api: PredictionAPI, test: data.Datase
     return names
 
 
-def evidence_for(cfg, splits, victim, stolen_model, stolen_params, attackers, benign) -> Evidence:
+def evidence_for(cfg, splits, victim, stolen_model, stolen_params, attackers, benign, evaders=()) -> Evidence:
     """Label functions a defense's report may test; the independent model is trained only if asked for."""
 
     @functools.cache
@@ -238,6 +238,7 @@ def evidence_for(cfg, splits, victim, stolen_model, stolen_params, attackers, be
         victim_labels=lambda x: victim.predict_proba(x).argmax(axis=-1),
         attackers=tuple(attackers),
         benign=benign,
+        evaders=tuple(evaders),
     )
 
 
@@ -330,13 +331,18 @@ def assess(cfg: DictConfig, prepared: Prepared, api, oracle, attack_result: Atta
     with phase("measuring"):
         found = measure(cfg, splits, victim, defense, attack_result, stolen_model, api, oracle.clients)
         benign = stream_benign_clients(cfg, api, splits.test)
-        evidence = evidence_for(
-            cfg, splits, victim, stolen_model, attack_result.params, oracle.clients, benign
-        )
-        found.update(api.report(evidence))
+    evaders = ()
     if cfg.evasion.get("_target_"):
+        from attacks.evasion import EVADER
+
         with phase(f"evasion: {cfg.evasion._target_}"):
             found.update(run_evasion_stage(cfg, splits, victim, api, stolen_model, attack_result.params))
+        evaders = (EVADER,)
+    # The defense reports after the evasion stage, so a detector of evasion (Blacklight) sees the evader too.
+    evidence = evidence_for(
+        cfg, splits, victim, stolen_model, attack_result.params, oracle.clients, benign, evaders
+    )
+    found.update(api.report(evidence))
     return found
 
 
