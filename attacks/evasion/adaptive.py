@@ -19,20 +19,22 @@ Which scale grows:
   makes proposals fewer and more alike, not less alike (measured on digits, 20 inputs, the side grown twofold
   per refusal and never shrunk: 97% of the adaptive attack's queries were still refused). The perturbation
   stays within ``epsilon``.
-- ``adaptive_hopskipjump``: the radius of the gradient estimate's probes (the paper's delta) grows after
-  an estimate whose probes were refused too often; any refused query (probe, binary-search or step point)
-  is redrawn with uniform noise of ``+-initial_scale`` per pixel, grown by ``growth`` at each further
-  refusal. Queries that were not refused go out as HopSkipJump made them, and the point it keeps is always
-  the noiseless one: the noise costs it accuracy in some decisions, never size in its result.
+- ``adaptive_hopskipjump``: the spread of the gradient estimate's probes (the paper's delta). Once a probe of
+  an input is refused, its probes carry uniform noise of ``+-scale`` per pixel, ``scale`` starting at
+  ``initial_scale``, grown by ``growth`` at each refused probe and shrunk by ``growth ** 0.25`` at each
+  answered one (never below ``initial_scale``); the estimate uses the displacement actually sent, noise
+  included. Binary-search and step points go out as HopSkipJump made them; a refused one is redrawn with noise
+  of ``+-initial_scale``, grown by ``growth`` per further refusal. The point HopSkipJump keeps is always the
+  noiseless one: the noise costs it accuracy in some decisions, never size in its result.
 
 A refusal is judged per request, so the adaptive attacks send each query as its own request (the plain
 attacks batch them, and one flagged row refuses the whole batch). A refusal that says the client will never be
 served again (``retry_after`` infinite: a ban) ends the attack, as any refusal ends the plain ones.
 
-Differences from Feng et al.: besides Square's count of squares in place of its size (above), the
-HopSkipJump adaptation here (the probe radius grown per estimate, noise only on redrawn queries) is this
-module's reading of their method description, not a port of their code; the scales adapt online from
-refusals alone, with no calibration queries before the attack.
+Differences from Feng et al.: besides Square's count of squares in place of its size (above), the HopSkipJump
+adaptation here (noise that widens the probes, sized by the one-fifth rule, and noise on redrawn search
+points) is this module's reading of their method description, not a port of their code; the scales adapt
+online from refusals alone, with no calibration queries before the attack.
 """
 
 from __future__ import annotations
@@ -59,11 +61,9 @@ from attacks.evasion.hopskipjump import Decisions, hopskipjump_search
 from attacks.evasion.square import margin_loss, propose, square_side, window_fraction
 from heistlab.api import Oracle, QueryRefused
 
-# An answered Square proposal shrinks the scale by growth ** SHRINK_POWER, a refused one grows it by growth:
-# the scale settles where about one proposal in five is refused (Rechenberg's one-fifth rule).
+# An answered proposal shrinks the scale by growth ** SHRINK_POWER, a refused one grows it by growth: the
+# scale settles where about one proposal in five is refused (Rechenberg's one-fifth rule).
 SHRINK_POWER = 0.25
-# The share of an input's probes that may be refused before its probe radius grows.
-PROBE_REFUSAL_TOLERANCE = 0.1
 
 
 def ask_one(oracle: Oracle, row: np.ndarray) -> np.ndarray:
@@ -185,11 +185,14 @@ def adaptive_square_search(
 class AdaptiveDecisions(Decisions):
     """HopSkipJump's verdicts through a detector that refuses, each query its own request.
 
-    Rejection sampling: a refused query is redrawn with uniform noise of ``+-initial_scale`` per pixel, grown
-    by ``growth`` at each further refusal of that query, at most ``max_resamples`` times; a query refused
-    every time counts as not adversarial (HopSkipJump then searches on the clean side, the cautious reading).
-    Adaptive proposal: when more than ``PROBE_REFUSAL_TOLERANCE`` of an input's probes in a gradient estimate
-    were refused, its probe radius grows by ``growth`` for the estimates that follow (``probe_scale``).
+    Adaptive proposal: once a probe of input ``i``'s gradient estimates has been refused, every later probe
+    carries uniform noise of ``+-probe_noise[i]`` per pixel (a wider, noisier probe distribution), starting at
+    ``initial_scale``, grown by ``growth`` at each refused probe and shrunk by ``growth ** SHRINK_POWER`` at
+    each answered one (never below ``initial_scale``). Rejection sampling: a refused query is redrawn with
+    fresh noise (probes at their grown scale; binary-search and step points, sent noiseless first, at
+    ``initial_scale`` grown by ``growth`` per further refusal), at most ``max_resamples`` times; a query
+    refused every time counts as not adversarial (HopSkipJump then searches on the clean side, the cautious
+    reading).
     """
 
     def __init__(
@@ -198,45 +201,52 @@ class AdaptiveDecisions(Decisions):
         super().__init__(oracle, labels, max_queries, query_batch)
         self.rng, self.initial_scale, self.growth = rng, initial_scale, growth
         self.max_resamples = max_resamples
-        self.probe_scales = np.ones(len(labels))
+        self.probe_noise = np.zeros(len(labels))
         self.refused = 0
 
-    def probe_scale(self, owners: np.ndarray) -> np.ndarray:
-        return self.probe_scales[owners]
+    def noised(self, candidate: np.ndarray, scale: float) -> np.ndarray:
+        if scale == 0:
+            return candidate
+        return np.clip(candidate + self.rng.uniform(-scale, scale, candidate.shape), 0.0, 1.0)
 
-    def adversarial(self, candidates: np.ndarray, owners: np.ndarray, probing: bool = False) -> np.ndarray:
-        verdicts = np.zeros(len(owners), bool)
-        refused_first = np.zeros(len(owners), bool)
+    def adversarial(self, candidates: np.ndarray, owners: np.ndarray) -> np.ndarray:
+        return self.decide(candidates, owners, probing=False)[0]
+
+    def probe(self, probes: np.ndarray, owners: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.decide(probes, owners, probing=True)
+
+    def decide(self, candidates, owners, probing: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Verdicts on ``candidates`` and the points actually sent for them (noised where they were)."""
+        verdicts, sent = np.zeros(len(owners), bool), np.array(candidates, np.float32, copy=True)
         for row, (candidate, owner) in enumerate(zip(candidates, owners, strict=True)):
-            query, scale = candidate, self.initial_scale
-            for attempt in range(self.max_resamples + 1):
+            scale = self.probe_noise[owner] if probing else 0.0
+            for _ in range(self.max_resamples + 1):
                 if self.queries[owner] >= self.max_queries:
                     break
                 self.queries[owner] += 1
+                sent[row] = self.noised(candidate, scale)
                 try:
-                    answer = ask_one(self.oracle, query)
+                    answer = ask_one(self.oracle, sent[row])
                 except QueryRefused as refusal:
                     if is_ban(refusal):
                         raise
                     self.refused += 1
-                    refused_first[row] |= attempt == 0
-                    noise = self.rng.uniform(-1.0, 1.0, candidate.shape) * scale
-                    query, scale = np.clip(candidate + noise, 0.0, 1.0), min(scale * self.growth, 1.0)
+                    scale = self.initial_scale if scale == 0 else min(scale * self.growth, 1.0)
+                    if probing:
+                        self.probe_noise[owner] = scale
                     continue
                 verdicts[row] = top1(self.oracle, answer[None])[0] != self.labels[owner]
+                if probing and scale > 0:
+                    shrunk = scale / self.growth**SHRINK_POWER
+                    self.probe_noise[owner] = max(shrunk, self.initial_scale)
                 break
-        if probing:
-            share = np.bincount(owners, refused_first, len(self.labels)) / np.maximum(
-                np.bincount(owners, minlength=len(self.labels)), 1
-            )
-            self.probe_scales[share > PROBE_REFUSAL_TOLERANCE] *= self.growth
-        return verdicts
+        return verdicts, sent
 
     def diagnostics(self) -> dict:
         sent = int(self.queries.sum())
         return {
             "adaptive_refused_rate": self.refused / sent if sent else None,
-            "adaptive_mean_scale": float(np.mean(self.probe_scales)),
+            "adaptive_mean_scale": float(np.mean(self.probe_noise)),
         }
 
 

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from attacks.evasion import adaptive_hopskipjump, adaptive_square, square
+from attacks.evasion import adaptive_hopskipjump, adaptive_square, hopskipjump, square
 from attacks.evasion.base import perturbation_norms
 from attacks.evasion.conftest import SHAPE, LinearRule
 from defenses.base import Request
@@ -60,6 +60,19 @@ def test_adaptive_square_keeps_going_where_blacklight_stops_the_plain_attack(var
     assert adaptive.diagnostics["adaptive_mean_scale"] > 1  # refusals made its proposals redraw more
     assert adaptive_api.rows_per_request == {1}  # each query its own request
     assert np.all(perturbation_norms(adaptive.adversarial, inputs, "linf") <= 0.25 + 1e-5)
+
+
+def test_adaptive_hopskipjump_keeps_going_where_blacklight_stops_the_plain_attack(varied_images):
+    inputs, labels = varied_images
+    settings = dict(epsilon=1.7, max_queries=400, initial_evaluations=20)
+    plain = hopskipjump(**settings).craft(Detected().oracle(), inputs, labels, jax.random.key(0))
+    adaptive_api = Detected()
+    attack = adaptive_hopskipjump(**settings)
+    adaptive = attack.craft(adaptive_api.oracle(), inputs, labels, jax.random.key(0))
+    assert plain.diagnostics["evasion_stopped_early"] and not plain.fooled.any()
+    assert not adaptive.diagnostics["evasion_stopped_early"] and adaptive.fooled.all()
+    assert 0 < adaptive.diagnostics["adaptive_refused_rate"] < 0.5
+    assert adaptive_api.rows_per_request == {1} and np.all(adaptive.queries <= 400)
 
 
 @pytest.mark.parametrize("build", [adaptive_square, adaptive_hopskipjump])

@@ -56,22 +56,21 @@ class Decisions:
         self.max_queries = max_queries
         self.queries = np.zeros(len(labels), np.int64)
 
+    def probe(self, probes: np.ndarray, owners: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Verdicts on a gradient estimate's probes, and the points actually sent (here the probes)."""
+        return self.adversarial(probes, owners), probes
+
     def diagnostics(self) -> dict:
         """Numbers for the metrics beside HopSkipJump's own (none for plain decisions)."""
         return {}
-
-    def probe_scale(self, owners: np.ndarray) -> np.ndarray:
-        """A multiplier on each owner's probe radius (1: the paper's radius; adaptive variants grow it)."""
-        return np.ones(len(owners))
 
     def left(self, owners: np.ndarray | None = None) -> np.ndarray:
         """Queries each input (or each of ``owners``) may still spend."""
         left = self.max_queries - self.queries
         return left if owners is None else left[owners]
 
-    def adversarial(self, candidates: np.ndarray, owners: np.ndarray, probing: bool = False) -> np.ndarray:
-        """Whether the API's top-1 on each candidate differs from its owner's true label (``probing``: the
-        candidates are a gradient estimate's random probes)."""
+    def adversarial(self, candidates: np.ndarray, owners: np.ndarray) -> np.ndarray:
+        """Whether the API's top-1 on each candidate differs from its owner's true label."""
         answers = ask(self.oracle, np.clip(candidates, 0.0, 1.0), self.query_batch)
         np.add.at(self.queries, owners, 1)
         return top1(self.oracle, answers) != self.labels[owners]
@@ -142,8 +141,9 @@ def gradient_direction(decisions, points, owners, evaluations, radii, norm, rng)
     directions /= np.sqrt(np.sum(directions**2, axis=(1, 2, 3), keepdims=True))
     radius = _rows(radii[probe_owner])
     probes = np.clip(points[probe_owner] + radius * directions, 0.0, 1.0)
-    directions = (probes - points[probe_owner]) / radius
-    signs = np.where(decisions.adversarial(probes, owners[probe_owner], probing=True), 1.0, -1.0)
+    hits, sent = decisions.probe(probes, owners[probe_owner])
+    directions = (sent - points[probe_owner]) / radius
+    signs = np.where(hits, 1.0, -1.0)
     mean_sign = np.bincount(probe_owner, signs, minlength=len(owners)) / evaluations
     # The baseline (mean sign) is subtracted unless every probe agreed (Theorem 2 of the paper).
     baseline = np.where(np.abs(mean_sign) < 1.0, mean_sign, 0.0)
@@ -223,7 +223,6 @@ def hopskipjump_search(
             else:
                 scale = np.sqrt(dimension) if norm == "l2" else dimension
                 radii = scale * theta * distances[active]
-            radii = radii * decisions.probe_scale(active)
             per_input = np.full(len(active), evaluations)
             direction = gradient_direction(decisions, points[active], active, per_input, radii, norm, rng)
             update = direction if norm == "l2" else np.sign(direction)
