@@ -242,8 +242,8 @@ def evidence_for(cfg, splits, victim, stolen_model, stolen_params, attackers, be
     )
 
 
-def run_evasion_stage(cfg, splits, victim, api, stolen_model, stolen_params) -> dict:
-    """Adversarial examples against the victim, when an ``evasion`` config is chosen."""
+def run_evasion_stage(cfg, splits, victim, api, stolen_model, stolen_params, evasion) -> dict:
+    """Adversarial examples against the victim by ``evasion`` (built from the ``evasion`` config)."""
     from attacks.evasion import EvasionStage, run_evasion
 
     stage = EvasionStage(
@@ -255,7 +255,7 @@ def run_evasion_stage(cfg, splits, victim, api, stolen_model, stolen_params) -> 
         victim_labels=lambda x: victim.predict_proba(x).argmax(axis=-1),
         key=jax.random.fold_in(jax.random.key(cfg.seed), 2),
     )
-    return run_evasion(instantiate(cfg.evasion), stage)
+    return run_evasion(evasion, stage)
 
 
 def build_api(cfg: DictConfig, victim: victims.Victim, defense: Defense):
@@ -283,7 +283,7 @@ def build_api(cfg: DictConfig, victim: victims.Victim, defense: Defense):
 
 
 class Prepared(NamedTuple):
-    """What every seed of an experiment shares: data, defense, victim, attack and surrogate."""
+    """What every seed of an experiment shares: data, defense, victim, attack, surrogate, evasion attack."""
 
     splits: data.Splits
     defense: Defense
@@ -291,9 +291,27 @@ class Prepared(NamedTuple):
     victim_from_cache: bool
     attack: Attack
     surrogate: Surrogate
+    evasion: object = None
+
+
+def build_evasion(cfg: DictConfig):
+    """The configured evasion attack (None without one), checked against the API's output up front."""
+    if not cfg.evasion.get("_target_"):
+        return None
+    from attacks.evasion import SCORE
+
+    evasion = instantiate(cfg.evasion)
+    if evasion.kind == SCORE and cfg.api.get("output") == "labels":
+        raise ValueError(
+            f"{evasion.name}: the API serves labels (api.output=labels), but a score-based attack needs "
+            "scores; use a decision-based one (evasion=hopskipjump or adaptive_hopskipjump)"
+        )
+    return evasion
 
 
 def prepare(cfg: DictConfig) -> Prepared:
+    # Bad evasion settings stop the run here, before any victim is trained.
+    evasion = build_evasion(cfg)
     with phase(f"loading {cfg.data.name}"):
         splits = build_splits(cfg)
     defense = build_defense(cfg.defense, defender_data(cfg, splits))
@@ -302,7 +320,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     surrogate = Surrogate(
         build_model_from(cfg.surrogate, splits.num_classes), train_config_from(cfg.surrogate.train)
     )
-    return Prepared(splits, defense, victim, from_cache, instantiate(cfg.attack), surrogate)
+    return Prepared(splits, defense, victim, from_cache, instantiate(cfg.attack), surrogate, evasion)
 
 
 def attack_key(cfg: DictConfig) -> jax.Array:
@@ -332,11 +350,15 @@ def assess(cfg: DictConfig, prepared: Prepared, api, oracle, attack_result: Atta
         found = measure(cfg, splits, victim, defense, attack_result, stolen_model, api, oracle.clients)
         benign = stream_benign_clients(cfg, api, splits.test)
     evaders = ()
-    if cfg.evasion.get("_target_"):
+    if prepared.evasion is not None:
         from attacks.evasion import EVADER
 
         with phase(f"evasion: {cfg.evasion._target_}"):
-            found.update(run_evasion_stage(cfg, splits, victim, api, stolen_model, attack_result.params))
+            found.update(
+                run_evasion_stage(
+                    cfg, splits, victim, api, stolen_model, attack_result.params, prepared.evasion
+                )
+            )
         evaders = (EVADER,)
     # The defense reports after the evasion stage, so a detector of evasion (Blacklight) sees the evader too.
     evidence = evidence_for(

@@ -35,7 +35,14 @@ from attacks.evasion import (
 from experiments.run import metrics_table
 from heistlab import training
 from heistlab.api import Oracle, PredictionAPI
-from heistlab.experiment import build_model_from, build_splits, load_victim, run_experiment, train_config_from
+from heistlab.experiment import (
+    build_model_from,
+    build_splits,
+    load_victim,
+    prepare,
+    run_experiment,
+    train_config_from,
+)
 from heistlab.results import read_results
 from tests.test_configs import composed
 
@@ -228,3 +235,19 @@ def test_an_experiment_reports_blacklight_on_the_evader_after_the_evasion_stage(
     assert metrics["evasion_detected"] and metrics["evasion_queries_to_detection"] <= 60
     assert metrics["false_positive_rate"] == 0.0 and metrics["blacklight_benign_flag_rate"] == 0.0
     assert metrics["detected"] is False  # Knockoff's natural pool digits are not near-duplicates
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["evasion=adaptive_square", "evasion.growth=1.0"], "adaptive_square: growth must be a number > 1"),
+        (["evasion=adaptive_square", "api.output=labels"], r"adaptive_square: the API serves labels"),
+        (["evasion=square", "api.output=labels"], r"square: the API serves labels"),
+        (["defense=blacklight", "defense.match_threshold=60"], "blacklight: match_threshold must be an int"),
+        (["defense=blacklight", "defense.window=60"], "blacklight: inputs of 64 values hold 5 windows of 60"),
+    ],
+)
+def test_bad_settings_stop_before_any_victim_is_trained(overrides, message, tmp_path):
+    with pytest.raises((ValueError, InstantiationException), match=message):
+        prepare(composed(*overrides, f"cache_dir={tmp_path}"))
+    assert not any(tmp_path.rglob("*")), "nothing was cached: no victim was trained"
