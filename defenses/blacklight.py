@@ -17,12 +17,13 @@ what a flag does: ``log`` (nothing; reported only), ``refuse`` (the flagged requ
 ``blacklight match``; the client may send other queries, as in Feng et al.'s evaluation of stateful
 defenses), or ``switch`` (the flagged rows are answered through ``fallback``).
 
-Semantics follow the public implementation that Feng et al. (IEEE S&P 2023) use to evaluate Blacklight: pixels
-times 255, rounded to the nearest multiple of the step, windows over the flattened input, duplicate window
-hashes kept once, the top hashes by a fixed order, a match counted against each stored query. Differences:
-no secret salt is added to the pixels (that implementation's option, off by default); the kept hashes are the
-largest SHA-256 digests, where it keeps the largest reversed hexadecimal digests (an equally arbitrary fixed
-order); windows start at ``0, stride, 2 * stride...`` while they fit.
+Semantics follow the public Python implementation in the stateful-defense evaluation code of Feng et al.
+(2023): pixels times 255, rounded to the nearest multiple of the step, windows over the flattened input,
+duplicate window hashes kept once, the top hashes by a fixed order, a match counted against each stored query.
+Differences: no secret salt is added to the pixels (that code's option, off by default); flagged queries are
+always stored (an option there); the kept hashes are the largest SHA-256 digests, where it keeps the largest
+reversed hexadecimal digests (an equally arbitrary fixed order); windows start at ``0, stride, 2 * stride...``
+while they fit (the same windows at stride 1).
 
 The paper's CIFAR-10 setting is a quantisation step of 50, windows of 20 values at stride 1, the top 50 hashes
 and a threshold of 25 shared hashes, on 3,072 values per input. An 8x8 digit has 64 values; its scaled
@@ -46,7 +47,6 @@ import numpy as np
 from defenses.base import ADMIT, DefenderData, Defense, Evidence, QueryContext, Request, Verdict
 
 ACTIONS = ("log", "refuse", "switch")
-ANONYMOUS = "anonymous"
 REFUSAL_REASON = "blacklight match"
 
 
