@@ -10,7 +10,8 @@ overlapping windows (``window`` values, every ``stride``), each window is hashed
 similar inputs keep similar samples). One table holds the hashes of every query the API has seen, whoever sent
 it: the table is per API, not per client, so an attacker who spreads its queries over Sybil keys still meets
 its own earlier queries. A query whose fingerprint shares at least ``match_threshold`` hashes with one stored
-query is flagged. Every query is stored, flagged or not.
+query is flagged. Every query is stored, flagged or not, and none is evicted: the table grows with the
+API's traffic.
 
 The check needs only the input, so it runs at admission, before the victim sees the query. ``action`` says
 what a flag does: ``log`` (nothing; reported only), ``refuse`` (the flagged request is refused with reason
