@@ -15,6 +15,7 @@ from defenses.base import (
     identity,
     stateless,
 )
+from defenses.blacklight import blacklight
 from defenses.budget import budget
 from defenses.dawn import dawn
 from defenses.feature_squeezing import feature_squeezing
@@ -39,6 +40,7 @@ __all__ = [
     "Verdict",
     "adaptive_misinformation",
     "backdoor_watermark",
+    "blacklight",
     "budget",
     "chain",
     "dawn",

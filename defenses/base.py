@@ -46,11 +46,16 @@ class QueryContext(NamedTuple):
 
 
 class Request(NamedTuple):
-    """A batch asking to be admitted: who sends it, how many rows, and the client's simulated clock."""
+    """A batch asking to be admitted: who sends it, how many rows, and the client's simulated clock.
+
+    inputs: the validated batch itself, for admission that judges what is asked (a stateful detector); None
+    where the caller has no inputs to show (a server's quota check before the API).
+    """
 
     client: str
     size: int
     now: float
+    inputs: np.ndarray | None = None
 
 
 class Verdict(NamedTuple):
@@ -76,6 +81,7 @@ class Evidence(NamedTuple):
         the innocent party a watermark must not accuse.
     victim_labels: the undefended victim's top-1.
     attackers: the attacking client's names (several for a Sybil attacker); benign: the benign clients'.
+    evaders: the evasion attacker's names, when an evasion stage ran before the report.
     """
 
     surrogate_labels: Callable[[np.ndarray], np.ndarray]
@@ -83,6 +89,7 @@ class Evidence(NamedTuple):
     victim_labels: Callable[[np.ndarray], np.ndarray]
     attackers: tuple[str, ...]
     benign: tuple[str, ...]
+    evaders: tuple[str, ...] = ()
 
 
 class DefenderData(NamedTuple):

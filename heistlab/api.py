@@ -145,7 +145,7 @@ class PredictionAPI:
             self._record(client, digests, served=False, reason="budget")
             raise QueryRefused(client, len(inputs), remaining, f"budget of {self.budget} queries")
         if self._defense.admit is not None:
-            request = Request(client, len(inputs), self._clock[client])
+            request = Request(client, len(inputs), self._clock[client], inputs)
             verdict, self._state = self._defense.admit(self._state, request)
             if not verdict.admitted:
                 self._record(client, digests, served=False, reason=verdict.reason or "refused")

@@ -146,7 +146,8 @@ def check_evasion_output(evasion_name: str, needs_scores: bool, output: str | No
     if needs_scores and output == "labels":
         raise ConfigError(
             f"evasion {evasion_name} needs scores, but api.output=labels serves labels only; accepted: "
-            "api.output=probabilities or top_k, or a decision-based evasion (evasion=hopskipjump)"
+            "api.output=probabilities or top_k, or a decision-based evasion (evasion=hopskipjump or "
+            "adaptive_hopskipjump)"
         )
 
 

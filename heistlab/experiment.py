@@ -243,7 +243,7 @@ def stream_benign_clients(cfg: DictConfig, api: PredictionAPI, test: data.Datase
     return names
 
 
-def evidence_for(cfg, splits, victim, stolen_model, stolen_params, attackers, benign) -> Evidence:
+def evidence_for(cfg, splits, victim, stolen_model, stolen_params, attackers, benign, evaders=()) -> Evidence:
     """Label functions a defense's report may test; the independent model is trained only if asked for."""
 
     model, train_config = external_victims.independent_model(victim, splits.num_classes)
@@ -261,11 +261,12 @@ def evidence_for(cfg, splits, victim, stolen_model, stolen_params, attackers, be
         victim_labels=lambda x: victim.predict_proba(x).argmax(axis=-1),
         attackers=tuple(attackers),
         benign=benign,
+        evaders=tuple(evaders),
     )
 
 
-def run_evasion_stage(cfg, splits, victim, api, stolen_model, stolen_params) -> dict:
-    """Adversarial examples against the victim, when an ``evasion`` config is chosen."""
+def run_evasion_stage(cfg, splits, victim, api, stolen_model, stolen_params, evasion) -> dict:
+    """Adversarial examples against the victim by ``evasion`` (built from the ``evasion`` config)."""
     from attacks.evasion import EvasionStage, run_evasion
 
     stage = EvasionStage(
@@ -277,7 +278,7 @@ def run_evasion_stage(cfg, splits, victim, api, stolen_model, stolen_params) -> 
         victim_labels=lambda x: victim.predict_proba(x).argmax(axis=-1),
         key=jax.random.fold_in(jax.random.key(cfg.seed), 2),
     )
-    return run_evasion(instantiate(cfg.evasion), stage)
+    return run_evasion(evasion, stage)
 
 
 def build_api(cfg: DictConfig, victim: victims.Classifier, defense: Defense):
@@ -305,7 +306,7 @@ def build_api(cfg: DictConfig, victim: victims.Classifier, defense: Defense):
 
 
 class Prepared(NamedTuple):
-    """What every seed of an experiment shares: data, defense, victim, attack and surrogate.
+    """What every seed of an experiment shares: data, defense, victim, attack, surrogate, evasion attack.
 
     victim_mismatch: set when the attack runs against a victim it cannot extract, by the user's choice.
     """
@@ -317,6 +318,7 @@ class Prepared(NamedTuple):
     attack: Attack
     surrogate: Surrogate
     victim_mismatch: checks.VictimMismatch | None = None
+    evasion: object = None
 
 
 # The attack config's opt-in to run an exact-extraction attack against a victim outside its family.
@@ -338,15 +340,17 @@ def describe_victim(spec: DictConfig) -> str:
     return f"{spec.family} {options or ''}".strip()
 
 
-def check_evasion(cfg: DictConfig) -> None:
-    """Builds the evasion config (if any) to refuse a score-based evasion behind a labels-only API."""
+def build_evasion(cfg: DictConfig):
+    """The configured evasion attack (None without one), built before any training: bad settings, or a
+    score-based evasion behind a labels-only API, are refused up front."""
     from attacks.evasion import SCORE
 
     if not cfg.evasion.get("_target_"):
-        return
+        return None
     with building("evasion"):
         evasion = instantiate(cfg.evasion)
     checks.check_evasion_output(evasion.name, evasion.kind == SCORE, cfg.api.get("output"))
+    return evasion
 
 
 def check_against_data(cfg: DictConfig, splits: data.Splits, attack: Attack, allow_mismatch: bool):
@@ -371,7 +375,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     and the victim (trained when not cached) and builds the defense, attack and surrogate."""
     checks.check_static(cfg)
     attack, allow_mismatch = build_attack(cfg.attack)
-    check_evasion(cfg)
+    evasion = build_evasion(cfg)
     with phase(f"loading {cfg.data.name}"), building("data"):
         splits = build_splits(cfg)
     with building("victim"):
@@ -387,7 +391,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     with phase(f"loading or training the {cfg.victim.family} victim") as ready:
         victim, from_cache = load_victim(cfg, splits, defense)
         ready(getattr(victim, "params", None))  # a loaded victim (onnx, callable) holds no JAX arrays
-    return Prepared(splits, defense, victim, from_cache, attack, surrogate, mismatch)
+    return Prepared(splits, defense, victim, from_cache, attack, surrogate, mismatch, evasion)
 
 
 def attack_key(cfg: DictConfig) -> jax.Array:
@@ -421,18 +425,25 @@ def assess(cfg: DictConfig, prepared: Prepared, api, oracle, attack_result: Atta
     """Everything measured after the attack: utility, fidelity, queries, the defense's report, evasion."""
     splits, victim, defense = prepared.splits, prepared.victim, prepared.defense
     stolen_model = attack_result.model or prepared.surrogate.model
-    with phase("measuring") as ready:
+    with phase("measuring"):
         found = measure(cfg, splits, victim, defense, attack_result, stolen_model, api, oracle.clients)
         benign = stream_benign_clients(cfg, api, splits.test)
+    evaders = ()
+    if prepared.evasion is not None:
+        from attacks.evasion import EVADER
+
+        with phase(f"evasion: {cfg.evasion._target_}") as ready:
+            evaded = run_evasion_stage(
+                cfg, splits, victim, api, stolen_model, attack_result.params, prepared.evasion
+            )
+            found.update(ready(evaded))
+        evaders = (EVADER,)
+    # The defense reports after the evasion stage, so a detector of evasion (Blacklight) sees the evader too.
+    with phase("reading the defense's report") as ready:
         evidence = evidence_for(
-            cfg, splits, victim, stolen_model, attack_result.params, oracle.clients, benign
+            cfg, splits, victim, stolen_model, attack_result.params, oracle.clients, benign, evaders
         )
         found.update(ready(api.report(evidence)))
-    if cfg.evasion.get("_target_"):
-        with phase(f"evasion: {cfg.evasion._target_}") as ready:
-            found.update(
-                ready(run_evasion_stage(cfg, splits, victim, api, stolen_model, attack_result.params))
-            )
     return found
 
 

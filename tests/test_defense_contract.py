@@ -182,6 +182,7 @@ def test_every_defense_has_a_config():
         "adaptive_misinformation",
         "dawn",
         "backdoor_watermark",
+        "blacklight",
     }
 
 
@@ -199,11 +200,14 @@ CALIBRATION_DEFENDER = DefenderData(
 )
 
 
+# Blacklight checks that the defender's inputs hold enough windows to ever match: digits-shaped inputs.
+DIGITS_DEFENDER = DefenderData(np.zeros((1, 8, 8, 1), np.float32), np.zeros(1), (8, 8, 1), CLASSES, 0)
+DEFENDERS = {"prada": CALIBRATION_DEFENDER, "blacklight": DIGITS_DEFENDER}
+
+
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda path: path.stem)
 def test_config_instantiates_a_defense(path):
-    defense = build_defense(
-        OmegaConf.load(path), CALIBRATION_DEFENDER if path.stem == "prada" else CONFIG_DEFENDER
-    )
+    defense = build_defense(OmegaConf.load(path), DEFENDERS.get(path.stem, CONFIG_DEFENDER))
     assert isinstance(defense, Defense)
     output, _ = defense.apply(PROBS, defense.init(), query_context(0))
     np.testing.assert_allclose(np.asarray(output).sum(axis=-1), 1.0, atol=1e-5)
@@ -222,6 +226,8 @@ def test_config_instantiates_a_defense(path):
         ("laplace_noise", "sensitivity", -2.0),
         ("reverse_sigmoid", "beta", -0.5),
         ("reverse_sigmoid", "gamma", 0.0),
+        ("blacklight", "match_threshold", 51),
+        ("blacklight", "quantisation_step", 0.0),
     ],
 )
 def test_config_rejects_bad_values(config, parameter, value):

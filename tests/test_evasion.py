@@ -5,6 +5,8 @@
 - Square (score-based) and HopSkipJump (decision-based) fool the undefended API within their per-input
   budgets; rounding and label-only answers cost Square queries and success, while HopSkipJump needs only
   labels.
+- Blacklight (refusing flagged queries) stops Square at its first refused batch; the adaptive (OARS-style)
+  Square gets through, and both are detected.
 - ``python -m experiments.run evasion=pgd ...`` reports the evasion metrics in its table and results.json.
 """
 
@@ -19,11 +21,28 @@ from rich.console import Console
 
 import defenses
 from attacks import Surrogate, jbda
-from attacks.evasion import EVADER, KINDS, Evasion, EvasionStage, hopskipjump, pgd, run_evasion, square
+from attacks.evasion import (
+    EVADER,
+    KINDS,
+    Evasion,
+    EvasionStage,
+    adaptive_square,
+    hopskipjump,
+    pgd,
+    run_evasion,
+    square,
+)
 from experiments.run import metrics_table
 from heistlab import training
 from heistlab.api import Oracle, PredictionAPI
-from heistlab.experiment import build_model_from, build_splits, load_victim, run_experiment, train_config_from
+from heistlab.experiment import (
+    build_model_from,
+    build_splits,
+    load_victim,
+    prepare,
+    run_experiment,
+    train_config_from,
+)
 from heistlab.results import read_results
 from tests.test_configs import composed
 
@@ -136,7 +155,9 @@ def test_a_budget_too_small_for_one_input_is_named(setting):
     assert api.served(EVADER) == 0
 
 
-@pytest.mark.parametrize("name", ["fgsm", "pgd", "square", "hopskipjump"])
+@pytest.mark.parametrize(
+    "name", ["fgsm", "pgd", "square", "hopskipjump", "adaptive_square", "adaptive_hopskipjump"]
+)
 def test_every_evasion_config_instantiates(name):
     evasion = instantiate(composed(f"evasion={name}").evasion)
     assert isinstance(evasion, Evasion) and evasion.name == name and evasion.kind in KINDS
@@ -185,3 +206,52 @@ def test_cli_run_reports_evasion_metrics_in_table_and_results(tmp_path, cache_di
     console.print(metrics_table(metrics, "evasion"))
     text = console.export_text()
     assert all(name in text for name in EVASION_METRICS), text
+
+
+def test_blacklight_stops_square_and_the_adaptive_square_gets_through(setting):
+    """Li et al. 2022 against Feng et al. 2023 on digits, 10 inputs, 150 queries each, epsilon 0.25."""
+    splits, victim, _ = setting
+    labels = lambda x: np.zeros(len(x), np.int32)
+    found = {}
+    for evasion in (square(max_queries=150, count=10), adaptive_square(max_queries=150, count=10)):
+        detector = defenses.blacklight(window=12, action="refuse")
+        api = PredictionAPI(victim, detector, key=jax.random.key(0))
+        metrics = run_evasion(evasion, stage_for(api, splits, victim, 0))
+        report = api.report(defenses.Evidence(labels, labels, labels, (), (), (EVADER,)))
+        found[evasion.name] = {**metrics, **report}
+    plain, adaptive = found["square"], found["adaptive_square"]
+    assert plain["evasion_detected"] and plain["evasion_stopped_early"]
+    assert plain["evasion_queries_refused"] > 0
+    assert plain["blackbox_success_rate"] <= 0.3
+    assert adaptive["evasion_detected"] and not adaptive["evasion_stopped_early"]
+    assert adaptive["blackbox_success_rate"] >= 0.8
+    assert 0 < adaptive["blacklight_evasion_flag_rate"] < 0.5
+
+
+@pytest.mark.slow
+def test_an_experiment_reports_blacklight_on_the_evader_after_the_evasion_stage(tmp_path, cache_dir):
+    """``python -m experiments.run evasion=square defense=blacklight ...``: the report sees the evader."""
+    overrides = [
+        "evasion=square", "defense=blacklight", "evasion.count=5", "evasion.max_queries=60",
+        "attack.budget=100", "api.budget=1000", "eval.benign_clients=1", "eval.uniform_samples=64",
+    ]  # fmt: skip
+    metrics = run_experiment(composed(*overrides, f"cache_dir={cache_dir}"), tmp_path)
+    assert metrics["evasion_detected"] and metrics["evasion_queries_to_detection"] <= 60
+    assert metrics["false_positive_rate"] == 0.0 and metrics["blacklight_benign_flag_rate"] == 0.0
+    assert metrics["detected"] is False  # Knockoff's natural pool digits are not near-duplicates
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["evasion=adaptive_square", "evasion.growth=1.0"], "adaptive_square: growth must be a number > 1"),
+        (["evasion=adaptive_square", "api.output=labels"], r"adaptive_square needs scores, but api.output"),
+        (["evasion=square", "api.output=labels"], r"evasion square needs scores, but api.output=labels"),
+        (["defense=blacklight", "defense.match_threshold=60"], "blacklight: match_threshold must be an int"),
+        (["defense=blacklight", "defense.window=60"], "blacklight: inputs of 64 values hold 5 windows of 60"),
+    ],
+)
+def test_bad_settings_stop_before_any_victim_is_trained(overrides, message, tmp_path):
+    with pytest.raises((ValueError, InstantiationException), match=message):
+        prepare(composed(*overrides, f"cache_dir={tmp_path}"))
+    assert not any(tmp_path.rglob("*")), "nothing was cached: no victim was trained"

@@ -1,5 +1,6 @@
 """Evasion attacks: adversarial inputs crafted on the stolen surrogate, or found through the API itself."""
 
+from attacks.evasion.adaptive import adaptive_hopskipjump, adaptive_square
 from attacks.evasion.base import DECISION, KINDS, SCORE, TRANSFER, Evasion, EvasionStage, SearchResult
 from attacks.evasion.fgsm import fgsm
 from attacks.evasion.hopskipjump import hopskipjump
@@ -16,6 +17,8 @@ __all__ = [
     "Evasion",
     "EvasionStage",
     "SearchResult",
+    "adaptive_hopskipjump",
+    "adaptive_square",
     "fgsm",
     "hopskipjump",
     "pgd",

@@ -17,6 +17,7 @@ distance is at most ``epsilon`` (success). Each phase sends one batch for all in
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -50,10 +51,18 @@ def _rows(values: np.ndarray) -> np.ndarray:
 class Decisions:
     """The API's verdicts on candidate points, each charged to the input it belongs to."""
 
-    def __init__(self, oracle: Oracle, labels: np.ndarray, max_queries: int, query_batch: int):
+    def __init__(self, oracle: Oracle, labels: np.ndarray, max_queries: int, query_batch: int, rng=None):
         self.oracle, self.labels, self.query_batch = oracle, labels, query_batch
         self.max_queries = max_queries
         self.queries = np.zeros(len(labels), np.int64)
+
+    def probe(self, probes: np.ndarray, owners: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Verdicts on a gradient estimate's probes, and the points actually sent (here the probes)."""
+        return self.adversarial(probes, owners), probes
+
+    def diagnostics(self) -> dict:
+        """Numbers for the metrics beside HopSkipJump's own (none for plain decisions)."""
+        return {}
 
     def left(self, owners: np.ndarray | None = None) -> np.ndarray:
         """Queries each input (or each of ``owners``) may still spend."""
@@ -132,8 +141,9 @@ def gradient_direction(decisions, points, owners, evaluations, radii, norm, rng)
     directions /= np.sqrt(np.sum(directions**2, axis=(1, 2, 3), keepdims=True))
     radius = _rows(radii[probe_owner])
     probes = np.clip(points[probe_owner] + radius * directions, 0.0, 1.0)
-    directions = (probes - points[probe_owner]) / radius
-    signs = np.where(decisions.adversarial(probes, owners[probe_owner]), 1.0, -1.0)
+    hits, sent = decisions.probe(probes, owners[probe_owner])
+    directions = (sent - points[probe_owner]) / radius
+    signs = np.where(hits, 1.0, -1.0)
     mean_sign = np.bincount(probe_owner, signs, minlength=len(owners)) / evaluations
     # The baseline (mean sign) is subtracted unless every probe agreed (Theorem 2 of the paper).
     baseline = np.where(np.abs(mean_sign) < 1.0, mean_sign, 0.0)
@@ -178,13 +188,18 @@ def hopskipjump_search(
     gamma: float,
     init_trials: int,
     query_batch: int,
+    decisions_factory: Callable[..., Decisions] = Decisions,
 ) -> SearchResult:
-    """Runs untargeted HopSkipJump on ``inputs`` (shaped ``(N, H, W, C)``) through ``oracle``."""
+    """Runs untargeted HopSkipJump on ``inputs`` (shaped ``(N, H, W, C)``) through ``oracle``.
+
+    ``decisions_factory(oracle, labels, max_queries, query_batch, rng)`` builds what asks the API for
+    verdicts (``Decisions``, or the adaptive variant of ``attacks.evasion.adaptive``).
+    """
     rng = numpy_rng(key)
     clean = np.asarray(inputs, np.float32)
     dimension = int(np.prod(clean.shape[1:]))
     theta = gamma / (np.sqrt(dimension) * dimension) if norm == "l2" else gamma / dimension**2
-    decisions = Decisions(oracle, np.asarray(labels), max_queries, query_batch)
+    decisions = decisions_factory(oracle, np.asarray(labels), max_queries, query_batch, rng)
     points, found = clean.copy(), np.zeros(len(clean), bool)
     queries_at_success = np.full(len(clean), -1)
     stopped = False
@@ -220,6 +235,7 @@ def hopskipjump_search(
     diagnostics = {
         "hopskipjump_start_found_rate": float(np.mean(found)),
         "evasion_stopped_early": stopped,
+        **decisions.diagnostics(),
     }
     return SearchResult(points, queries, found, diagnostics)
 
