@@ -254,13 +254,13 @@ def cell_statistics(runs: pd.DataFrame, keys: Sequence[str], metrics: Sequence[s
     if runs.empty:
         return pd.DataFrame(columns=[*keys, "runs"])
     grouped = runs.groupby(keys, dropna=False, sort=True) if keys else runs.groupby(lambda _: "all")
-    table = grouped.size().rename("runs").to_frame()
+    columns = {"runs": grouped.size()}
     for metric in metrics:
         values = grouped[metric]
-        table[f"{metric} mean"] = values.mean()
-        table[f"{metric} std"] = values.std(ddof=1)
-        table[f"{metric} n"] = values.count()
-    return table.reset_index(drop=not keys)
+        columns[f"{metric} mean"] = values.mean()
+        columns[f"{metric} std"] = values.std(ddof=1)
+        columns[f"{metric} n"] = values.count()
+    return pd.concat(columns, axis=1).reset_index(drop=not keys)
 
 
 def summarize(gathered: Gathered, metrics: Sequence[str] | None = None) -> pd.DataFrame:
