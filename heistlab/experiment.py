@@ -170,6 +170,8 @@ def load_victim(cfg: DictConfig, splits: data.Splits, defense: Defense) -> tuple
     loaded whole (``victim=onnx``, ``callable``, ``flax`` with ``params``) are checked against the data and
     never cached (the second value, "from the cache", is False).
     """
+    if cfg.api.get("kind") == "oip":
+        return oip_victim(cfg, splits), False
     loaded = external_victims.load_configured(cfg.victim, splits, defense.augment_training is not None)
     if loaded is not None:
         return loaded, False
@@ -197,6 +199,16 @@ def load_victim(cfg: DictConfig, splits: data.Splits, defense: Defense) -> tuple
         augment_training=defense.augment_training,
         at_rest=at_rest_from(cfg),
     )
+
+
+def oip_victim(cfg: DictConfig, splits: data.Splits):
+    """The served model of ``api=oip``, reached through its own budget-free evaluation client."""
+    from heistlab.serving.oip_client import OIPVictim, api_from_config, check_undefended
+
+    with building("api"):
+        check_undefended(cfg.defense.get("_target_"))
+        evaluation = api_from_config(cfg.api, splits.input_shape, splits.num_classes, budget=None)
+    return OIPVictim(evaluation)
 
 
 def uniform_inputs(shape: tuple[int, ...], count: int, seed: int) -> np.ndarray:
@@ -281,7 +293,12 @@ def run_evasion_stage(cfg, splits, victim, api, stolen_model, stolen_params) -> 
 
 
 def build_api(cfg: DictConfig, victim: victims.Classifier, defense: Defense):
-    """The API the attack queries: in-process, or a prediction server over HTTPS (``api=http``)."""
+    """The API the attack queries: in-process, a prediction server over HTTPS (``api=http``) or an Open
+    Inference Protocol server (``api=oip``, whose victim is the served model: ``oip_victim``)."""
+    if cfg.api.get("kind") == "oip":
+        from heistlab.serving.oip_client import api_from_config
+
+        return api_from_config(cfg.api, victim.input_shape, victim.num_classes, budget=cfg.api.budget)
     if cfg.api.get("kind", "inprocess") == "http":
         from heistlab.serving.client import remote_api
 
@@ -433,6 +450,8 @@ def assess(cfg: DictConfig, prepared: Prepared, api, oracle, attack_result: Atta
             found.update(
                 ready(run_evasion_stage(cfg, splits, victim, api, stolen_model, attack_result.params))
             )
+    if hasattr(victim, "queries"):  # a victim reached through an API: the evaluation's rows, counted apart
+        found["evaluation_queries"] = victim.queries
     return found
 
 
