@@ -17,9 +17,8 @@ from typing import Any
 
 import numpy as np
 
-# The protocol's numeric datatypes (BYTES, strings, is not a tensor of numbers and is not accepted).
+# The protocol's numeric datatypes (BOOL and BYTES, strings, are not tensors of numbers: not accepted).
 DATATYPES = {
-    "BOOL": np.bool_,
     "UINT8": np.uint8,
     "UINT16": np.uint16,
     "UINT32": np.uint32,
@@ -146,7 +145,8 @@ def parse_infer_body(body: bytes, content_type: str | None, schema) -> tuple[np.
         raise BadRequest(
             413, "body_too_large", f"body of {len(body)} bytes exceeds the limit of {schema.max_body_bytes}"
         )
-    check_json_content_type(content_type)
+    if content_type is not None:  # OIP clients (tritonclient) may send JSON without a content type
+        check_json_content_type(content_type)
     document = parse_json(body)
     if not isinstance(document, dict):
         raise invalid(f"body must be a JSON object with 'inputs', got {type(document).__name__}")
@@ -160,8 +160,6 @@ def parse_infer_body(body: bytes, content_type: str | None, schema) -> tuple[np.
         _, array = decode_tensor(tensors[0], "input")
     except MalformedTensor as error:
         raise invalid(str(error)) from None
-    if array.dtype == np.bool_:
-        raise invalid("input datatype must be numeric (FP32, FP64, INT...), not BOOL")
     expected = [-1, *schema.input_shape]
     if array.ndim != len(expected) or not len(array):
         raise invalid(f"input must be shaped {expected} (batch first), got {list(array.shape)}")
