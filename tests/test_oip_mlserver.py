@@ -188,23 +188,6 @@ def test_knockoff_at_1000_queries_steals_the_mlserver_model(mlserver, tmp_path, 
     assert metrics["served_accuracy"] == metrics["victim_accuracy"] > 0.9
 
 
-def test_an_unreachable_server_fails_the_run_with_the_reason(tmp_path, cache_dir):
-    (port,) = free_ports(1)
-    cfg = composed(
-        "config",
-        "api=oip",
-        f"api.url=http://127.0.0.1:{port}",
-        f"api.model={MODEL}",
-        "api.row_shape=[64]",
-        f"cache_dir={cache_dir}",
-    )
-    with pytest.raises(Exception, match="unreachable"):
-        run_experiment(cfg, tmp_path)
-    record = json.loads((tmp_path / "results.json").read_text())
-    assert record["status"] == "failed" and "unreachable" in record["error"]
-    assert record["metrics"] == {}
-
-
 def test_audit_of_the_undefended_mlserver_finds_the_model_stolen(mlserver, tmp_path, cache_dir):
     url, _ = mlserver
     cfg = composed(

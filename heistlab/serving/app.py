@@ -524,10 +524,12 @@ def create_app(
     async def oip_ready() -> dict:
         return {"ready": True}
 
+    v2_errors = {**ERRORS, 404: {"model": ErrorBody, "description": "No model with this name"}}
+
     @app.get(
         "/v2/models/{name}",
         summary="Open Inference Protocol model metadata, with the outputs this key may ask for",
-        responses=ERRORS,
+        responses=v2_errors,
         dependencies=documented_security,
     )
     async def oip_metadata(name: str, principal: Annotated[Principal, Depends(authenticated)]) -> dict:
@@ -538,8 +540,14 @@ def create_app(
     @app.post(
         "/v2/models/{name}/infer",
         summary="Open Inference Protocol inference: the /v1/predict path behind KServe V2 tensors",
-        responses=ERRORS,
+        responses=v2_errors,
         dependencies=documented_security,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": oip.infer_body_schema(schema)}},
+            }
+        },
     )
     async def oip_infer(name: str, request: Request, principal: Annotated[Principal, Depends(authenticated)]):
         served_model(name)

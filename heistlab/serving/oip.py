@@ -197,3 +197,43 @@ def model_metadata(model_name: str, input_shape, num_classes: int, outputs) -> d
             for output in outputs
         ],
     }
+
+
+def infer_body_schema(schema) -> dict:
+    """The JSON schema of a ``/v2`` infer body for the OpenAPI document: the protocol's structure. That
+    ``shape`` matches the model and ``data`` matches ``shape`` is checked by ``parse_infer_body`` (422)."""
+    tensor = {
+        "type": "object",
+        "required": ["name", "shape", "datatype", "data"],
+        "properties": {
+            "name": {"type": "string"},
+            "shape": {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 1},
+                "minItems": len(schema.input_shape) + 1,
+                "maxItems": len(schema.input_shape) + 1,
+            },
+            "datatype": {"type": "string", "enum": list(DATATYPES)},
+            "data": {"type": "array"},
+            "parameters": {"type": "object"},
+        },
+    }
+    output = {
+        "type": "object",
+        "required": ["name"],
+        "properties": {
+            "name": {"type": "string", "enum": ["probabilities", "top_k", "labels"]},
+            "parameters": {"type": "object"},
+        },
+    }
+    return {
+        "type": "object",
+        "required": ["inputs"],
+        "additionalProperties": False,
+        "properties": {
+            "id": {"type": "string"},
+            "parameters": {"type": "object"},
+            "inputs": {"type": "array", "items": tensor, "minItems": 1, "maxItems": 1},
+            "outputs": {"type": "array", "items": output, "maxItems": 1},
+        },
+    }
