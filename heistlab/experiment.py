@@ -170,7 +170,7 @@ def load_victim(cfg: DictConfig, splits: data.Splits, defense: Defense) -> tuple
     loaded whole (``victim=onnx``, ``callable``, ``flax`` with ``params``) are checked against the data and
     never cached (the second value, "from the cache", is False).
     """
-    if cfg.api.get("kind") == "oip":
+    if (cfg.get("api") or {}).get("kind") == "oip":  # the server's config has no api
         return oip_victim(cfg, splits), False
     loaded = external_victims.load_configured(cfg.victim, splits, defense.augment_training is not None)
     if loaded is not None:

@@ -210,6 +210,8 @@ def test_audit_of_the_undefended_mlserver_finds_the_model_stolen(mlserver, tmp_p
     knockoff = findings["extraction.knockoff"]
     assert knockoff.present and knockoff.severity == "high", knockoff
     assert knockoff.figures["fidelity"] >= 0.9
+    # Served scores and no limit: evasion through the API succeeds, as against any undefended deployment.
+    assert findings["evasion.blackbox"].present and findings["evasion.blackbox"].severity == "high"
     assert not findings["abuse.probes"].tested and not findings["detection.monitoring"].tested
     assert result.target == url
     assert sum(result.spent.values()) <= result.budget

@@ -32,6 +32,7 @@ def test_an_unreachable_server_fails_the_run_with_the_reason(tmp_path, cache_dir
     ("override", "message"),
     [
         ("defense=rounding", "defense must be none"),
+        ("api.model=null", "api.model must name the served model"),
         ("api.datatype=FP8", "api.datatype must be one of"),
         ("api.auth.token_env=HEISTLAB_NO_SUCH_VARIABLE", "HEISTLAB_NO_SUCH_VARIABLE is not set"),
     ],
