@@ -410,9 +410,11 @@ def audit_oip(cfg: DictConfig, target: Target, battery: Battery, ledger: QueryLe
     api_spec = OmegaConf.merge(
         cfg.api, {"timeout_s": cfg.audit.timeout_s, "max_wait_s": cfg.audit.max_wait_s}
     )
-    api = api_from_config(api_spec, splits.input_shape, splits.num_classes, budget=None)
+    guard = [request_guard(target)]  # from the first request on, readiness and metadata included
+    api = api_from_config(
+        api_spec, splits.input_shape, splits.num_classes, budget=None, request_hooks=guard, trust_env=False
+    )
     try:
-        api.http.event_hooks = {"request": [request_guard(target)], "response": []}
         published = "no quota or rate limit published (the Open Inference Protocol has no way to publish one)"
         findings = [
             untested(

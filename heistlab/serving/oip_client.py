@@ -29,7 +29,7 @@ import math
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import quote
@@ -179,6 +179,8 @@ class OIPAPI:
     metadata where the server publishes shapes). budget: rows each client may be served (None: no limit).
     max_batch: rows per request. max_wait_s: seconds one query may wait on 429 answers. headers: sent with
     every request (``auth_headers``). ca_file: the CA certificate of an https:// server (None: the system's).
+    request_hooks: httpx request hooks run before every request, the first included (the audit's guard).
+    trust_env: whether proxy settings are read from the environment (an audit sets False).
     transport: an httpx transport (tests; None: the network).
     """
 
@@ -194,6 +196,8 @@ class OIPAPI:
         max_wait_s: float = 10.0,
         headers: Mapping[str, str] | None = None,
         ca_file: str | Path | None = None,
+        request_hooks: Sequence[Callable] = (),
+        trust_env: bool = True,
         sleep: Callable[[float], None] = time.sleep,
         transport: httpx.BaseTransport | None = None,
     ):
@@ -219,6 +223,8 @@ class OIPAPI:
             verify=client_context(ca_file) if https else True,
             timeout=timeout_s,
             headers={"User-Agent": "heistlab-oip-client", **(headers or {})},
+            event_hooks={"request": list(request_hooks), "response": []},
+            trust_env=trust_env,
             transport=transport,
         )
         self._served: dict[str, int] = defaultdict(int)
@@ -393,6 +399,8 @@ def api_from_config(
     *,
     budget: int | None,
     environ: Mapping[str, str] = os.environ,
+    request_hooks: Sequence[Callable] = (),
+    trust_env: bool = True,
 ) -> OIPAPI:
     """An ``OIPAPI`` from the ``api=oip`` config (configs/api/oip.yaml) and the data's shapes."""
     auth = spec.get("auth") or {}
@@ -423,6 +431,8 @@ def api_from_config(
         max_wait_s=spec.get("max_wait_s", 10.0),
         headers=headers,
         ca_file=None if spec.get("ca_file") is None else Path(str(spec.get("ca_file"))).expanduser(),
+        request_hooks=request_hooks,
+        trust_env=trust_env,
     )
 
 
