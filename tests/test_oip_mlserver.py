@@ -188,6 +188,27 @@ def test_knockoff_at_1000_queries_steals_the_mlserver_model(mlserver, tmp_path, 
     assert metrics["served_accuracy"] == metrics["victim_accuracy"] > 0.9
 
 
+def test_square_evasion_runs_through_mlserver_as_its_own_client(mlserver, tmp_path, cache_dir):
+    url, _ = mlserver
+    cfg = composed(
+        "config",
+        "api=oip",
+        f"api.url={url}",
+        f"api.model={MODEL}",
+        "api.row_shape=[64]",
+        "attack.budget=300",
+        "evasion=square",
+        "evasion.count=8",
+        "evasion.max_queries=50",
+        "eval.uniform_samples=100",
+        f"cache_dir={cache_dir}",
+    )
+    metrics = run_experiment(cfg, tmp_path)
+    assert metrics["queries_served"] == 300  # the evader's rows are not the attacker's
+    assert 0 < metrics["evasion_queries"] <= 8 * 50
+    assert metrics["evasion_clean_accuracy"] > 0.5 and metrics["blackbox_success_rate"] > 0
+
+
 def test_audit_of_the_undefended_mlserver_finds_the_model_stolen(mlserver, tmp_path, cache_dir):
     url, _ = mlserver
     cfg = composed(
