@@ -112,3 +112,24 @@ def test_heistlabs_oip_client_queries_heistlabs_own_server(deploy, digits_splits
     finally:
         api.close()
     assert server.core.remaining(credential.key_id) == 2  # the refused row never reached the server
+
+
+def test_the_oip_client_waits_out_the_servers_rate_limit_on_v2(deploy, digits_splits):
+    server = deploy(rate=20.0, burst=4)
+    credential = server.key("probabilities")
+    api = OIPAPI(
+        Endpoint(server.url, "heistlab", output_name="probabilities"),
+        digits_splits.input_shape,
+        digits_splits.num_classes,
+        max_batch=4,
+        headers={"X-API-Key": credential.api_key},
+        ca_file=server.ca_file,
+        max_wait_s=5.0,
+    )
+    try:
+        assert api.query(digits_splits.test.x[:12]).shape == (12, 10)  # 3 requests past a burst of 4 rows
+    finally:
+        api.close()
+    assert 0 < api.simulated_seconds("attacker") <= 5.0 and api.refused("attacker") == 0
+    refusals = [row for row in server.audit.requests(50, credential.key_id) if row["status"] == 429]
+    assert refusals  # the server did refuse, and the client waited rather than failing
