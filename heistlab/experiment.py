@@ -450,7 +450,9 @@ def assess(cfg: DictConfig, prepared: Prepared, api, oracle, attack_result: Atta
             found.update(
                 ready(run_evasion_stage(cfg, splits, victim, api, stolen_model, attack_result.params))
             )
-    if hasattr(victim, "queries"):  # a victim reached through an API: the evaluation's rows, counted apart
+    from heistlab.serving.oip_client import OIPVictim
+
+    if isinstance(victim, OIPVictim):  # reached through the API: the evaluation's own rows, counted apart
         found["evaluation_queries"] = victim.queries
     return found
 

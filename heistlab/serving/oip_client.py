@@ -300,7 +300,9 @@ class OIPAPI:
         return {}
 
     def query(self, inputs, client: str = "attacker") -> np.ndarray:
-        """One batch for ``client``, sent in requests of at most ``max_batch`` rows."""
+        """One batch for ``client``, sent in requests of at most ``max_batch`` rows. The client-side budget
+        refuses the whole batch before any request; a server refusing a later request leaves the earlier
+        ones served and counted (the server answered them)."""
         try:
             array = np.asarray(inputs, dtype=np.float32)
         except (TypeError, ValueError) as error:
