@@ -170,6 +170,8 @@ def load_victim(cfg: DictConfig, splits: data.Splits, defense: Defense) -> tuple
     loaded whole (``victim=onnx``, ``callable``, ``flax`` with ``params``) are checked against the data and
     never cached (the second value, "from the cache", is False).
     """
+    if (cfg.get("api") or {}).get("kind") == "oip":  # the server's config has no api
+        return oip_victim(cfg, splits), False
     loaded = external_victims.load_configured(cfg.victim, splits, defense.augment_training is not None)
     if loaded is not None:
         return loaded, False
@@ -197,6 +199,16 @@ def load_victim(cfg: DictConfig, splits: data.Splits, defense: Defense) -> tuple
         augment_training=defense.augment_training,
         at_rest=at_rest_from(cfg),
     )
+
+
+def oip_victim(cfg: DictConfig, splits: data.Splits):
+    """The served model of ``api=oip``, reached through its own budget-free evaluation client."""
+    from heistlab.serving.oip_client import OIPVictim, api_from_config, check_undefended
+
+    with building("api"):
+        check_undefended(cfg.defense.get("_target_"))
+        evaluation = api_from_config(cfg.api, splits.input_shape, splits.num_classes, budget=None)
+    return OIPVictim(evaluation)
 
 
 def uniform_inputs(shape: tuple[int, ...], count: int, seed: int) -> np.ndarray:
@@ -282,7 +294,12 @@ def run_evasion_stage(cfg, splits, victim, api, stolen_model, stolen_params, eva
 
 
 def build_api(cfg: DictConfig, victim: victims.Classifier, defense: Defense):
-    """The API the attack queries: in-process, or a prediction server over HTTPS (``api=http``)."""
+    """The API the attack queries: in-process, a prediction server over HTTPS (``api=http``) or an Open
+    Inference Protocol server (``api=oip``, whose victim is the served model: ``oip_victim``)."""
+    if cfg.api.get("kind") == "oip":
+        from heistlab.serving.oip_client import api_from_config
+
+        return api_from_config(cfg.api, victim.input_shape, victim.num_classes, budget=cfg.api.budget)
     if cfg.api.get("kind", "inprocess") == "http":
         from heistlab.serving.client import remote_api
 
@@ -444,6 +461,10 @@ def assess(cfg: DictConfig, prepared: Prepared, api, oracle, attack_result: Atta
             cfg, splits, victim, stolen_model, attack_result.params, oracle.clients, benign, evaders
         )
         found.update(ready(api.report(evidence)))
+    from heistlab.serving.oip_client import OIPVictim
+
+    if isinstance(victim, OIPVictim):  # reached through the API: the evaluation's own rows, counted apart
+        found["evaluation_queries"] = victim.queries
     return found
 
 

@@ -12,6 +12,10 @@ speaks HTTPS only to that target, with the key files named under ``audit.credent
    then a flood of failed authentication, last, as a server may throttle the audit's address after it;
 5. the admin key's view of alarms: which attacks the deployment detected, and after how many queries.
 
+An Open Inference Protocol server (``target=oip`` with ``api=oip``: MLServer, KServe, Triton...) is audited
+through ``heistlab.serving.oip_client`` with the same guard: the extraction battery and evasion run as above;
+the abuse probes and the alarms, which need heistlab's own routes, are reported as not tested.
+
 An in-process target (``target=inprocess``) is the config's own victim, defense and API
 (``heistlab.experiment``: build_splits, build_defense, load_victim, build_api): the same battery runs
 without traffic, and the probes, which need a server, are reported as not tested.
@@ -52,7 +56,7 @@ from heistlab.audit.findings import (
     untested,
 )
 from heistlab.audit.ledger import QueryLedger, budgeted_oracle, top1_labels
-from heistlab.audit.target import INPROCESS, Target, check_target, request_guard
+from heistlab.audit.target import INPROCESS, OIP, Target, check_target, request_guard
 
 log = logging.getLogger("heistlab.audit")
 
@@ -397,16 +401,65 @@ def audit_inprocess(cfg: DictConfig, battery: Battery, ledger: QueryLedger) -> t
     return findings, configuration
 
 
+def audit_oip(cfg: DictConfig, target: Target, battery: Battery, ledger: QueryLedger) -> tuple[list, dict]:
+    """The battery through an OIP client held on ``target`` by the request guard; no probes, no alarms."""
+    from heistlab.experiment import build_splits
+    from heistlab.serving.oip_client import api_from_config
+
+    splits = build_splits(cfg)
+    api_spec = OmegaConf.merge(
+        cfg.api, {"timeout_s": cfg.audit.timeout_s, "max_wait_s": cfg.audit.max_wait_s}
+    )
+    guard = [request_guard(target)]  # from the first request on, readiness and metadata included
+    api = api_from_config(
+        api_spec, splits.input_shape, splits.num_classes, budget=None, request_hooks=guard, trust_env=False
+    )
+    try:
+        published = "no quota or rate limit published (the Open Inference Protocol has no way to publish one)"
+        findings = [
+            untested(
+                "abuse.probes",
+                "Abuse probes",
+                "heistlab's own routes (credentials, tokens, roles, quotas): an OIP server is audited for "
+                "extraction and evasion only",
+            )
+        ]
+        findings += run_battery(
+            battery,
+            [api],
+            ledger,
+            splits,
+            surrogate_from(cfg, splits.num_classes),
+            Exposure(api.output, False, published),
+            cfg.audit,
+            jax.random.key(cfg.seed),
+            api.max_batch,
+            lambda client, api: None,
+        )
+    finally:
+        api.close()
+    configuration = {
+        "target": target.url,
+        "served": {"metadata": api.metadata, "output": api.output},
+        "data": cfg.data.name,
+        "api": OmegaConf.to_container(cfg.api, resolve=True),
+    }
+    return findings, configuration
+
+
 def run_audit(cfg: DictConfig) -> AuditResult:
     """Audits ``cfg.target`` with the battery and probes of ``cfg.audit``; nothing is written here."""
     started = time.perf_counter()
     spec = cfg.audit
     fail_on = check_fail_on(spec.fail_on)
-    target = check_target(str(cfg.target), spec.allow_remote)
+    oip_url = cfg.api.get("url") if cfg.api.get("kind") == OIP else None
+    target = check_target(str(cfg.target), spec.allow_remote, oip_url=oip_url)
     ledger = QueryLedger(spec.budget)
     battery = build_battery(spec)
     if target.kind == INPROCESS:
         findings, configuration = audit_inprocess(cfg, battery, ledger)
+    elif target.kind == OIP:
+        findings, configuration = audit_oip(cfg, target, battery, ledger)
     else:
         findings, configuration = audit_served(cfg, target, battery, ledger)
     configuration["audit"] = OmegaConf.to_container(spec, resolve=True)

@@ -7,6 +7,10 @@ Endpoints (the schema is published at ``/openapi.json``):
 - ``POST /v1/predict``: ``{"inputs": [...], "output": ...}`` -> ``{"outputs": [...], "remaining": ...}``.
 - ``GET /admin/audit``, ``GET /admin/alarms``, ``POST /admin/keys/{key_id}/revoke``: admin role only.
 - ``GET /healthz``: liveness, no credentials, no model.
+- The Open Inference Protocol (KServe V2 REST, ``heistlab.serving.oip``) for any OIP client, with the same
+  keys, roles, quotas, defenses and audit rows as ``/v1/predict``: ``POST /v2/models/{model_name}/infer``
+  (one input tensor; the output asked for by name: probabilities, top_k or labels), ``GET
+  /v2/models/{model_name}`` (metadata), and ``GET /v2/health/ready`` and ``/v2/health/live`` (no credentials).
 
 Status codes: 400 malformed, 401 no valid credentials (missing, wrong, revoked, expired), 403 beyond the
 role, 404/405 no such route, 413 body too large, 415 not JSON, 422 invalid inputs, 429 refused by admission
@@ -43,6 +47,7 @@ from fastapi.security import APIKeyHeader, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from heistlab.api import InvalidQuery, QueryRefused
+from heistlab.serving import oip
 from heistlab.serving.audit import AuditEntry, AuditLog, outcome_for
 from heistlab.serving.auth import (
     ROLES,
@@ -227,6 +232,7 @@ def create_app(
     insecure_open_role: str = "probabilities",
     insecure_probabilities_to_every_role: bool = False,
     body_parser: BodyParser | None = None,
+    model_name: str = "heistlab",
 ) -> FastAPI:
     """The server for ``core``: every request authenticated, checked, throttled and audited.
 
@@ -234,6 +240,7 @@ def create_app(
     insecure_open_routes, insecure_open_role, insecure_probabilities_to_every_role: a deliberately weak
     deployment for testing audits (see the module docstring); off by default.
     body_parser: parses prediction bodies off the event loop (default: one shared by the process's apps).
+    model_name: the model's name on the ``/v2`` (Open Inference Protocol) routes.
     """
     body_parser = body_parser or shared_body_parser()
     open_routes, open_role = check_insecure_options(insecure_open_routes, insecure_open_role)
@@ -505,6 +512,58 @@ def create_app(
         }
         return JSONResponse(answer)
 
+    def served_model(name: str) -> None:
+        if name != model_name:
+            raise StarletteHTTPException(404, f"no model {name!r}; this server serves {model_name!r}")
+
+    @app.get("/v2/health/live", summary="Open Inference Protocol liveness (no credentials)")
+    async def oip_live() -> dict:
+        return {"live": True}
+
+    @app.get("/v2/health/ready", summary="Open Inference Protocol readiness (no credentials)")
+    async def oip_ready() -> dict:
+        return {"ready": True}
+
+    v2_errors = {**ERRORS, 404: {"model": ErrorBody, "description": "No model with this name"}}
+
+    @app.get(
+        "/v2/models/{name}",
+        summary="Open Inference Protocol model metadata, with the outputs this key may ask for",
+        responses=v2_errors,
+        dependencies=documented_security,
+    )
+    async def oip_metadata(name: str, principal: Annotated[Principal, Depends(authenticated)]) -> dict:
+        served_model(name)
+        outputs = principal.role.outputs
+        return oip.model_metadata(model_name, schema.input_shape, core.api.num_classes, outputs)
+
+    @app.post(
+        "/v2/models/{name}/infer",
+        summary="Open Inference Protocol inference: the /v1/predict path behind KServe V2 tensors",
+        responses=v2_errors,
+        dependencies=documented_security,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": oip.infer_body_schema(schema)}},
+            }
+        },
+    )
+    async def oip_infer(name: str, request: Request, principal: Annotated[Principal, Depends(authenticated)]):
+        served_model(name)
+        allowed_output(principal.role, None)
+        note = _note(request)
+        body = await read_limited_body(request, schema.max_body_bytes)
+        note["digest"] = await run_in_threadpool(body_digest, body)
+        inputs, requested = await run_in_threadpool(
+            oip.parse_infer_body, body, request.headers.get("content-type"), schema
+        )
+        output = allowed_output(principal.role, requested)
+        note["digest"], note["rows"] = inputs_digest(inputs), len(inputs)
+        served = await run_in_threadpool(core.predict, principal.key_id, inputs, output)
+        note["served"] = True
+        return JSONResponse(oip.infer_answer(model_name, served.output, served.answers))
+
     @app.get("/admin/audit", summary="The latest audit rows (admin)", responses=ERRORS)
     def audit_rows(
         principal: Annotated[Principal, Depends(administrator)],
@@ -619,6 +678,7 @@ def app_from_config(
         insecure_open_role=spec.get("insecure_open_role", "probabilities"),
         insecure_probabilities_to_every_role=bool(spec.get("insecure_probabilities_to_every_role", False)),
         body_parser=body_parser,
+        model_name=str(spec.get("model_name") or "heistlab"),
     )
     settings = ServerSettings(
         spec.host,
