@@ -182,6 +182,7 @@ def test_every_defense_has_a_config():
         "adaptive_misinformation",
         "dawn",
         "backdoor_watermark",
+        "proof_of_work",
     }
 
 
@@ -222,6 +223,8 @@ def test_config_instantiates_a_defense(path):
         ("laplace_noise", "sensitivity", -2.0),
         ("reverse_sigmoid", "beta", -0.5),
         ("reverse_sigmoid", "gamma", 0.0),
+        ("proof_of_work", "base_bits", 65),
+        ("proof_of_work", "leakage_unit", 0.0),
     ],
 )
 def test_config_rejects_bad_values(config, parameter, value):
