@@ -1,5 +1,6 @@
 """Extraction attacks on digits: exact extraction (equation solving, functional equivalence), ActiveThief's
-k-center selection, Knockoff's adaptive bandit and DFME's query accounting, each against its paper's claim."""
+k-center selection, Knockoff's adaptive bandit, DFME's and MAZE's query accounting and MAZE's replay, each
+against its paper's claim."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from attacks import activethief, dfme, equation_solving, functional_equivalence, knockoff
+from attacks import activethief, dfme, equation_solving, functional_equivalence, knockoff, maze
 from attacks.activethief import select_k_center, select_uncertain
 from attacks.dfme import forward_difference_gradient
 from attacks.knockoff import bandit_update
@@ -226,6 +227,43 @@ def test_dfme_spends_batch_times_directions_plus_one_per_generator_step(small_su
     # One iteration: a generator step (8 inputs + 8 x 2 perturbed) and two student steps of 8.
     assert counting.served == result.queries == 40 and len(result.rounds) == 1
     assert result.rounds[0]["generator_loss"] is not None and result.rounds[0]["student_loss"] is not None
+
+
+def small_maze(budget: int, **settings):
+    return maze(budget=budget, batch_size=4, directions=3, generator_hidden=(16,), **settings)
+
+
+@pytest.mark.parametrize(("budget", "cap"), [(101, None), (150, 77), (16 + 4, None)])
+def test_maze_spends_its_budget_exactly_counting_every_finite_difference_point(budget, cap, small_surrogate):
+    counting = CountingOracle(cap)
+    result = small_maze(budget).run(counting.oracle(), UNIFORM[:1], small_surrogate, jax.random.key(0))
+    limit = budget if cap is None else min(budget, cap)
+    assert counting.served == result.queries == limit and counting.refused == 0
+
+
+def test_maze_iteration_is_a_generator_step_then_clone_steps(small_surrogate):
+    counting = CountingOracle(cap=None)
+    # batch 4, 3 directions: a generator step is 4 * (3 + 1) = 16 queries, each of 2 clone steps 4.
+    attack = small_maze(24, clone_steps=2)
+    result = attack.run(counting.oracle(), UNIFORM[:1], small_surrogate, jax.random.key(0))
+    assert counting.served == 24 and len(result.rounds) == 1
+    assert result.rounds[0]["generator_loss"] is not None and result.rounds[0]["clone_loss"] is not None
+
+
+def test_maze_clone_replays_queries_paid_for_in_earlier_iterations(small_surrogate):
+    def run(replay_steps):
+        attack = small_maze(24 * 6, clone_steps=2, replay_steps=replay_steps)
+        return attack.run(CountingOracle(cap=None).oracle(), UNIFORM[:1], small_surrogate, jax.random.key(0))
+
+    replayed, without = run(8), run(0)
+    oldest = [record["replay_oldest"] for record in replayed.rounds]
+    assert len(oldest) == 6 and all(
+        value is not None and value <= index for index, value in enumerate(oldest)
+    )
+    assert any(value < index for index, value in enumerate(oldest)), "no past iteration's query was replayed"
+    assert all(record["replay_oldest"] is None for record in without.rounds)
+    changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), replayed.params, without.params)
+    assert any(jax.tree.leaves(changed)), "replay steps did not train the clone"
 
 
 def test_forward_difference_gradient_worked_by_hand():
