@@ -15,6 +15,7 @@ from defenses.proof_of_work import proof_of_work
 from heistlab.serving.app import create_app, puzzle_book_for
 from heistlab.serving.audit import AuditLog
 from heistlab.serving.auth import Authenticator, KeyStore, create_key
+from heistlab.serving.client import remote_api, write_credentials
 from heistlab.serving.puzzle import NONCE_HEADER, SOLUTION_HEADER, solve
 from heistlab.serving.server import serve_in_thread
 from heistlab.serving.service import build_core
@@ -43,7 +44,8 @@ def server(tmp_path, small_victim):
     )
     running = serve_in_thread(app, tls.certfile, tls.keyfile)
     client = httpx.Client(verify=client_context(tls.certfile), timeout=30)
-    yield running.url, client, keys, audit
+    write_credentials(tmp_path / "client.json", keys[:1])
+    yield running.url, client, keys, audit, tls.certfile
     client.close()
     running.stop()
 
@@ -65,7 +67,7 @@ def solved_query(client, url, key, inputs) -> tuple[int, httpx.Response]:
 
 
 def test_only_a_solved_single_use_puzzle_bound_to_the_request_is_served(server, digits_splits):
-    url, client, (key, other), audit = server
+    url, client, (key, other), audit, _ = server
     inputs = digits_splits.test.x[:2]
     refused = post(client, url, key, inputs)
     assert refused.status_code == 428
@@ -103,7 +105,7 @@ def _too_weak(puzzle, solution) -> bool:
 
 
 def test_difficulty_rises_with_what_the_keys_answers_leaked(server, digits_splits, small_victim):
-    url, client, (confident_key, noisy_key), _ = server
+    url, client, (confident_key, noisy_key), _, _ = server
     rng = np.random.default_rng(0)
     confident = digits_splits.test.x[small_victim.predict_proba(digits_splits.test.x).max(axis=1) > 0.99][:8]
     noise = rng.uniform(size=(8, *digits_splits.test.x.shape[1:])).astype(np.float32)
@@ -116,3 +118,15 @@ def test_difficulty_rises_with_what_the_keys_answers_leaked(server, digits_split
     assert bits["confident"][0] == bits["noise"][0] == BASE_BITS + 1
     assert bits["noise"][-1] > bits["confident"][-1]
     assert bits["noise"] == sorted(bits["noise"])
+
+
+def test_the_remote_client_solves_puzzles_and_counts_the_time(server, digits_splits, small_victim, tmp_path):
+    url, _, _, _, ca_file = server
+    api = remote_api(url, tmp_path / "client.json", ca_file, output="probabilities")
+    try:
+        answers = api.query(digits_splits.test.x[:4])
+    finally:
+        api.close()
+    expected = small_victim.predict_proba(digits_splits.test.x[:4])
+    np.testing.assert_allclose(answers, expected, rtol=0, atol=1e-4)
+    assert api.served("attacker") == 4 and api.simulated_seconds("attacker") > 0
