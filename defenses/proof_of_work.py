@@ -82,8 +82,8 @@ def proof_of_work(
 
     leakage: the leakage measure (default ``pate_privacy_cost()``); base_bits: every query's puzzle at zero
     leakage; leakage_unit: leakage that adds one base puzzle's work to each later query; max_bits: the
-    hardest puzzle; hashes_per_second: the client's solving speed for the simulated clock (1e6 is about one
-    CPU core running Python's hashlib SHA-256, measured at 1.2e6 on our 2 shared CPU cores).
+    hardest puzzle; hashes_per_second: the client's solving speed for the simulated clock (on 2 shared, busy
+    CPU cores a bare hashlib SHA-256 loop ran 1.2e6 a second, ``heistlab.serving.puzzle.solve`` 0.4e6-0.6e6).
 
     A batch's difficulty is fixed when it is admitted, from the leakage of the answers served before it; its
     own answers then raise the difficulty of the next batch.
