@@ -130,3 +130,12 @@ def test_the_remote_client_solves_puzzles_and_counts_the_time(server, digits_spl
     expected = small_victim.predict_proba(digits_splits.test.x[:4])
     np.testing.assert_allclose(answers, expected, rtol=0, atol=1e-4)
     assert api.served("attacker") == 4 and api.simulated_seconds("attacker") > 0
+
+
+def test_puzzles_are_only_built_for_a_proof_of_work_chain_served_by_one_worker(small_victim, tmp_path):
+    audit = AuditLog(tmp_path / "audit.sqlite")
+    plain = build_core(small_victim, rounding(2), audit=audit)
+    assert puzzle_book_for(plain, several_workers=False) is None
+    guarded = build_core(small_victim, proof_of_work(answer_entropy()), audit=audit)
+    with pytest.raises(ValueError, match="accepted: serve.workers=1"):
+        puzzle_book_for(guarded, several_workers=True)
