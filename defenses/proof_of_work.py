@@ -17,6 +17,11 @@ so a query's expected work, ``2 ** bits`` hashes, grows about linearly with the 
 each ``leakage_unit`` leaked adds one base puzzle's work to every later query. The paper fits its mapping from
 privacy cost to puzzle time on benign users' streams; this closed form is our simplification of it.
 
+The leakage is measured on the probabilities reaching this defense (place it last in a chain to account for
+what is served; an API serving labels only still charges for its probabilities' leakage, a conservative
+choice). Accounts are per client, like rate limits: a Sybil attacker's identities each start at
+``base_bits``, so splitting a stream over keys lowers its cost.
+
 In-process the work is not done: admission makes the client wait the expected solving time,
 ``2 ** bits / hashes_per_second`` simulated seconds per row, on the API's simulated clock. Over HTTP
 (``heistlab.serving.puzzle``) the server issues real puzzles at the same difficulty and verifies them.
