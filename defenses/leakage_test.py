@@ -41,3 +41,19 @@ def test_entropy_of_answers_by_hand():
 def test_bad_settings_are_refused_by_name(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def test_gnmax_bound_on_answering_other_than_the_top_vote_by_hand():
+    from defenses.leakage import log_probability_not_top
+
+    votes = np.array([200.0, 50.0] + [0.0] * 8)
+    expected = 0.5 * math.erfc(150 / 80) + 8 * 0.5 * math.erfc(200 / 80)
+    assert math.isclose(math.exp(log_probability_not_top(votes, 40.0)), expected, rel_tol=1e-9)
+
+
+def test_epsilon_of_uniform_answers_is_the_data_independent_conversion():
+    leakage = pate_privacy_cost(sigma=40.0, delta=1e-5)
+    orders = np.asarray(DEFAULT_ORDERS)
+    summed = 3 * leakage.per_answer(UNIFORM)[0]
+    by_hand = min(3 * order / 1600 + math.log(1e5) / (order - 1) for order in orders)
+    assert math.isclose(leakage.total(summed), by_hand, rel_tol=1e-12)
