@@ -7,6 +7,7 @@ from attacks.equation_solving import equation_solving
 from attacks.functional_equivalence import functional_equivalence
 from attacks.jbda import jbda
 from attacks.knockoff import knockoff
+from attacks.maze import maze
 
 __all__ = [
     "Attack",
@@ -20,4 +21,5 @@ __all__ = [
     "functional_equivalence",
     "jbda",
     "knockoff",
+    "maze",
 ]

@@ -68,6 +68,8 @@ class Attack(NamedTuple):
     extracts: the only victims the attack can extract (``None``: any classifier).
     keeps_queries: whether the attack holds every queried input in memory at once (a transfer set or an
         equation system), so that its memory grows with ``budget``.
+    needs_scores: whether the attack needs scores (its loss compares output distributions), so that an API
+        serving labels only is refused before anything is trained.
     """
 
     name: str
@@ -76,6 +78,7 @@ class Attack(NamedTuple):
     collect: Callable[[Oracle, np.ndarray, Surrogate, jax.Array], TransferSet] | None = None
     extracts: VictimFamily | None = None
     keeps_queries: bool = True
+    needs_scores: bool = False
 
 
 def fit_transfer_set(surrogate: Surrogate, transfer: TransferSet) -> AttackResult:

@@ -24,6 +24,7 @@ from defenses.label_only import label_only
 from defenses.mad import mad, mad_argmax
 from defenses.noise import gaussian_noise, laplace_noise
 from defenses.prada import prada
+from defenses.proof_of_work import proof_of_work
 from defenses.rate_limit import progressive_delay, rate_limit
 from defenses.reverse_sigmoid import reverse_sigmoid
 from defenses.rounding import rounding
@@ -54,6 +55,7 @@ __all__ = [
     "mad_argmax",
     "prada",
     "progressive_delay",
+    "proof_of_work",
     "rate_limit",
     "reverse_sigmoid",
     "rounding",

@@ -151,6 +151,15 @@ def check_evasion_output(evasion_name: str, needs_scores: bool, output: str | No
         )
 
 
+def check_attack_output(attack_name: str, needs_scores: bool, output: str | None) -> None:
+    """An attack whose loss compares output distributions (MAZE) cannot learn from labels only."""
+    if needs_scores and output == "labels":
+        raise ConfigError(
+            f"attack {attack_name} needs scores, but api.output=labels serves labels only; accepted: "
+            "api.output=probabilities or top_k, or an attack that learns from labels (attack=dfme)"
+        )
+
+
 def check_api_top_k(api: Mapping, num_classes: int) -> None:
     if api.get("output") == "top_k" and api.get("top_k", 1) > num_classes:
         raise ConfigError(

@@ -392,6 +392,7 @@ def prepare(cfg: DictConfig) -> Prepared:
     and the victim (trained when not cached) and builds the defense, attack and surrogate."""
     checks.check_static(cfg)
     attack, allow_mismatch = build_attack(cfg.attack)
+    checks.check_attack_output(attack.name, attack.needs_scores, cfg.api.get("output"))
     evasion = build_evasion(cfg)
     with phase(f"loading {cfg.data.name}"), building("data"):
         splits = build_splits(cfg)

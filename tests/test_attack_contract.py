@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from attacks import activethief, dfme, equation_solving, functional_equivalence, jbda, knockoff
+from attacks import activethief, dfme, equation_solving, functional_equivalence, jbda, knockoff, maze
 from attacks.base import fit_transfer_set
 from heistlab.api import Oracle, QueryRefused
 
@@ -30,6 +30,14 @@ ATTACKS = {
     ),
     "dfme": lambda budget: dfme(budget=budget, batch_size=8, student_steps=2, generator_hidden=(32,)),
 }
+
+# Attacks whose loss compares output distributions: they need scores and refuse labels-only answers.
+SCORE_ATTACKS = {
+    "maze": lambda budget: maze(
+        budget=budget, batch_size=4, directions=2, clone_steps=2, generator_hidden=(32,)
+    ),
+}
+BUDGETED = {**ATTACKS, **SCORE_ATTACKS}
 
 # Exact extraction solves equations in the answered probabilities: no labels-only mode, a clear error instead.
 PROBABILITY_ATTACKS = {
@@ -67,12 +75,12 @@ def _block_scores(inputs: np.ndarray) -> np.ndarray:
     return flat.reshape(len(inputs), 10, 6).mean(-1)
 
 
-@pytest.mark.parametrize("name", sorted(ATTACKS))
+@pytest.mark.parametrize("name", sorted(BUDGETED))
 @pytest.mark.parametrize(("attack_budget", "api_cap"), [(100, 100), (100, 50), (60, None)])
 def test_attack_stays_inside_its_budget_and_the_apis(name, attack_budget, api_cap, small_surrogate, rng):
     counting = CountingOracle(api_cap)
     pool = rng.uniform(size=(80, 8, 8, 1)).astype(np.float32)
-    result = ATTACKS[name](attack_budget).run(counting.oracle(), pool, small_surrogate, jax.random.key(1))
+    result = BUDGETED[name](attack_budget).run(counting.oracle(), pool, small_surrogate, jax.random.key(1))
     limit = attack_budget if api_cap is None else min(attack_budget, api_cap)
     assert counting.served <= limit
     assert counting.refused == 0, "an attack must check the budget left instead of being refused"
@@ -104,12 +112,14 @@ def test_probability_attack_stays_inside_its_budget_and_the_apis(
     assert result.model is not None, "an exact extraction returns the architecture it recovered"
 
 
-@pytest.mark.parametrize("name", sorted(PROBABILITY_ATTACKS))
+@pytest.mark.parametrize("name", sorted(PROBABILITY_ATTACKS | SCORE_ATTACKS))
 def test_probability_attack_refuses_label_only_answers_naming_the_requirement(name, small_surrogate, rng):
     counting = CountingOracle(cap=None, output="labels")
     pool = rng.uniform(size=(80, 8, 8, 1)).astype(np.float32)
     with pytest.raises(ValueError, match=r"needs .*probabilit.*api\.output=labels|api.output=probabilities"):
-        PROBABILITY_ATTACKS[name](100).run(counting.oracle(), pool, small_surrogate, jax.random.key(0))
+        (PROBABILITY_ATTACKS | SCORE_ATTACKS)[name](100).run(
+            counting.oracle(), pool, small_surrogate, jax.random.key(0)
+        )
     assert counting.served == 0
 
 

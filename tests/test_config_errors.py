@@ -99,6 +99,15 @@ def refused_line(arguments: list[str], tmp_path: Path, monkeypatch, capsys) -> s
         ),
         (["defense=rounding", "defense.decimals=-1"], ["defense: rounding", "decimals"]),
         (["num_seeds=0"], ["num_seeds must be an integer >= 1"]),
+        (
+            ["attack=maze", "api.output=labels"],
+            ["attack maze needs scores", "api.output=labels", "accepted: api.output=probabilities"],
+        ),
+        (["attack=maze", "attack.budget=100"], ["maze: budget=100 cannot pay", "accepted: budget >= 192"]),
+        (
+            ["defense=proof_of_work", "defense.base_bits=80"],
+            ["defense: proof_of_work: base_bits must be an int in [0, 64], got 80"],
+        ),
     ],
 )  # fmt: skip
 def test_refused_in_one_line_before_the_victim(

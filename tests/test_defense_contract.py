@@ -183,6 +183,7 @@ def test_every_defense_has_a_config():
         "dawn",
         "backdoor_watermark",
         "blacklight",
+        "proof_of_work",
     }
 
 
@@ -228,6 +229,8 @@ def test_config_instantiates_a_defense(path):
         ("reverse_sigmoid", "gamma", 0.0),
         ("blacklight", "match_threshold", 51),
         ("blacklight", "quantisation_step", 0.0),
+        ("proof_of_work", "base_bits", 65),
+        ("proof_of_work", "leakage_unit", 0.0),
     ],
 )
 def test_config_rejects_bad_values(config, parameter, value):

@@ -4,7 +4,8 @@ Endpoints (the schema is published at ``/openapi.json``):
 
 - ``POST /oauth/token``: OAuth 2.0 client credentials (form body or HTTP Basic) -> a short-lived bearer token.
 - ``GET /v1/info``: what this key may ask and receive: input shape and range, classes, outputs, quota left.
-- ``POST /v1/predict``: ``{"inputs": [...], "output": ...}`` -> ``{"outputs": [...], "remaining": ...}``.
+- ``POST /v1/predict``: ``{"inputs": [...], "output": ...}`` -> ``{"outputs": [...], "remaining": ...}``;
+  behind ``defense=proof_of_work``, first answered 428 with a hashcash puzzle (``heistlab.serving.puzzle``).
 - ``GET /admin/audit``, ``GET /admin/alarms``, ``POST /admin/keys/{key_id}/revoke``: admin role only.
 - ``GET /healthz``: liveness, no credentials, no model.
 - The Open Inference Protocol (KServe V2 REST, ``heistlab.serving.oip``) for any OIP client, with the same
@@ -17,6 +18,7 @@ role, 404/405 no such route, 413 body too large, 415 not JSON, 422 invalid input
 (quota spent, rate limited, or a detector's refusal; with ``Retry-After``) or too many failed secret checks
 for the key id or from the address (``heistlab.serving.failed_auth``; answered after a hold, with
 ``Retry-After``), 500 a generic message and a request id (the traceback goes to the server log only).
+428: a prediction without a valid proof-of-work solution (missing, wrong, reused, expired); body: a puzzle.
 Every request, whatever its fate, is one row in the audit log, including one that the HTTP parser refuses
 before it reaches the app (a header block over 16 KiB, a malformed request line: 400, path and method left
 empty) when the server is started with ``on_rejected=unparsed_request_auditor(audit)``.
@@ -61,6 +63,7 @@ from heistlab.serving.auth import (
     role_named,
 )
 from heistlab.serving.failed_auth import FailedAuthThrottle, Throttled
+from heistlab.serving.puzzle import PuzzleBook, PuzzleRequired, request_digest
 from heistlab.serving.service import ServingCore
 from heistlab.serving.throttle import retry_after_header
 from heistlab.serving.validation import (
@@ -233,6 +236,7 @@ def create_app(
     insecure_probabilities_to_every_role: bool = False,
     body_parser: BodyParser | None = None,
     model_name: str = "heistlab",
+    puzzles: PuzzleBook | None = None,
 ) -> FastAPI:
     """The server for ``core``: every request authenticated, checked, throttled and audited.
 
@@ -241,6 +245,7 @@ def create_app(
     deployment for testing audits (see the module docstring); off by default.
     body_parser: parses prediction bodies off the event loop (default: one shared by the process's apps).
     model_name: the model's name on the ``/v2`` (Open Inference Protocol) routes.
+    puzzles: when set, every prediction must carry a solved proof-of-work puzzle (428 with one otherwise).
     """
     body_parser = body_parser or shared_body_parser()
     open_routes, open_role = check_insecure_options(insecure_open_routes, insecure_open_role)
@@ -341,6 +346,10 @@ def create_app(
             remaining=error.remaining,
             retry_after=None if never else error.retry_after,
         )
+
+    @app.exception_handler(PuzzleRequired)
+    async def puzzle_required(request: Request, error: PuzzleRequired):
+        return refused(request, 428, "proof_of_work_required", error.reason, puzzle=error.puzzle)
 
     @app.exception_handler(InvalidQuery)
     async def invalid_query(request: Request, error: InvalidQuery):
@@ -485,7 +494,7 @@ def create_app(
         "/v1/predict",
         summary="Predictions for a batch of inputs, as the key's role allows",
         response_model=PredictAnswer,
-        responses=ERRORS,
+        responses={**ERRORS, 428: {"model": ErrorBody}},
         dependencies=documented_security,
         openapi_extra={
             "requestBody": {
@@ -502,6 +511,9 @@ def create_app(
         parsed = await body_parser.parse(body, request.headers.get("content-type"), schema)
         output = allowed_output(principal.role, parsed.output)
         note["digest"], note["rows"] = inputs_digest(parsed.inputs), len(parsed.inputs)
+        if puzzles is not None:
+            digest = request_digest(note["digest"], output)
+            puzzles.admit(principal.key_id, digest, len(parsed.inputs), request.headers)
         served = await run_in_threadpool(core.predict, principal.key_id, parsed.inputs, output)
         note["served"] = True
         answer = {
@@ -665,6 +677,7 @@ def app_from_config(
         key_stream=worker if several and defense_store is None else None,
     )
     burst = spec.burst if spec.burst is not None or spec.rate is None else max(1, math.ceil(spec.rate))
+    puzzles = puzzle_book_for(core, several)
     body_parser = BodyParser()
     body_parser.warm()
     app = create_app(
@@ -679,6 +692,7 @@ def app_from_config(
         insecure_probabilities_to_every_role=bool(spec.get("insecure_probabilities_to_every_role", False)),
         body_parser=body_parser,
         model_name=str(spec.get("model_name") or "heistlab"),
+        puzzles=puzzles,
     )
     settings = ServerSettings(
         spec.host,
@@ -690,3 +704,18 @@ def app_from_config(
         unparsed_request_auditor(audit),
     )
     return app, settings
+
+
+def puzzle_book_for(core: ServingCore, several_workers: bool) -> PuzzleBook | None:
+    """Hashcash puzzles at the difficulty the chain's proof-of-work sets per key (None: the chain has none).
+
+    Puzzles are kept in this process's memory, so a proof-of-work server runs one worker."""
+    from defenses.proof_of_work import next_bits
+
+    if next_bits(core.api.defense_state()[0], "") is None:
+        return None
+    if several_workers:
+        raise ValueError(
+            "defense=proof_of_work keeps its open puzzles in one process; accepted: serve.workers=1"
+        )
+    return PuzzleBook(lambda key_id: next_bits(core.api.defense_state()[0], key_id))

@@ -3,7 +3,8 @@
 ``http_oracle(url, key_file, ca_file)`` discovers the input shape, classes, output and quota left from
 ``GET /v1/info``, exchanges the key for OAuth bearer tokens (client credentials, renewed before they expire)
 and sends each batch as one ``POST /v1/predict``. A 429 becomes ``QueryRefused`` (after waiting out
-rate-limit refusals whose Retry-After fits in ``max_wait_s``); a 4xx about the inputs becomes
+rate-limit refusals whose Retry-After fits in ``max_wait_s``); a 428 carrying a proof-of-work puzzle is
+solved and the batch sent again (the solving time counts as waiting); a 4xx about the inputs becomes
 ``InvalidQuery``; 401/403 become ``PermissionError``. Same queries, same answers as in-process: float32 inputs
 and answers travel as JSON numbers, which round-trip them exactly.
 
@@ -30,6 +31,7 @@ import numpy as np
 
 from heistlab.api import InvalidQuery, Oracle, QueryRefused, identity_names, spread_oracle
 from heistlab.serving.auth import Credential
+from heistlab.serving.puzzle import NONCE_HEADER, SOLUTION_HEADER, solve
 from heistlab.serving.tls import client_context
 
 CREDENTIALS_FORMAT = "heistlab-credentials/1"
@@ -211,7 +213,8 @@ class RemoteAPI:
         return self._refused[client]
 
     def simulated_seconds(self, client: str) -> float:
-        """Seconds this client really waited on rate-limit refusals (the in-process API simulates them)."""
+        """Seconds this client really waited on rate-limit refusals and spent solving proof-of-work puzzles
+        (the in-process API simulates both)."""
         return self._waited[client]
 
     def clients(self) -> list[str]:
@@ -240,6 +243,9 @@ class RemoteAPI:
                 dtype = np.int32 if body["output"] == "labels" else np.float32
                 return np.asarray(body["outputs"], dtype=dtype)
             message = body.get("message", response.reason_phrase)
+            if response.status_code == 428 and "puzzle" in body:
+                headers = {**headers, **self._solved(body["puzzle"], client)}
+                continue
             if response.status_code == 429:
                 retry_after = body.get("retry_after")
                 delay = math.inf if retry_after is None else float(retry_after)
@@ -256,6 +262,13 @@ class RemoteAPI:
                 raise PermissionError(f"key {key_id}: {message}")
             raise ServerError(f"POST /v1/predict answered {response.status_code}: {message}")
         raise ServerError(f"POST /v1/predict: still rate limited after {MAX_ATTEMPTS} attempts")
+
+    def _solved(self, puzzle: dict, client: str) -> dict[str, str]:
+        """Headers carrying the solution of a proof-of-work puzzle; the seconds spent count as waiting."""
+        started = time.monotonic()
+        solution = solve(puzzle)
+        self._waited[client] += time.monotonic() - started
+        return {NONCE_HEADER: puzzle["nonce"], SOLUTION_HEADER: solution}
 
     def oracle(self, client: str = "attacker", identities: int = 1) -> Oracle:
         """The attack's handle, as ``PredictionAPI.oracle`` gives it: ``identities > 1`` is a Sybil whose
