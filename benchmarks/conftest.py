@@ -18,7 +18,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 from heistlab import data, victims
-from heistlab.experiment import build_defense, defender_data, enable_compilation_cache, load_victim
+from heistlab.compose import build_defense, defender_data, enable_compilation_cache, load_victim
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"

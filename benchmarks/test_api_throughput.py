@@ -17,7 +17,7 @@ import pytest
 
 from benchmarks.conftest import composed, config_options
 from heistlab.api import PredictionAPI, QueryRefused
-from heistlab.experiment import build_defense, defender_data, load_victim
+from heistlab.compose import build_defense, defender_data, load_victim
 
 BATCH_SIZES = (1, 128, 4096)
 CLIENT_NAMES = (f"client-{index}" for index in itertools.count())

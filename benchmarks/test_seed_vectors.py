@@ -10,7 +10,8 @@ import pytest
 
 from benchmarks.conftest import composed
 from heistlab import seeds, training
-from heistlab.experiment import build_model_from, execute, execute_seeds, train_config_from
+from heistlab.compose import build_model_from, train_config_from
+from heistlab.experiment import execute, execute_seeds
 
 SEEDS, EPOCHS = 8, 10
 

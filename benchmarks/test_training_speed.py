@@ -20,7 +20,7 @@ import pytest
 from benchmarks import workloads
 from benchmarks.conftest import composed
 from heistlab import training
-from heistlab.experiment import build_model_from, train_config_from
+from heistlab.compose import build_model_from, train_config_from
 from heistlab.models import MLP
 
 ROUNDS = 3

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 def main(cfg: DictConfig) -> None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     from heistlab.audit.battery import audit_command
-    from heistlab.experiment import cache_directory, enable_compilation_cache
+    from heistlab.compose import cache_directory, enable_compilation_cache
 
     enable_compilation_cache(cache_directory(cfg))
     out_dir = cfg.audit.out_dir or HydraConfig.get().runtime.output_dir

@@ -42,7 +42,8 @@ def main(cfg: DictConfig) -> None:
     if sweep.resume(job, OmegaConf.to_container(cfg, resolve=True)):
         return
     # Imported here: the process that launches a parallel sweep never runs an experiment, nor loads JAX.
-    from heistlab.experiment import cache_directory, enable_compilation_cache, run_experiment
+    from heistlab.compose import cache_directory, enable_compilation_cache
+    from heistlab.experiment import run_experiment
 
     enable_compilation_cache(cache_directory(cfg))
     logger = instantiate(cfg.logger, output_dir=job.output_dir, **sweep.logger_arguments(cfg.logger, job))

@@ -16,7 +16,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from heistlab.experiment import cache_directory, enable_compilation_cache
+from heistlab.compose import cache_directory, enable_compilation_cache
 from heistlab.protection import ProtectionError
 from heistlab.serving.app import app_from_config
 from heistlab.serving.server import serve_forever, uvicorn_config

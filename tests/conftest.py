@@ -14,7 +14,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 from attacks.base import Surrogate
 from heistlab import data, training, victims
-from heistlab.experiment import enable_compilation_cache
+from heistlab.compose import enable_compilation_cache
 from heistlab.models import MLP
 
 REPO = Path(__file__).resolve().parent.parent

@@ -32,7 +32,7 @@ COUNT_CACHE_EVENTS = textwrap.dedent(
     import jax
     import jax.numpy as jnp
 
-    from heistlab.experiment import enable_compilation_cache
+    from heistlab.compose import enable_compilation_cache
 
     events = collections.Counter()
     jax.monitoring.register_event_listener(lambda event, **_: events.update([event]))

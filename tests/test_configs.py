@@ -12,14 +12,8 @@ from hydra.utils import instantiate
 from attacks import Attack
 from defenses import Defense
 from heistlab import loggers
-from heistlab.experiment import (
-    build_attack,
-    build_defense,
-    build_model_from,
-    build_splits,
-    defender_data,
-    train_config_from,
-)
+from heistlab.compose import build_defense, build_model_from, build_splits, defender_data, train_config_from
+from heistlab.experiment import build_attack
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -42,9 +36,10 @@ def test_every_defense_config_instantiates(name, digits_splits):
 
 @pytest.mark.parametrize("name", options("attack"))
 def test_every_attack_config_instantiates_and_sets_the_api_budget(name):
-    cfg = composed(f"attack={name}", "attack.budget=123")
+    budget = 1234  # above every attack's minimum (maze: one generator and one clone step, 192)
+    cfg = composed(f"attack={name}", f"attack.budget={budget}")
     attack, allow_mismatched_victim = build_attack(cfg.attack)
-    assert isinstance(attack, Attack) and attack.budget == 123 and cfg.api.budget == 123
+    assert isinstance(attack, Attack) and attack.budget == budget and cfg.api.budget == budget
     assert allow_mismatched_victim is False
 
 

@@ -35,7 +35,7 @@ from defenses import (
     rounding,
     top_k,
 )
-from heistlab.experiment import build_defense
+from heistlab.compose import build_defense
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "defense"
 CLASSES = 10

@@ -12,13 +12,8 @@ import pytest
 
 from defenses import Evidence
 from defenses.prada import calibrate_delta
-from heistlab.experiment import (
-    build_defense,
-    build_splits,
-    defender_data,
-    execute,
-    stream_benign_clients,
-)
+from heistlab.compose import build_defense, build_splits, defender_data
+from heistlab.experiment import execute, stream_benign_clients
 from tests.test_configs import composed
 
 CHEAP = ["surrogate.train.epochs=3", "eval.uniform_samples=64"]

@@ -35,14 +35,8 @@ from attacks.evasion import (
 from experiments.run import metrics_table
 from heistlab import training
 from heistlab.api import Oracle, PredictionAPI
-from heistlab.experiment import (
-    build_model_from,
-    build_splits,
-    load_victim,
-    prepare,
-    run_experiment,
-    train_config_from,
-)
+from heistlab.compose import build_model_from, build_splits, load_victim, train_config_from
+from heistlab.experiment import prepare, run_experiment
 from heistlab.results import read_results
 from tests.test_configs import composed
 

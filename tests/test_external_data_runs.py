@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from heistlab import data
-from heistlab.experiment import build_splits
+from heistlab.compose import build_splits
 from heistlab.results import read_results
 from tests.test_configs import composed
 from tests.test_end_to_end import TINY, run_cli

@@ -13,7 +13,7 @@ import pytest
 from flax import serialization
 from omegaconf.errors import MissingMandatoryValue
 
-from heistlab import data, experiment, external_victims, training, victims
+from heistlab import compose, data, experiment, external_victims, training, victims
 from heistlab.checks import ConfigError
 from heistlab.external_victims import VictimShapeError
 from heistlab.results import read_results
@@ -44,7 +44,7 @@ CALLABLE += ["victim.num_classes=10"]
 
 @pytest.fixture(scope="module")
 def digits_splits_cli():
-    return experiment.build_splits(composed())
+    return compose.build_splits(composed())
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +68,14 @@ def sklearn_onnx(tmp_path_factory, digits_splits_cli):
 
 
 def no_defense(cfg, splits):
-    return experiment.build_defense(cfg.defense, experiment.defender_data(cfg, splits))
+    return compose.build_defense(cfg.defense, compose.defender_data(cfg, splits))
 
 
 @pytest.mark.slow
 def test_a_sklearn_export_serves_sklearns_own_probabilities(sklearn_onnx, digits_splits_cli):
     classifier, path = sklearn_onnx
     cfg = composed("victim=onnx", f"victim.path={path}")
-    victim, from_cache = experiment.load_victim(cfg, digits_splits_cli, no_defense(cfg, digits_splits_cli))
+    victim, from_cache = compose.load_victim(cfg, digits_splits_cli, no_defense(cfg, digits_splits_cli))
     test = digits_splits_cli.test
     expected = classifier.predict_proba(test.x.reshape(len(test.x), -1))
     np.testing.assert_allclose(victim.predict_proba(test.x), expected, atol=1e-5)
@@ -131,7 +131,7 @@ def test_a_pytorch_export_is_served_channels_first_from_logits(tmp_path, digits_
     cfg = composed(
         "victim=onnx", f"victim.path={path}", "victim.outputs=logits", "victim.channels_first=true"
     )
-    victim, _ = experiment.load_victim(cfg, digits_splits_cli, no_defense(cfg, digits_splits_cli))
+    victim, _ = compose.load_victim(cfg, digits_splits_cli, no_defense(cfg, digits_splits_cli))
     test = digits_splits_cli.test
     with torch.no_grad():
         logits = network(torch.from_numpy(np.transpose(test.x, (0, 3, 1, 2)).copy()))
@@ -142,7 +142,7 @@ def test_a_pytorch_export_is_served_channels_first_from_logits(tmp_path, digits_
     with pytest.raises(
         VictimShapeError, match=r"shaped \(1, 8, 8\) but the data are shaped \(8, 8, 1\); set"
     ):
-        experiment.load_victim(channels_last, digits_splits_cli, no_defense(cfg, digits_splits_cli))
+        compose.load_victim(channels_last, digits_splits_cli, no_defense(cfg, digits_splits_cli))
 
 
 @pytest.mark.slow
@@ -185,15 +185,15 @@ class TinyNet(nn.Module):
 def test_a_users_flax_module_without_params_is_trained_and_cached(tmp_path, digits_splits_cli):
     module = ["victim.module._target_=tests.test_external_victims_runs.TinyNet", "+victim.module.classes=10"]
     cfg = composed("victim=flax", *module, "victim.train.epochs=1", f"cache_dir={tmp_path}")
-    first, from_cache = experiment.load_victim(cfg, digits_splits_cli, no_defense(cfg, digits_splits_cli))
-    again, cached = experiment.load_victim(cfg, digits_splits_cli, no_defense(cfg, digits_splits_cli))
+    first, from_cache = compose.load_victim(cfg, digits_splits_cli, no_defense(cfg, digits_splits_cli))
+    again, cached = compose.load_victim(cfg, digits_splits_cli, no_defense(cfg, digits_splits_cli))
     assert isinstance(first, victims.Victim) and (from_cache, cached) == (False, True)
     assert first.model.width == 16 and first.num_classes == 10
     test = digits_splits_cli.test
     np.testing.assert_array_equal(again.predict_proba(test.x), first.predict_proba(test.x))
     wrong = composed("victim=flax", module[0], "+victim.module.classes=3", f"cache_dir={tmp_path}")
     with pytest.raises(VictimShapeError, match="the victim TinyNet has 3 classes but the data have 10"):
-        experiment.load_victim(wrong, digits_splits_cli, no_defense(cfg, digits_splits_cli))
+        compose.load_victim(wrong, digits_splits_cli, no_defense(cfg, digits_splits_cli))
 
 
 def test_a_shape_mismatch_stops_the_run_before_any_training(tmp_path, monkeypatch):
@@ -218,7 +218,7 @@ def test_a_shape_mismatch_stops_the_run_before_any_training(tmp_path, monkeypatc
 def test_a_loaded_victim_refuses_a_defense_that_changes_its_training(digits_splits_cli):
     cfg = composed(*CALLABLE, "defense=backdoor_watermark")
     with pytest.raises(ValueError, match="changes the victim's training data.*victim=callable is loaded"):
-        experiment.load_victim(cfg, digits_splits_cli, no_defense(cfg, digits_splits_cli))
+        compose.load_victim(cfg, digits_splits_cli, no_defense(cfg, digits_splits_cli))
 
 
 def test_external_victim_configs_name_what_they_need():
@@ -233,7 +233,7 @@ def test_external_victim_configs_name_what_they_need():
 @pytest.mark.slow
 def test_the_independent_model_of_a_victim_that_is_not_flax_is_the_default_mlp(digits_splits_cli):
     cfg = composed(*CALLABLE)
-    victim, _ = experiment.load_victim(cfg, digits_splits_cli, no_defense(cfg, digits_splits_cli))
+    victim, _ = compose.load_victim(cfg, digits_splits_cli, no_defense(cfg, digits_splits_cli))
     evidence = experiment.evidence_for(cfg, digits_splits_cli, victim, SMALL_MLP, None, ("attacker",), ())
     model, config = external_victims.independent_model(victim, 10)
     assert model.hidden == (256, 256) and config.epochs == 100

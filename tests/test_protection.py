@@ -108,7 +108,7 @@ def test_tampered_or_swapped_manifest_is_refused_before_loading(digits_splits, t
 
 def test_protect_command_makes_keys_that_an_experiment_uses(tmp_path, digits_splits, capsys):
     from experiments.protect import main
-    from heistlab.experiment import at_rest_from
+    from heistlab.compose import at_rest_from
     from tests.test_configs import composed
 
     main(["--out", str(tmp_path / "keys")])

@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from defenses import rounding
 from experiments import keys
 from heistlab.api import PredictionAPI
-from heistlab.experiment import build_splits, load_victim
+from heistlab.compose import build_splits, load_victim
 from heistlab.serving.app import app_from_config
 from heistlab.serving.audit import AuditLog
 from heistlab.serving.auth import read_store

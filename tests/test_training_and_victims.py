@@ -89,7 +89,7 @@ def test_fast_training_config_is_valid():
 
 
 def test_victim_identity_follows_the_training_code(tmp_path):
-    from heistlab.experiment import source_digest
+    from heistlab.compose import source_digest
 
     first, second = tmp_path / "a.py", tmp_path / "b.py"
     first.write_text("x = 1\n")

@@ -228,7 +228,7 @@ def run_battery(
 
 
 def surrogate_from(cfg: DictConfig, num_classes: int) -> Surrogate:
-    from heistlab.experiment import build_model_from, train_config_from
+    from heistlab.compose import build_model_from, train_config_from
 
     return Surrogate(build_model_from(cfg.surrogate, num_classes), train_config_from(cfg.surrogate.train))
 
@@ -257,7 +257,7 @@ def read_keys(credentials: DictConfig) -> probes.Keys:
 
 
 def audit_served(cfg: DictConfig, target: Target, battery: Battery, ledger: QueryLedger) -> tuple[list, dict]:
-    from heistlab.experiment import build_splits
+    from heistlab.compose import build_splits
     from heistlab.serving.client import RemoteAPI
     from heistlab.serving.tls import client_context
 
@@ -349,7 +349,7 @@ def audit_served(cfg: DictConfig, target: Target, battery: Battery, ledger: Quer
 
 
 def audit_inprocess(cfg: DictConfig, battery: Battery, ledger: QueryLedger) -> tuple[list, dict]:
-    from heistlab.experiment import build_api, build_defense, build_splits, defender_data, load_victim
+    from heistlab.compose import build_api, build_defense, build_splits, defender_data, load_victim
     from heistlab.serving.service import online_evidence
 
     if cfg.api.get("kind", "inprocess") != "inprocess":
@@ -403,7 +403,7 @@ def audit_inprocess(cfg: DictConfig, battery: Battery, ledger: QueryLedger) -> t
 
 def audit_oip(cfg: DictConfig, target: Target, battery: Battery, ledger: QueryLedger) -> tuple[list, dict]:
     """The battery through an OIP client held on ``target`` by the request guard; no probes, no alarms."""
-    from heistlab.experiment import build_splits
+    from heistlab.compose import build_splits
     from heistlab.serving.oip_client import api_from_config
 
     splits = build_splits(cfg)

@@ -622,7 +622,7 @@ def app_from_config(
     was verified by the parent."""
     from hydra.utils import instantiate
 
-    from heistlab.experiment import (
+    from heistlab.compose import (
         at_rest_from,
         build_defense,
         build_splits,

@@ -107,7 +107,7 @@ def run_worker(index: int, config_yaml: str, port: int, token_secret: bytes, rea
     import uvicorn
     from omegaconf import OmegaConf
 
-    from heistlab.experiment import cache_directory, enable_compilation_cache
+    from heistlab.compose import cache_directory, enable_compilation_cache
     from heistlab.serving.app import app_from_config
     from heistlab.serving.server import uvicorn_config
 
