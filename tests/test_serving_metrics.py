@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import httpx
+import jax
 import numpy as np
 import pytest
 import yaml
@@ -335,3 +336,57 @@ def test_the_rules_pass_promtool():
         timeout=60,
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+# -- the experiment side: the defense's statistics over time ------------------------------------------------
+
+
+def test_a_monitored_oracle_records_when_prada_noticed_a_jbda_like_stream(small_victim, digits_splits):
+    """The same JBDA-like stream as the live test, in-process: the timeline holds the queries served at
+    each reading and PRADA's statistics, W falling below the threshold by the time ``detected`` turns 1."""
+    from heistlab.api import PredictionAPI
+    from heistlab.experiment import monitored_oracle
+
+    defense = prada(check_every=10, min_distances=20)
+    api = PredictionAPI(small_victim, defense, key=jax.random.key(0), budget=64, output="labels")
+    timeline: list[dict] = []
+    oracle = monitored_oracle(api.oracle("attacker"), api, small_victim, 64, timeline)
+    rng = np.random.default_rng(0)
+    pool = digits_splits.pool
+    seeds = pool[small_victim.predict_proba(pool).argmax(axis=1) == 3][:16]
+    steps = [np.clip(seeds + 0.01 * np.sign(rng.normal(size=seeds.shape)), 0, 1) for _ in range(3)]
+    synthetic = np.stack([seeds, *steps], axis=1).reshape(-1, *seeds.shape[1:])
+    for start in range(0, 64, 16):
+        oracle.query(synthetic[start : start + 16])
+    assert [reading["queries"] for reading in timeline] == [16, 32, 48, 64]
+    assert timeline[0]["detected"] == 0.0 and timeline[-1]["detected"] == 1.0
+    assert timeline[-1]["prada_min_w_attack"] < timeline[-1]["prada_delta"]
+    assert oracle.remaining == 0 and oracle.clients == ("attacker",)
+
+
+@pytest.mark.slow
+def test_the_jsonl_log_and_results_carry_the_detector_over_time(tmp_path, cache_dir):
+    from heistlab.experiment import run_experiment
+    from heistlab.loggers import JsonlLogger
+    from tests.test_configs import composed
+
+    cfg = composed(
+        "attack=jbda",
+        "attack.budget=300",
+        "attack.rounds=2",
+        "attack.seed_size=100",
+        "defense=prada",
+        "defense.delta=0.9",
+        "victim.train.epochs=2",
+        "eval.uniform_samples=64",
+        f"cache_dir={cache_dir}",
+    )
+    run_experiment(cfg, tmp_path, JsonlLogger(tmp_path))
+    record = json.loads((tmp_path / "results.json").read_text())
+    queries = [reading["queries"] for reading in record["monitor"]]
+    assert queries == sorted(queries) and queries[-1] == record["metrics"]["queries_served"]
+    assert all(reading["prada_delta"] == 0.9 for reading in record["monitor"])
+    events = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    logged = [event for event in events if "monitor/queries" in event.get("metrics", {})]
+    assert [event["step"] for event in logged] == queries
+    assert all("monitor/detected" in event["metrics"] for event in logged)

@@ -541,9 +541,8 @@ def create_app(
         "/metrics",
         summary="Prometheus metrics (roles metrics and admin)",
         description="The text exposition format; repeat name[]=FAMILY to ask for some families only.",
-        responses=ERRORS,
         response_class=Response,
-        dependencies=documented_security,
+        include_in_schema=False,  # the operator's endpoint, not part of the prediction API
     )
     async def metrics(request: Request, principal: Annotated[Principal, Depends(scraper)]):
         unknown = sorted({name for name in request.query_params if name != "name[]"})
