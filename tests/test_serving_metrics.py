@@ -328,14 +328,20 @@ def test_the_shipped_rules_and_dashboard_name_only_metrics_the_server_exports(tm
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Prometheus) is not installed")
-def test_the_rules_pass_promtool():
-    checked = subprocess.run(
-        ["promtool", "check", "rules", str(REPO / "monitoring" / "alerts.yml")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert checked.returncode == 0, checked.stdout + checked.stderr
+def test_the_rules_pass_promtool_and_their_unit_tests():
+    """promtool's rule check, and monitoring/alerts_test.yml: each alert fires on the series it is meant
+    for (a new PRADA alarm, a key at 95% of its quota, 50 failed logins, half the traffic invalid) and
+    not otherwise (the alarm alert resolves after 30 minutes, the spike must last 2)."""
+    for command in ("check", "test"):
+        target = "alerts.yml" if command == "check" else "alerts_test.yml"
+        checked = subprocess.run(
+            ["promtool", command, "rules", target],
+            cwd=REPO / "monitoring",
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 # -- the experiment side: the defense's statistics over time ------------------------------------------------
