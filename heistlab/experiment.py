@@ -415,7 +415,7 @@ def _no_model(inputs: np.ndarray) -> np.ndarray:
 def monitored_oracle(oracle, api: PredictionAPI, victim, budget: int, timeline: list):
     """``oracle`` with the defense's report read as the attack runs, the way a server reads it online.
 
-    After a served batch, once ``budget / MONITOR_READINGS`` queries or more were served since the last
+    After a served batch, once ``ceil(budget / MONITOR_READINGS)`` queries or more were served since the last
     reading, ``timeline`` gets ``{"queries": served so far, **the report's numbers}`` (PRADA's
     ``prada_min_w_attack`` and ``detected`` for the attacker's identities, any detector's statistics), so a
     sweep can plot when each defense noticed the attacker. A report that needs a stolen model (a watermark
@@ -428,7 +428,7 @@ def monitored_oracle(oracle, api: PredictionAPI, victim, budget: int, timeline: 
         return np.asarray(victim.predict_proba(inputs)).argmax(axis=-1)
 
     evidence = Evidence(_no_model, _no_model, victim_labels, tuple(oracle.clients), ())
-    every = max(1, budget // MONITOR_READINGS)
+    every = max(1, -(-budget // MONITOR_READINGS))  # ceil: at most MONITOR_READINGS readings
     served, last_read, readable = [0], [0], [True]
 
     def query(inputs):

@@ -396,3 +396,21 @@ def test_the_jsonl_log_and_results_carry_the_detector_over_time(tmp_path, cache_
     logged = [event for event in events if "monitor/queries" in event.get("metrics", {})]
     assert [event["step"] for event in logged] == queries
     assert all("monitor/detected" in event["metrics"] for event in logged)
+
+
+@pytest.mark.slow
+def test_wandb_takes_monitor_readings_after_rounds_with_higher_steps(tmp_path, monkeypatch):
+    """The run defines monitor/* against monitor/queries and takes readings logged after rounds with higher
+    step numbers (whether wandb would have dropped them at step=queries is only printed by its service
+    process, not observable here)."""
+    from heistlab.loggers import WandbLogger
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    logger = WandbLogger(tmp_path, project="heistlab-test")
+    logger.log_metrics({"round/queries": 16}, step=999)
+    logger.log_metrics({"fidelity_test": 0.9})
+    for queries, detected in ((250, 0.0), (500, 1.0)):
+        logger.log_metrics({"monitor/queries": queries, "monitor/detected": detected}, step=queries)
+    assert logger.run.summary["monitor/detected"] == 1.0 and logger.run.summary["fidelity_test"] == 0.9
+    logger.finish("complete")
