@@ -32,7 +32,7 @@ from heistlab.serving.app import create_app
 from heistlab.serving.audit import AuditEntry, AuditLog
 from heistlab.serving.auth import Authenticator, KeyStore, create_key
 from heistlab.serving.failed_auth import FailedAuthThrottle
-from heistlab.serving.metrics import build_info, request_outcome, victim_digest
+from heistlab.serving.metrics import BuildInfo, build_info, request_outcome, victim_digest
 from heistlab.serving.server import serve_in_thread
 from heistlab.serving.service import build_core
 from heistlab.serving.throttle import real_clock_verdict
@@ -83,6 +83,50 @@ def test_rows_after_reads_an_encrypted_log_incrementally(tmp_path):
     assert rest[0]["key_id"] == "alice" and "payload" not in rest[0]
     with pytest.raises(ValueError, match="table must be one of requests, alarms"):
         log.rows_after("meta", 0)
+
+
+def test_workers_sharing_one_audit_database_export_the_same_counts(tmp_path):
+    """Two processes' logs on one file (as ``serve.workers`` > 1 opens it): each one's metrics count every
+    row, whichever process wrote it, so a scrape answered by either worker gives the same totals."""
+    from heistlab.serving.metrics import ServerMetrics, route_matcher
+
+    logs = [AuditLog(tmp_path / "audit.sqlite") for _ in range(2)]
+    routes = route_matcher(lambda: [("/v1/predict", re.compile("^/v1/predict$"))])
+    workers = [ServerMetrics(log, routes, list, 100, dict, BuildInfo({})) for log in logs]
+    for index in range(6):
+        status, outcome = (200, "served") if index % 3 else (401, "refused")
+        entry = AuditEntry(f"r{index}", 1.0, "k", "labels", "POST", "/v1/predict", None, 4, outcome, status)
+        logs[index % 2].record(entry)
+        if index == 3:
+            assert scraped(workers[0].exposition().decode()) == scraped(workers[1].exposition().decode())
+    first, second = (scraped(worker.exposition().decode())["heistlab_requests"] for worker in workers)
+    assert first == second
+    assert total(first, "heistlab_requests_total", outcome="served") == 4
+    assert total(first, "heistlab_requests_total", outcome="unauthenticated", route="/v1/predict") == 2
+
+
+def test_a_failing_request_log_never_fails_the_request(tmp_path, small_victim):
+    from fastapi.testclient import TestClient
+
+    class Broken(logging.Filter):
+        def filter(self, record):
+            raise RuntimeError("the log shipper is down")
+
+    broken = logging.getLogger("heistlab.test.broken_request_log")
+    broken.setLevel(logging.INFO)
+    broken.addFilter(Broken())
+    store = tmp_path / "keys.json"
+    client_key = create_key(store, "labels", kdf=CHEAP_KDF)
+    audit = AuditLog(tmp_path / "audit.sqlite")
+    core = build_core(small_victim, rounding(2), audit=audit, quota=QUOTA)
+    schema = input_schema(small_victim.input_shape, max_batch=256)
+    authenticator = Authenticator(KeyStore(store), b"k" * 32, 300)
+    app = create_app(core, authenticator, audit, schema, request_log=broken.name)
+    body = {"inputs": np.zeros((2, *small_victim.input_shape)).tolist()}
+    with TestClient(app) as client:
+        answer = client.post("/v1/predict", json=body, headers={"X-API-Key": client_key.api_key})
+    assert answer.status_code == 200 and len(answer.json()["outputs"]) == 2
+    assert audit.count(outcome="served") == 1
 
 
 def scraped(text: str) -> dict[str, list]:

@@ -38,6 +38,7 @@ rows, input digest, reason; and the duration), written at INFO on a logger the o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -46,6 +47,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
 
+from flax import serialization
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
@@ -163,10 +165,6 @@ def build_info(versions: Mapping[str, str], victim_sha256: str) -> BuildInfo:
 def victim_digest(victim) -> str:
     """SHA-256 of a Flax victim's serialized parameters: the ``sha256`` of its checkpoint's manifest
     (``heistlab.victims.save_checkpoint``); ``unknown`` for a victim without Flax parameters."""
-    import hashlib
-
-    from flax import serialization
-
     params = getattr(victim, "params", None)
     if params is None:
         return "unknown"
