@@ -248,6 +248,51 @@ def attacker_view(cfg: DictConfig, prepared: Prepared, advance=None):
     return api, oracle if advance is None else counting_oracle(oracle, advance)
 
 
+# At most this many readings of the defense's report while an attack runs (``monitored_oracle``).
+MONITOR_READINGS = 100
+
+
+def _no_model(inputs: np.ndarray) -> np.ndarray:
+    raise LookupError("no stolen or independent model exists while the attack runs")
+
+
+def monitored_oracle(oracle, api: PredictionAPI, victim, budget: int, timeline: list):
+    """``oracle`` with the defense's report read as the attack runs, the way a server reads it online.
+
+    After a served batch, once ``ceil(budget / MONITOR_READINGS)`` queries or more were served since the last
+    reading, ``timeline`` gets ``{"queries": served so far, **the report's numbers}`` (PRADA's
+    ``prada_min_w_attack`` and ``detected`` for the attacker's identities, any detector's statistics), so a
+    sweep can plot when each defense noticed the attacker. A report that needs a stolen model (a watermark
+    test) cannot be read before the attack ends: its first failure stops the readings.
+    """
+    from heistlab.api import Oracle
+    from heistlab.serving.service import report_numbers
+
+    def victim_labels(inputs: np.ndarray) -> np.ndarray:
+        return np.asarray(victim.predict_proba(inputs)).argmax(axis=-1)
+
+    evidence = Evidence(_no_model, _no_model, victim_labels, tuple(oracle.clients), ())
+    every = max(1, -(-budget // MONITOR_READINGS))  # ceil: at most MONITOR_READINGS readings
+    served, last_read, readable = [0], [0], [True]
+
+    def query(inputs):
+        answers = oracle.query(inputs)
+        served[0] += len(answers)
+        if readable[0] and served[0] - last_read[0] >= every:
+            try:
+                numbers = report_numbers(api.report(evidence))
+            except Exception:
+                readable[0] = False
+                return answers
+            timeline.append({"queries": served[0], **numbers})
+            last_read[0] = served[0]
+        return answers
+
+    return Oracle(
+        query, lambda: oracle.remaining, oracle.input_shape, oracle.num_classes, oracle.output, oracle.clients
+    )
+
+
 def run_facts(prepared: Prepared, started: float, compile_before: float) -> dict:
     """How the run went beside what it measured: victim cache hit, wall and compile seconds so far, and the
     victim mismatch the user allowed (``attack.allow_mismatched_victim``), if any."""
@@ -291,10 +336,11 @@ def assess(cfg: DictConfig, prepared: Prepared, api, oracle, attack_result: Atta
     return found
 
 
-def execute(cfg: DictConfig, rounds: list | None = None) -> dict:
+def execute(cfg: DictConfig, rounds: list | None = None, timeline: list | None = None) -> dict:
     """Runs the experiment described by ``cfg`` (one seed) and returns its metrics (no files written here).
 
-    ``rounds``, when given, receives the attack's per-round records (queries, known set size...).
+    ``rounds``, when given, receives the attack's per-round records (queries, known set size...);
+    ``timeline`` the defense report's numbers as the queries were served (``monitored_oracle``).
     """
     started, compile_before = time.perf_counter(), _compile_seconds[0]
     prepared = prepare(cfg)
@@ -304,6 +350,8 @@ def execute(cfg: DictConfig, rounds: list | None = None) -> dict:
         phase(f"running {attack.name} (budget {attack.budget})") as ready,
     ):
         api, oracle = attacker_view(cfg, prepared, advance)
+        if timeline is not None and prepared.defense.report is not None:
+            oracle = monitored_oracle(oracle, api, prepared.victim, attack.budget, timeline)
         attack_result = ready(attack.run(oracle, prepared.splits.pool, prepared.surrogate, attack_key(cfg)))
     if rounds is not None:
         rounds.extend(dict(entry) for entry in attack_result.rounds)
@@ -415,8 +463,10 @@ def run_experiment(cfg: DictConfig, output_dir: Path, logger=None) -> dict:
     try:
         if number_of_seeds(cfg) == 1:
             rounds: list[dict] = []
-            record["metrics"] = execute(cfg, rounds)
+            timeline: list[dict] = []
+            record["metrics"] = execute(cfg, rounds, timeline)
             record["rounds"] = rounds
+            record["monitor"] = timeline
         else:
             record["metrics"], record["seeds"] = execute_seeds(cfg)
     except ConfigError as error:
@@ -435,5 +485,9 @@ def run_experiment(cfg: DictConfig, output_dir: Path, logger=None) -> dict:
     results.write_results(output_dir, record)
     if logger is not None:
         logger.log_metrics(record["metrics"])
+        for reading in record.get("monitor", ()):
+            logger.log_metrics(
+                {f"monitor/{name}": value for name, value in reading.items()}, reading["queries"]
+            )
         logger.finish("complete")
     return record["metrics"]

@@ -11,6 +11,8 @@ import os
 import time
 from pathlib import Path
 
+MONITOR = "monitor/"
+
 
 class JsonlLogger:
     """Appends one JSON object per event to ``<output_dir>/<filename>`` (flushed at once, crash-safe)."""
@@ -55,12 +57,19 @@ class WandbLogger:
         self.run = wandb.init(
             project=project, group=group, mode=resolved_mode, dir=str(output_dir), tags=tags, reinit=True
         )
+        # The defense report read during the attack (heistlab.experiment.monitored_oracle), plotted against
+        # the queries served; wandb's own step stays the round's.
+        self.run.define_metric(f"{MONITOR}queries")
+        self.run.define_metric(f"{MONITOR}*", step_metric=f"{MONITOR}queries")
 
     def log_config(self, config: dict) -> None:
         self.run.config.update(config, allow_val_change=True)
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         numeric = {key: value for key, value in metrics.items() if isinstance(value, int | float | bool)}
+        if numeric and all(key.startswith(MONITOR) for key in numeric):
+            self.run.log(numeric)  # its x-axis is monitor/queries; a step here would rewind wandb's
+            return
         self.run.log(numeric, step=step)
         self.run.summary.update(numeric)
 

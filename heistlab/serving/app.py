@@ -12,6 +12,7 @@ Endpoints (the schema is published at ``/openapi.json``):
   keys, roles, quotas, defenses and audit rows as ``/v1/predict``: ``POST /v2/models/{model_name}/infer``
   (one input tensor; the output asked for by name: probabilities, top_k or labels), ``GET
   /v2/models/{model_name}`` (metadata), and ``GET /v2/health/ready`` and ``/v2/health/live`` (no credentials).
+- ``GET /metrics``: Prometheus metrics (``heistlab.serving.metrics``): roles ``metrics`` and ``admin`` only.
 
 Status codes: 400 malformed, 401 no valid credentials (missing, wrong, revoked, expired), 403 beyond the
 role, 404/405 no such route, 413 body too large, 415 not JSON, 422 invalid inputs, 429 refused by admission
@@ -44,7 +45,7 @@ from urllib.parse import parse_qs, unquote_plus
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -63,6 +64,13 @@ from heistlab.serving.auth import (
     role_named,
 )
 from heistlab.serving.failed_auth import FailedAuthThrottle, Throttled
+from heistlab.serving.metrics import (
+    DEFAULT_MAX_KEY_SERIES,
+    BuildInfo,
+    ServerMetrics,
+    app_routes,
+    route_matcher,
+)
 from heistlab.serving.puzzle import PuzzleBook, PuzzleRequired, request_digest
 from heistlab.serving.service import ServingCore
 from heistlab.serving.throttle import retry_after_header
@@ -237,6 +245,9 @@ def create_app(
     body_parser: BodyParser | None = None,
     model_name: str = "heistlab",
     puzzles: PuzzleBook | None = None,
+    max_key_series: int = DEFAULT_MAX_KEY_SERIES,
+    request_log: str | None = "heistlab.serving.requests",
+    build: BuildInfo | None = None,
 ) -> FastAPI:
     """The server for ``core``: every request authenticated, checked, throttled and audited.
 
@@ -246,6 +257,8 @@ def create_app(
     body_parser: parses prediction bodies off the event loop (default: one shared by the process's apps).
     model_name: the model's name on the ``/v2`` (Open Inference Protocol) routes.
     puzzles: when set, every prediction must carry a solved proof-of-work puzzle (428 with one otherwise).
+    max_key_series, request_log, build: ``GET /metrics``'s per-key cap, the logger that gets one JSON line
+    per request (None: none) and the build info (``heistlab.serving.metrics``).
     """
     body_parser = body_parser or shared_body_parser()
     open_routes, open_role = check_insecure_options(insecure_open_routes, insecure_open_role)
@@ -267,6 +280,17 @@ def create_app(
     )
     bearer_scheme = HTTPBearer(auto_error=False, description="A token from POST /oauth/token")
     key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="'<key id>.<secret>'")
+    monitor = ServerMetrics(
+        audit,
+        route_matcher(app_routes(app)),
+        lambda: authenticator.store.records().keys(),
+        core.quota,
+        core.statistics,
+        build or BuildInfo({}),
+        max_key_series=max_key_series,
+        max_batch=schema.max_batch,
+        request_log=logging.getLogger(request_log) if request_log else None,
+    )
 
     @app.middleware("http")
     async def audit_every_request(request: Request, call_next):
@@ -279,7 +303,7 @@ def create_app(
             "rows": 0,
             "served": False,
         }
-        started = time.time()
+        started, clock = time.time(), time.perf_counter()
         try:
             response = await call_next(request)
         except Exception:
@@ -301,6 +325,7 @@ def create_app(
             reason=str(note.get("reason", ""))[:500],
         )
         await run_in_threadpool(audit.record, entry)
+        monitor.after_request(entry, time.perf_counter() - clock)
         response.headers.update(SECURITY_HEADERS)
         response.headers["X-Request-ID"] = request_id
         return response
@@ -392,6 +417,13 @@ def create_app(
     async def administrator(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
         if not principal.role.admin:
             raise Forbidden(f"role {principal.role.name!r} may not administer; an admin key is needed")
+        return principal
+
+    async def scraper(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
+        if not principal.role.scrapes_metrics:
+            raise Forbidden(
+                f"role {principal.role.name!r} may not scrape metrics; a metrics or admin key is needed"
+            )
         return principal
 
     documented_security = [Depends(bearer_scheme), Depends(key_scheme)]
@@ -576,6 +608,25 @@ def create_app(
         note["served"] = True
         return JSONResponse(oip.infer_answer(model_name, served.output, served.answers))
 
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics (roles metrics and admin)",
+        description="The text exposition format; repeat name[]=FAMILY to ask for some families only.",
+        response_class=Response,
+        include_in_schema=False,  # the operator's endpoint, not part of the prediction API
+    )
+    async def metrics(request: Request, principal: Annotated[Principal, Depends(scraper)]):
+        unknown = sorted({name for name in request.query_params if name != "name[]"})
+        if unknown:
+            raise BadRequest(
+                400, "invalid_request", f"/metrics accepts only name[] parameters, got {unknown}"
+            )
+        names = request.query_params.getlist("name[]")
+        if any(not name or len(name) > 200 for name in names):
+            raise BadRequest(400, "invalid_request", "name[] must be a metric family name (1-200 characters)")
+        body = await run_in_threadpool(monitor.exposition, names)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
     @app.get("/admin/audit", summary="The latest audit rows (admin)", responses=ERRORS)
     def audit_rows(
         principal: Annotated[Principal, Depends(administrator)],
@@ -630,7 +681,9 @@ def app_from_config(
         defender_data,
         load_victim,
     )
+    from heistlab.results import versions
     from heistlab.serving.auth import KeyStore, token_secret
+    from heistlab.serving.metrics import build_info, victim_digest
     from heistlab.serving.service import build_core
     from heistlab.serving.shared import SharedAdmission
     from heistlab.serving.shared_defense import store_for
@@ -693,6 +746,9 @@ def app_from_config(
         body_parser=body_parser,
         model_name=str(spec.get("model_name") or "heistlab"),
         puzzles=puzzles,
+        max_key_series=spec.metrics.max_key_series,
+        request_log=spec.metrics.request_log,
+        build=build_info(versions(), victim_digest(victim)),
     )
     settings = ServerSettings(
         spec.host,

@@ -653,6 +653,21 @@ class AuditLog:
             else:
                 yield open_row(table, row, self._key, f"audit log {self.path}")
 
+    def rows_after(self, table: str, after_id: int, limit: int = 10_000) -> list[dict]:
+        """Up to ``limit`` rows of ``table`` with an id above ``after_id``, oldest first, opened and verified
+        when the log is encrypted (an incremental reader, such as the server's metrics, keeps the last id)."""
+        if table not in SEALED:
+            raise ValueError(f"table must be one of {', '.join(SEALED)}; got {table!r}")
+        found = []
+        query = f"SELECT * FROM {table} WHERE id > ? ORDER BY id ASC LIMIT ?"
+        for row in self._rows(query, (after_id, limit)):
+            row = {name: value for name, value in row.items() if name not in ("row_mac", "chain_mac")}
+            if self._key is None:
+                found.append({name: value for name, value in row.items() if name != "payload"})
+            else:
+                found.append(open_row(table, row, self._key, f"audit log {self.path}"))
+        return found
+
     def requests(self, limit: int = 100, key_id: str | None = None) -> list[dict]:
         """The latest ``limit`` requests, newest first (only ``key_id``'s when given)."""
         if self._key is None:

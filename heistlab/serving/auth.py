@@ -72,6 +72,8 @@ class Role(NamedTuple):
     name: str
     outputs: tuple[str, ...]
     admin: bool = False
+    # May scrape GET /metrics (heistlab.serving.metrics); admins may as well.
+    scrapes_metrics: bool = False
 
 
 ROLES: dict[str, Role] = {
@@ -80,7 +82,9 @@ ROLES: dict[str, Role] = {
     "probabilities": Role("probabilities", ("probabilities", "top_k", "labels")),
     # Least privilege: the operator's key reads the audit log and alarms and revokes keys, but is served no
     # predictions (a client key does that).
-    "admin": Role("admin", (), admin=True),
+    "admin": Role("admin", (), admin=True, scrapes_metrics=True),
+    # A monitoring system's key: scrapes /metrics and nothing else (no predictions, no audit rows).
+    "metrics": Role("metrics", (), scrapes_metrics=True),
 }
 
 

@@ -79,6 +79,16 @@ def alarms_in(report: dict) -> dict:
     }
 
 
+def report_numbers(report: dict) -> dict[str, float]:
+    """The finite numbers and flags (as 0 or 1) of a defense report, by name; everything else dropped."""
+    numbers = {}
+    for name, value in report.items():
+        number = isinstance(value, bool | np.bool_ | int | float | np.integer | np.floating)
+        if number and np.isfinite(float(value)):
+            numbers[str(name)] = float(value)
+    return numbers
+
+
 def _unavailable(what: str) -> Callable[[np.ndarray], np.ndarray]:
     def labels(inputs: np.ndarray) -> np.ndarray:
         raise LookupError(f"a live server has no {what}")
@@ -145,6 +155,7 @@ class ServingCore:
         self._served: dict[str, int] = dict(spent or {})
         self._requests: dict[str, int] = {}
         self._raised: set[tuple[str, str]] = set()
+        self._statistics: dict[str, dict[str, float]] = {}
         self._report_failed = False
         self._lock = threading.Lock()
         self.shared, self.defense_store = shared, defense_store
@@ -156,6 +167,11 @@ class ServingCore:
 
     def served(self, key_id: str) -> int:
         return self._served.get(key_id, 0)
+
+    def statistics(self) -> dict[str, dict[str, float]]:
+        """The numbers of the defense report last read for each key in this process (PRADA's minimum W,
+        ``detected``, a watermark's counters...): what ``heistlab.serving.metrics`` exports."""
+        return dict(self._statistics)
 
     def predict(self, key_id: str, inputs: np.ndarray, output: str) -> Served:
         """Answers a validated batch for ``key_id``; ``QueryRefused`` (with a retry_after) if not admitted."""
@@ -247,6 +263,7 @@ class ServingCore:
                 log.warning("the defense report cannot be read online (%s); alarms are off", error)
             self._report_failed = True
             return []
+        self._statistics[key_id] = report_numbers(report)
         return [
             RaisedAlarm(name, value, report)
             for name, value in alarms_in(report).items()
