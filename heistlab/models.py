@@ -10,9 +10,10 @@ option sets the compute precision (``bfloat16`` for accelerators); parameters an
 compiled program (``lax`` loop); the CNN does on small images, while on large ones its steps ran faster
 dispatched from Python (DESIGN.md measured XLA-CPU convolutions inside loops about 9x slower).
 
-The CNN's convolutions are ``PatchConv``: im2col by strided slices, then one matmul. The same parameters and
-outputs as ``flax.linen.Conv``, but XLA-CPU runs the matmul and the slices' gradients (pads) much faster than
-its convolution gradients: 28x28 CNN at batch 128, 4.2 ms per training step against 6.1 ms with ``nn.Conv``.
+The convolutions of the CNN and the zoo are ``PatchConv``: im2col by strided slices, then one matmul. Same
+parameters and outputs as ``flax.linen.Conv``, but XLA-CPU runs the matmul and the slices' gradients (pads)
+much faster than its convolution gradients: 28x28 CNN at batch 128, 4.2 ms per training step against 6.1 ms
+with ``nn.Conv``. The zoo's models are stepped from Python.
 """
 
 from __future__ import annotations

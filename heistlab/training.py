@@ -122,9 +122,8 @@ def _training_program(
         position = position_in_epoch * batch_size
         slots = position + jnp.arange(batch_size)
         weights = (slots < count).astype(jnp.float32)
-        if has_batch_stats(
-            params
-        ):  # past the real rows, real rows again (weight 0): padding skews statistics
+        if has_batch_stats(params):
+            # Past the real rows, real rows again (weight 0): zero padding would skew the batch statistics.
             rows = order[slots % count]
         else:
             rows = jax.lax.dynamic_slice(order, (position,), (batch_size,))
