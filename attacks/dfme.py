@@ -14,7 +14,8 @@ finite-difference point is a query: a generator step spends ``batch * (m + 1)`` 
 
 Label-only answers carry no logits: the disagreement becomes the student's cross-entropy against the
 answered label (one-hot), for both players. The attack uses the surrogate's architecture as the student and
-trains it in the adversarial loop itself, not through ``heistlab.training.train_classifier``.
+trains it in the adversarial loop itself, not through ``heistlab.training.train_classifier``; a student with
+batch norm (ResNet-20) updates its running statistics in its own steps and is evaluated with them.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import optax
 
 from attacks.base import Attack, AttackResult, Surrogate, affordable, check_budget, query_in_batches
 from heistlab.api import Oracle
-from heistlab.training import init_params
+from heistlab.training import apply_training_step, init_params, value_and_grad_training
 
 
 class Generator(nn.Module):
@@ -85,13 +86,15 @@ def _programs(student: nn.Module, generator: Generator, student_lr: float, gener
 
     @jax.jit
     def student_step(student_params, opt_state, inputs, targets, weights):
-        def loss(params):
-            per_example = disagreement(student.apply(params, inputs), targets, soft)
+        def loss_of_logits(logits):
+            per_example = disagreement(logits, targets, soft)
             return jnp.sum(weights * per_example) / jnp.maximum(weights.sum(), 1.0)
 
-        value, gradient = jax.value_and_grad(loss)(student_params)
-        updates, opt_state = student_optimizer.update(gradient, opt_state, student_params)
-        return optax.apply_updates(student_params, updates), opt_state, value
+        value, gradient, updated = value_and_grad_training(student, student_params, inputs, loss_of_logits)
+        student_params, opt_state = apply_training_step(
+            student_optimizer, student_params, opt_state, gradient, updated
+        )
+        return student_params, opt_state, value
 
     return student_optimizer, generator_optimizer, propose, student_losses, generator_step, student_step
 

@@ -1,6 +1,6 @@
 """Reruns the paper presets, regenerates BENCHMARKS.md and its plots, checks that published means hold.
 
-    python -m experiments.benchmarks                 # every preset, 2 parallel jobs, then BENCHMARKS.md
+    python -m experiments.benchmarks                 # every preset but paper-scale ones, then BENCHMARKS.md
     python -m experiments.benchmarks tramer2016 --jobs 1   # that preset's section alone; the others kept
     python -m experiments.benchmarks --report-only   # regenerate BENCHMARKS.md from existing results
     python -m experiments.benchmarks --check         # rerun the quick presets, compare with published.json
@@ -32,7 +32,11 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("presets", nargs="*", help="preset names (default: all in configs/experiment/)")
+    parser.add_argument(
+        "presets",
+        nargs="*",
+        help="preset names (default: all in configs/experiment/ but the paper-scale ones, run when named)",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="parallel runs per sweep (joblib)")
     parser.add_argument("--runs", type=Path, default=benchmarks.REPO / "benchmarks" / "runs")
     parser.add_argument("--figures", type=Path, default=benchmarks.REPO / "benchmarks" / "figures")
@@ -60,7 +64,7 @@ def regenerate(arguments: argparse.Namespace) -> None:
     """Runs the chosen presets (unless --report-only), then rewrites their sections, figures and published
     entries; every other preset's section, figures and entry are kept as they are."""
     everything = benchmarks.presets()
-    chosen = benchmarks.presets(arguments.presets or None)
+    chosen = benchmarks.chosen_presets(arguments.presets)
     kept = benchmarks.kept_sections(arguments.out, everything, chosen)
     if arguments.report_only:
         missing = [preset.name for preset in chosen if not benchmarks.has_results(preset, arguments.runs)]
@@ -111,7 +115,7 @@ def check(arguments: argparse.Namespace) -> int:
         )
         return 1
     published = benchmarks.load_published(arguments.published)["presets"]
-    chosen = benchmarks.presets(arguments.presets or None)
+    chosen = benchmarks.chosen_presets(arguments.presets)
     problems: list[str] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="heistlab-check-") as runs:

@@ -4,6 +4,12 @@
 labels, served probabilities for soft labels) with Adam. Data are padded to a power-of-two capacity and the
 step count is a traced value, so training sets that grow round by round (JBDA, ActiveThief) reuse one compiled
 program per capacity bucket instead of compiling per size.
+
+Models with batch normalisation (variables with a ``batch_stats`` collection, e.g. ResNet-20) are applied with
+``train=True`` and ``mutable=["batch_stats"]`` in each step, so the running averages follow the training
+batches; every prediction applies them with the default ``train=False`` (the running averages). Their
+partial last batch of an epoch is filled with real rows of weight zero rather than zero padding, so padding
+never enters the batch statistics.
 """
 
 from __future__ import annotations
@@ -111,19 +117,24 @@ def _training_program(
     """
     optimizer = optax.adam(learning_rate)
 
-    def loss_fn(params, inputs, targets, weights):
-        log_probs = jax.nn.log_softmax(model.apply(params, inputs))
-        per_example = -jnp.sum(targets * log_probs, axis=-1)
-        return jnp.sum(weights * per_example) / jnp.maximum(jnp.sum(weights), 1.0)
-
     def step(carry, position_in_epoch, order, inputs, targets, count):
         params, opt_state = carry
         position = position_in_epoch * batch_size
-        rows = jax.lax.dynamic_slice(order, (position,), (batch_size,))
-        weights = ((position + jnp.arange(batch_size)) < count).astype(jnp.float32)
-        grads = jax.grad(loss_fn)(params, inputs[rows], targets[rows], weights)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
+        slots = position + jnp.arange(batch_size)
+        weights = (slots < count).astype(jnp.float32)
+        if has_batch_stats(params):
+            # Past the real rows, real rows again (weight 0): zero padding would skew the batch statistics.
+            rows = order[slots % count]
+        else:
+            rows = jax.lax.dynamic_slice(order, (position,), (batch_size,))
+        batch_targets = targets[rows]
+
+        def loss_of_logits(logits):
+            per_example = -jnp.sum(batch_targets * jax.nn.log_softmax(logits), axis=-1)
+            return jnp.sum(weights * per_example) / jnp.maximum(jnp.sum(weights), 1.0)
+
+        _, grads, updated = value_and_grad_training(model, params, inputs[rows], loss_of_logits)
+        return apply_training_step(optimizer, params, opt_state, grads, updated)
 
     @jax.jit
     def run_all(params, inputs, targets, count, steps_per_epoch, epochs, key):
@@ -149,6 +160,44 @@ def _training_program(
         return carry
 
     return TrainingProgram(optimizer, run_all, run_one, run_chunk)
+
+
+def has_batch_stats(variables: Params) -> bool:
+    """Whether a model's variables carry batch-normalisation statistics to update while training."""
+    return "batch_stats" in variables
+
+
+def value_and_grad_training(
+    model: nn.Module, variables: Params, inputs: jax.Array, loss_of_logits: Callable
+) -> tuple[jax.Array, Params, Params]:
+    """``(loss, gradient, variables with updated running statistics)`` of one training batch.
+
+    A model without batch norm is differentiated in all its variables, as ever. With batch norm the gradient
+    is the loss's in ``params`` and zero for the statistics (so an Adam state over all variables leaves them
+    unchanged), and the statistics returned are those the batch updated.
+    """
+    if not has_batch_stats(variables):
+        value, gradient = jax.value_and_grad(lambda v: loss_of_logits(model.apply(v, inputs)))(variables)
+        return value, gradient, variables
+
+    def loss(params):
+        logits, updated = model.apply(
+            {**variables, "params": params}, inputs, train=True, mutable=["batch_stats"]
+        )
+        return loss_of_logits(logits), updated
+
+    (value, updated), gradient = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+    gradient = {**jax.tree_util.tree_map(jnp.zeros_like, variables), "params": gradient}
+    return value, gradient, {**variables, **updated}
+
+
+def apply_training_step(optimizer, variables, opt_state, gradient, updated):
+    """One optimizer update of ``params``; the statistics become the batch's ``updated`` ones."""
+    updates, opt_state = optimizer.update(gradient, opt_state, variables)
+    stepped = optax.apply_updates(variables, updates)
+    if has_batch_stats(variables):
+        stepped = {**stepped, "batch_stats": updated["batch_stats"]}
+    return stepped, opt_state
 
 
 epoch_program = jax.jit(epoch_order, static_argnames="capacity")

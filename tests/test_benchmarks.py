@@ -276,3 +276,42 @@ def test_published_time_is_the_sweep_from_scratch_not_a_resumed_one(tmp_path, mo
         entry = json.loads((tmp_path / "published.json").read_text())["presets"]["lee2019"]
         assert (entry["command_seconds"], entry["jobs"], entry["run_seconds"]) == (42.0, 2, 6.0)
         assert benchmarks.recorded_seconds(entry) == 42.0
+
+
+PAPER_SCALE = ["orekondy2019_cifar10", "truong2021_cifar10"]
+
+
+def test_paper_scale_presets_name_their_needs_and_run_only_when_named():
+    marked = [preset.name for preset in benchmarks.presets() if preset.paper_scale]
+    assert marked == PAPER_SCALE
+    for preset in benchmarks.presets(PAPER_SCALE):
+        assert "GPU" in preset.hardware and "CIFAR-10" in preset.data
+    default = [preset.name for preset in benchmarks.chosen_presets([])]
+    assert not set(PAPER_SCALE) & set(default) and "lee2019" in default
+    assert [preset.name for preset in benchmarks.chosen_presets(PAPER_SCALE[:1])] == PAPER_SCALE[:1]
+
+
+def test_a_paper_scale_section_not_run_says_what_it_needs_and_estimates_nothing():
+    section = benchmarks.not_run_section(benchmarks.presets(["truong2021_cifar10"])[0])
+    assert "**Paper scale.** Needs one GPU" in section and "CIFAR-10 (170 MB download" in section
+    assert "**Expected at paper scale.**" in section and "nothing is estimated" in section
+
+
+def test_check_without_names_never_reruns_a_paper_scale_preset(tmp_path, monkeypatch):
+    published = {"presets": {name: {"command_seconds": 1.0, "groups": []} for name in PAPER_SCALE}}
+    (tmp_path / "published.json").write_text(json.dumps(published))
+    rerun = []
+    monkeypatch.setattr(benchmarks, "run_preset", lambda preset, runs_dir, jobs: rerun.append(preset.name))
+    with pytest.raises(SystemExit):
+        benchmarks_command.main(["--check", f"--published={tmp_path / 'published.json'}"])
+    assert rerun == []
+
+
+def test_a_paper_scale_preset_needs_its_hardware_and_data(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text("benchmark: {title: t, claim: c, expected: e, scale: paper, hardware: one GPU}\n")
+    with pytest.raises(ValueError, match="names the `hardware` and `data` it needs"):
+        benchmarks.load_preset(path)
+    path.write_text("benchmark: {title: t, claim: c, expected: e, scale: huge}\n")
+    with pytest.raises(ValueError, match="benchmark.scale must be one of digits, paper, got 'huge'"):
+        benchmarks.load_preset(path)

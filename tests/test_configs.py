@@ -55,7 +55,7 @@ def test_every_model_config_builds(group):
 def test_every_data_config_composes_and_embedded_ones_load(name):
     cfg = composed(f"data={name}")
     assert cfg.data.name == name
-    if name in ("digits", "synthetic"):
+    if name in ("digits", "synthetic", "synthetic_cifar"):
         splits = build_splits(cfg)
         assert len(splits.pool) > 0 and len(splits.test.y) > 0
 

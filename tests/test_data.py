@@ -63,7 +63,9 @@ def test_synthetic_is_seeded_any_shape_and_learnable():
 
 
 def test_unknown_dataset_names_the_accepted_ones():
-    with pytest.raises(ValueError, match="unknown data set 'imagenet'; accepted: digits, synthetic, mnist"):
+    with pytest.raises(
+        ValueError, match="unknown data set 'imagenet'; accepted: digits, synthetic, synthetic_cifar, mnist"
+    ):
         data.load_dataset("imagenet")
 
 
@@ -88,3 +90,23 @@ def test_digits_match_scikit_learns_loader():
     reference, ours = sklearn_digits(), data.load_digits()
     np.testing.assert_array_equal(ours.x.reshape(-1, 64) * 16.0, reference.data)
     np.testing.assert_array_equal(ours.y, reference.target)
+
+
+def test_synthetic_cifar_is_seeded_cifar_shaped_and_class_dependent():
+    images = data.load_dataset("synthetic_cifar", synthetic={"num_samples": 400, "seed": 3})
+    assert images.x.shape == (400, 32, 32, 3) and images.x.dtype == np.float32 and images.num_classes == 10
+    assert images.x.min() >= 0.0 and images.x.max() <= 1.0 and set(images.y) == set(range(10))
+    again = data.make_synthetic_images(num_samples=400, seed=3)
+    np.testing.assert_array_equal(images.x, again.x)
+    assert not np.array_equal(images.x, data.make_synthetic_images(num_samples=400, seed=4).x)
+    # The classes differ: the nearest class mean (of the first half) labels most of the second half.
+    means = np.stack([images.x[:200][images.y[:200] == c].mean(0) for c in range(10)])
+    distances = ((images.x[200:, None] - means[None]) ** 2).sum(axis=(2, 3, 4))
+    assert (distances.argmin(1) == images.y[200:]).mean() > 0.8
+
+
+def test_synthetic_cifar_names_a_bad_image_shape():
+    with pytest.raises(
+        ValueError, match=r"image_shape must be three positive integers \[H, W, C\], got \(32, 32\)"
+    ):
+        data.make_synthetic_images(image_shape=(32, 32))
