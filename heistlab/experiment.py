@@ -192,6 +192,12 @@ def build_evasion(cfg: DictConfig):
     return evasion
 
 
+def check_model_takes(model, input_shape: tuple[int, ...]) -> None:
+    """Traces the model's initialisation on the data's input shape (no computation): a model that cannot
+    take those inputs (``victim=lenet5`` on 8x8 digits) raises here, before anything is trained."""
+    jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_shape), jnp.float32))
+
+
 def check_against_data(cfg: DictConfig, splits: data.Splits, attack: Attack, allow_mismatch: bool):
     """Refusals that need the data's shapes, before the victim is trained; returns an allowed mismatch."""
     checks.check_api_top_k(cfg.api, splits.num_classes)
@@ -206,6 +212,10 @@ def check_against_data(cfg: DictConfig, splits: data.Splits, attack: Attack, all
     loaded = cfg.victim.family in external_victims.LOADED_KINDS  # no Flax module to inspect
     with building("victim"):
         victim_model = None if loaded else build_model_from(cfg.victim, splits.num_classes)
+        if victim_model is not None:
+            check_model_takes(victim_model, splits.input_shape)
+    with building("surrogate"):
+        check_model_takes(build_model_from(cfg.surrogate, splits.num_classes), splits.input_shape)
     return checks.check_victim_family(attack, victim_model, describe_victim(cfg.victim), allow_mismatch)
 
 

@@ -99,6 +99,8 @@ def refused_line(arguments: list[str], tmp_path: Path, monkeypatch, capsys) -> s
         ),
         (["defense=rounding", "defense.decimals=-1"], ["defense: rounding", "decimals"]),
         (["num_seeds=0"], ["num_seeds must be an integer >= 1"]),
+        (["victim=lenet5"], ["victim: LeNet-5 needs inputs of at least 12x12 pixels, got 8x8"]),
+        (["surrogate=lenet5"], ["surrogate: LeNet-5 needs inputs of at least 12x12 pixels, got 8x8"]),
         (
             ["attack=maze", "api.output=labels"],
             ["attack maze needs scores", "api.output=labels", "accepted: api.output=probabilities"],
