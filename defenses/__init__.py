@@ -17,6 +17,7 @@ from defenses.base import (
 )
 from defenses.budget import budget
 from defenses.dawn import dawn
+from defenses.edm import edm
 from defenses.feature_squeezing import feature_squeezing
 from defenses.high_confidence import high_confidence
 from defenses.label_only import label_only
@@ -42,6 +43,7 @@ __all__ = [
     "budget",
     "chain",
     "dawn",
+    "edm",
     "feature_squeezing",
     "gaussian_noise",
     "high_confidence",
