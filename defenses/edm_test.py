@@ -10,6 +10,7 @@ import pytest
 from defenses.base import DefenderData, Evidence, QueryContext
 from defenses.edm import DEFAULT_KEY_ENV, coherence, edm, select_members
 from heistlab import data
+from heistlab.api import PredictionAPI
 
 KEY = b"edm test key"
 
@@ -111,6 +112,24 @@ def test_report_gives_member_and_served_accuracy_and_attacker_statistics():
     assert found["edm_member_accuracy_holdout"] == pytest.approx(np.mean(members))
     assert found["edm_disputed_fraction"] > 0.6
     assert 1 / 3 <= found["edm_member_share_max"] < 0.45
+
+
+class UniformVictim:
+    """A victim that knows nothing: every answer the API serves under EDM comes from the ensemble."""
+
+    input_shape, num_classes = (8, 8, 1), 10
+
+    def predict_proba(self, inputs):
+        return np.full((len(inputs), 10), 0.1, np.float32)
+
+
+@pytest.mark.slow
+def test_repeating_a_query_through_the_api_gets_the_same_member_so_averaging_is_no_help():
+    api = PredictionAPI(UniformVictim(), small_edm(), key=jax.random.key(0), budget=None)
+    query = noise(32, seed=5)
+    answers = np.stack([api.query(query, client="attacker") for _ in range(4)])
+    np.testing.assert_array_equal(answers, answers[:1].repeat(4, axis=0))
+    assert api.report(Evidence(None, None, None, ("attacker",), ()))["edm_disputed_fraction"] > 0.6
 
 
 def test_requires_the_defender_data():
