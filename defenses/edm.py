@@ -19,10 +19,13 @@ the defense is host-side. The members are trained when the defense is built (onc
 data and settings).
 
 Differences from the paper:
-- OOD training data: the paper uses an outlier data set (for example KMNIST beside MNIST); here ``ood``
-  names synthetic sources: ``uniform`` noise and ``shuffled`` (the defender's images with their pixels
-  permuted, which keeps their intensity statistics and destroys their shapes). Each training step draws a
-  fresh OOD batch.
+- OOD training data: the paper draws it from a separate outlier data set; here ``ood`` names synthetic
+  sources: ``uniform`` noise and ``shuffled`` (the defender's images with their pixels permuted, which keeps
+  their intensity statistics and destroys their shapes). Each training step draws a fresh OOD batch.
+- The diversity term is the coherence above averaged over the OOD batch, with one fixed weight; the paper's
+  exact form of the term and its weighting are not reproduced.
+- The ensemble replaces the victim: the probabilities the API hands the defense are ignored (so EDM must
+  come first in a chain), and the experiment's victim serves only as the reference for fidelity.
 - Members are MLPs trained jointly with Adam for ``epochs`` passes over the defender's data.
 - ``holdout_fraction`` of the defender's data is kept out of training to report each member's accuracy and
   the served (hash-selected) accuracy in ``report``; the run's ``served_accuracy`` on the test split is
@@ -124,7 +127,7 @@ def edm(
 
     Args:
       defender: the defender's training data (the experiment passes it); the members are trained on it.
-      members: the ensemble's size (the paper uses 5).
+      members: the ensemble's size.
       diversity_weight: the weight of the OOD coherence term (0: an ordinary ensemble of independent models).
       ood: the OOD sources the diversity term is computed on, any of ``uniform`` and ``shuffled``.
       hidden, epochs, batch_size, learning_rate: each member MLP's hidden widths and the joint training.
