@@ -2,6 +2,7 @@
 
 from attacks.activethief import activethief
 from attacks.base import Attack, AttackResult, Surrogate, TransferSet, VictimFamily
+from attacks.cloudleak import cloudleak
 from attacks.dfme import dfme
 from attacks.equation_solving import equation_solving
 from attacks.functional_equivalence import functional_equivalence
@@ -16,6 +17,7 @@ __all__ = [
     "TransferSet",
     "VictimFamily",
     "activethief",
+    "cloudleak",
     "dfme",
     "equation_solving",
     "functional_equivalence",

@@ -18,6 +18,7 @@ from defenses.base import (
 from defenses.blacklight import blacklight
 from defenses.budget import budget
 from defenses.dawn import dawn
+from defenses.edm import edm
 from defenses.feature_squeezing import feature_squeezing
 from defenses.high_confidence import high_confidence
 from defenses.label_only import label_only
@@ -45,6 +46,7 @@ __all__ = [
     "budget",
     "chain",
     "dawn",
+    "edm",
     "feature_squeezing",
     "gaussian_noise",
     "high_confidence",

@@ -123,24 +123,28 @@ def dawn(rate: float = 0.005, key_env: str | None = DEFAULT_KEY_ENV, key_file: s
     return Defense(init=DawnState, apply=apply, report=report, host=True)
 
 
-def load_key(key_env: str | None, key_file: str | None) -> bytes:
-    """The secret: the bytes of ``key_file``, else of ``$key_env``, else a fresh random key (logged)."""
+def load_key(key_env: str | None, key_file: str | None, owner: str = "dawn") -> bytes:
+    """The secret: the bytes of ``key_file``, else of ``$key_env``, else a fresh random key (logged).
+
+    ``owner`` names the defense in errors and in the log (other keyed defenses share this loader).
+    """
     if key_file is not None:
         path = Path(os.path.expanduser(str(key_file)))
         try:
             secret = path.read_bytes().strip()
         except OSError as error:
-            raise ValueError(f"dawn: key_file {str(path)!r} cannot be read ({error.strerror})") from None
+            raise ValueError(f"{owner}: key_file {str(path)!r} cannot be read ({error.strerror})") from None
         if not secret:
-            raise ValueError(f"dawn: key_file {str(path)!r} is empty; it must hold the secret key")
+            raise ValueError(f"{owner}: key_file {str(path)!r} is empty; it must hold the secret key")
         return secret
     if key_env is not None and key_env in os.environ:
         if not os.environ[key_env]:
-            raise ValueError(f"dawn: key_env {key_env!r} names an empty environment variable")
+            raise ValueError(f"{owner}: key_env {key_env!r} names an empty environment variable")
         return os.environ[key_env].encode()
     log.warning(
-        "dawn: no key_file and no $%s set; using a random key for this run only, so its watermarks "
-        "cannot be verified after the run",
+        "%s: no key_file and no $%s set; using a random key for this run only, so what it keys cannot be "
+        "reproduced after the run",
+        owner,
         key_env,
     )
     return os.urandom(KEY_BYTES)

@@ -105,7 +105,11 @@ def run_preset(preset: Preset, runs_dir: Path, jobs: int) -> float:
         sys.executable, "-m", "experiments.run", "-m", f"experiment={preset.name}",
         f"hydra.sweep.dir={runs_dir / preset.name}", *launcher,
     ]  # fmt: skip
-    environment = {"HEISTLAB_DAWN_KEY": "heistlab-benchmarks-dawn-key", **os.environ}
+    environment = {
+        "HEISTLAB_DAWN_KEY": "heistlab-benchmarks-dawn-key",
+        "HEISTLAB_EDM_KEY": "heistlab-benchmarks-edm-key",
+        **os.environ,
+    }
     started = time.perf_counter()
     subprocess.run(command, cwd=REPO, env=environment, check=True)
     return time.perf_counter() - started

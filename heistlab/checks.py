@@ -22,6 +22,9 @@ FLOAT32_BYTES = 4
 CHAIN_FORM = (
     "'defense.members=[{_target_: defenses.rounding, decimals: 2}, {_target_: defenses.top_k, k: 3}]'"
 )
+# Defenses that answer from models of their own and ignore the probabilities they are handed: in a chain,
+# whatever ran before them would be thrown away.
+REPLACES_ANSWERS = ("defenses.edm",)
 
 
 class ConfigError(ValueError):
@@ -113,6 +116,13 @@ def check_defense_spec(spec: Any, where: str = "defense") -> None:
             )
         for index, member in enumerate(members):
             check_defense_spec(member, f"{where}.members[{index}]")
+        for index, member in enumerate(members):
+            if index > 0 and member.get("_target_") in REPLACES_ANSWERS:
+                raise ConfigError(
+                    f"{where}.members[{index}] is {member.get('_target_')}, which answers from its own "
+                    f"models and would discard what the {index} member(s) before it served; accepted: it as "
+                    "the chain's first member"
+                )
 
 
 def check_remote_api(api: Mapping) -> None:

@@ -11,7 +11,16 @@ import jax
 import numpy as np
 import pytest
 
-from attacks import activethief, dfme, equation_solving, functional_equivalence, jbda, knockoff, maze
+from attacks import (
+    activethief,
+    cloudleak,
+    dfme,
+    equation_solving,
+    functional_equivalence,
+    jbda,
+    knockoff,
+    maze,
+)
 from attacks.base import fit_transfer_set
 from heistlab.api import Oracle, QueryRefused
 
@@ -27,6 +36,9 @@ ATTACKS = {
     ),
     "knockoff_adaptive": lambda budget: knockoff(
         budget=budget, strategy="adaptive", clusters=4, round_size=16, refit_every=2, query_batch=32
+    ),
+    "cloudleak": lambda budget: cloudleak(
+        budget=budget, seed_size=min(20, budget - 1), per_round=20, steps=3, query_batch=32
     ),
     "dfme": lambda budget: dfme(budget=budget, batch_size=8, student_steps=2, generator_hidden=(32,)),
 }

@@ -78,6 +78,16 @@ def refused_line(arguments: list[str], tmp_path: Path, monkeypatch, capsys) -> s
              "victim=relu_one_hidden"],
         ),
         (["defense=top_k", "defense.k=11"], ["k=11 exceeds the 10 classes", "accepted: 1 to 10"]),
+        (["defense=edm", "defense.members=1"], ["defense: edm: members must be an int >= 2, got 1"]),
+        (
+            ["defense=chain", "defense.members=[{_target_: defenses.rounding}, {_target_: defenses.edm}]"],
+            ["defense.members[1] is defenses.edm", "would discard", "the chain's first member"],
+        ),
+        (
+            ["attack=cloudleak", "attack.budget=50"],
+            ["attack: cloudleak: budget=50 leaves no FeatureFool queries after seed_size=100",
+             "a smaller seed_size"],
+        ),
         (["api.output=top_k", "api.top_k=11"], ["api.top_k=11 exceeds the 10 classes", "accepted: 1 to 10"]),
         (
             ["attack.budget=1000000000000"],
