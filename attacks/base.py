@@ -34,12 +34,14 @@ class AttackResult(NamedTuple):
 
     model: the module ``params`` belong to, when the attack chose its own architecture (exact extraction
     recovers the victim's family); ``None`` means the surrogate's model.
+    metrics: numbers the attack measured about itself (hidden units found...), reported with the run's.
     """
 
     params: Any
     queries: int
     rounds: tuple[dict, ...]
     model: nn.Module | None = None
+    metrics: dict | None = None
 
 
 class TransferSet(NamedTuple):
@@ -52,13 +54,28 @@ class TransferSet(NamedTuple):
     rounds: tuple[dict, ...]
 
 
+class VictimFamily(NamedTuple):
+    """The victims an exact-extraction attack can extract: ``accepts(model)`` on the victim's (untrained)
+    module, and ``description``, which says so in a sentence's words."""
+
+    description: str
+    accepts: Callable[[nn.Module], bool]
+
+
 class Attack(NamedTuple):
-    """``collect`` is set when ``run`` is ``fit_transfer_set(surrogate, collect(...))``, else ``None``."""
+    """``collect`` is set when ``run`` is ``fit_transfer_set(surrogate, collect(...))``, else ``None``.
+
+    extracts: the only victims the attack can extract (``None``: any classifier).
+    keeps_queries: whether the attack holds every queried input in memory at once (a transfer set or an
+        equation system), so that its memory grows with ``budget``.
+    """
 
     name: str
     budget: int
     run: Callable[[Oracle, np.ndarray, Surrogate, jax.Array], AttackResult]
     collect: Callable[[Oracle, np.ndarray, Surrogate, jax.Array], TransferSet] | None = None
+    extracts: VictimFamily | None = None
+    keeps_queries: bool = True
 
 
 def fit_transfer_set(surrogate: Surrogate, transfer: TransferSet) -> AttackResult:

@@ -218,4 +218,4 @@ def dfme(
             raise RuntimeError("dfme: the API served no queries, so the student learned nothing")
         return AttackResult(student_params, spent, tuple(history))
 
-    return Attack("dfme", budget, run)
+    return Attack("dfme", budget, run, keeps_queries=False)

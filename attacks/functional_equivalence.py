@@ -6,23 +6,40 @@ The victim computes ``logits = W2 relu(W1 x + b1) + b2``. Its answers give the l
 ``g(x) = log p - mean(log p)`` is the centred logit vector, piecewise linear in ``x``, with a kink wherever a
 hidden unit's pre-activation ``W1[j] . x + b1[j]`` crosses zero. The attack:
 
-1. walks segments between random points of ``[0, 1]^d``, bisecting wherever the midpoint leaves the chord,
-   down to ``resolution``; each kink is then placed where the two adjacent linear pieces intersect, and
-   confirmed by one more query there. The change of slope across it (its *turn*) is the switching unit's
-   centred output column up to scale and sign, a signature that tells units apart;
+1. walks segments, each from an endpoint already visited to a fresh one: an input of the attacker's pool
+   (``pool_fraction``), a vertex of the cube (``vertex_fraction``) or a uniform point of ``[0, 1]^d``, so
+   the endpoints are all joined by searched segments. Each segment is bisected wherever the midpoint
+   leaves the chord, down to ``resolution``; each kink is then placed where the two adjacent linear pieces
+   intersect, and confirmed by one more query there. The change of slope across it (its *turn*) is the
+   switching unit's centred output column up to scale and sign, a signature that tells units apart;
 2. a kink whose turn matches a recovered unit is a new point on that unit's hyperplane. At a kink of a new
    unit, the Jacobian of ``g`` is measured on both sides by forward differences along every input axis:
    the difference across the kink is ``turn (x) W1[j]`` up to scale, so it gives the unit's weight row, and
-   the kink, a point of its hyperplane, gives its bias. Every later point refines the hyperplane;
+   the kink, a point of its hyperplane, gives its bias. A kink no unit can be recovered from (its difference
+   far from rank one: two units switching closer together than ``resolution``) is bisected again, once,
+   on a stretch ``resolution`` either side. Every later point refines the hyperplane;
 3. fixes signs: a unit taken with the wrong sign adds a linear term, ``relu(-z) = relu(z) - z``. The fit of
    ``g`` on ``relu(z_j)``, ``x`` and 1 leaves a linear part; each unit is flipped when that shrinks it;
-4. units active on the whole cube never show a kink and act linearly there; what linear part remains (rank
-   at most ``classes - 1`` for centred logits) is carried by extra always-active units, within the
-   ``hidden`` width when it is known. The last layer is solved by least squares on every answer collected.
+4. units that never switch on the searched points act linearly there; what linear part remains (rank at
+   most ``classes - 1`` for centred logits) is carried by extra units positive on the whole cube, within
+   the ``hidden`` width when it is known. The last layer is solved by least squares on the answers on the
+   segments and at the Jacobian probes;
+5. checks the pool: every pool input the budget affords (a quarter of it at most is kept for this) is
+   queried and compared with the extracted network; one that disagrees lies across a unit no segment
+   crossed, and becomes the end of new segments until every checked input agrees, or the budget is spent.
 
-So the extracted network equals the victim on ``[0, 1]^d`` up to hidden-unit permutation and scaling
-(and the linear reparametrisation of units that never switch there). The attacker's arithmetic is float64;
-it sends float32 inputs (what the API accepts) and works with exactly those points.
+Where the result equals the victim. A unit no segment crossed has one state (on or off) at every endpoint,
+since the endpoints are joined by segments, so it is on or off on their whole convex hull. When the final
+fit's residual is at float32 noise (``rms_logit_error``), no unit left unfound switches among the fitted
+points either, and the extracted network equals the victim, up to hidden-unit permutation and positive
+scaling, on the convex hull of the fitted points (segment samples, their Jacobian probes) and at every
+checked pool input that agrees (``pool_inputs_disagreeing`` counts those that do not). Outside that hull,
+a unit that switches only there is missed, and the two differ where it is on: the convex hull of a few
+hundred points is a small part of ``[0, 1]^d``, so agreement on uniform noise (``fidelity_uniform``) is
+measured, not implied. Always-on units are recovered only as the linear part they contribute (their
+linear reparametrisation). A kink is missed when its turn times the bisection interval stays within the
+chord ``tolerance``. The attacker's arithmetic is float64; it sends float32 inputs (what the API accepts)
+and works with exactly those points.
 """
 
 from __future__ import annotations
@@ -32,9 +49,19 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from attacks.base import Attack, AttackResult, Surrogate, affordable, check_budget
+from attacks.base import Attack, AttackResult, Surrogate, VictimFamily, affordable, check_budget
 from heistlab.api import Oracle, QueryRefused
 from heistlab.models import MLP
+
+# Largest relative distance of a kink's Jacobian difference from rank one. Two units switching closer
+# together than the bisection resolves give rank two: on digits, one unit's kinks measured <= 0.006 and
+# merged kinks >= 0.46.
+RANK_ONE = 0.05
+# A checked pool input disagrees with the extracted network when its logits differ by more than this many
+# chord tolerances (relative to the logits' size): far above the fit's float32 noise, far below a missed unit.
+DISAGREEMENT = 100
+# Segments ended at one disagreeing pool input before it is given up.
+POOL_TRIES = 2
 
 
 class OutOfBudget(Exception):
@@ -57,15 +84,17 @@ def centred_logits(probabilities: np.ndarray) -> np.ndarray:
 
 
 class CountedQueries:
-    """The attack's query log: sends float32 batches, keeps every input and its centred logit vector."""
+    """The attack's query log: sends float32 batches, keeps every input, its centred logit vector and
+    whether it joins the network's fit (the pool inputs that check the network do not)."""
 
     def __init__(self, oracle: Oracle, budget: int, query_batch: int):
         self.oracle, self.budget, self.query_batch = oracle, budget, query_batch
         self.inputs: list[np.ndarray] = []
         self.logits: list[np.ndarray] = []
+        self.fitted: list[np.ndarray] = []
         self.spent = 0
 
-    def __call__(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, points: np.ndarray, fitted: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Centred logits at ``points`` (rows); returns the float32-exact points and their logits."""
         points = np.clip(points, 0.0, 1.0).astype(np.float32)
         if affordable(self.oracle, self.budget - self.spent) < len(points):
@@ -81,15 +110,17 @@ class CountedQueries:
         exact, logits = points.astype(np.float64), centred_logits(np.concatenate(answers))
         self.inputs.append(exact)
         self.logits.append(logits)
+        self.fitted.append(np.full(len(points), fitted))
         return exact, logits
 
     def data(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every queried point with a finite logit vector (answers holding an exact zero are dropped)."""
+        """Every queried point that joins the fit and has a finite logit vector (answers holding an exact
+        zero are dropped), and its centred logits."""
         if not self.inputs:
             return np.zeros((0, 0)), np.zeros((0, 0))
         inputs, logits = np.concatenate(self.inputs), np.concatenate(self.logits)
-        finite = np.all(np.isfinite(logits), axis=1)
-        return inputs[finite], logits[finite]
+        kept = np.concatenate(self.fitted) & np.all(np.isfinite(logits), axis=1)
+        return inputs[kept], logits[kept]
 
 
 class Segment(NamedTuple):
@@ -100,6 +131,50 @@ class Segment(NamedTuple):
 
     def at(self, t) -> np.ndarray:
         return self.start + np.multiply.outer(np.atleast_1d(t), self.direction)
+
+
+def fresh_endpoint(
+    rng: np.random.Generator, pool: np.ndarray, pool_fraction: float, vertex_fraction: float, size: int
+) -> np.ndarray:
+    """A pool input with probability ``pool_fraction`` (when there is a pool), a vertex of the cube with
+    probability ``vertex_fraction`` (each coordinate 1 with a probability drawn uniformly for that vertex),
+    else a uniform point of the cube; float32-exact, as it will be sent."""
+    draw = rng.uniform()
+    if len(pool) and draw < pool_fraction:
+        point = pool[rng.integers(len(pool))]
+    elif draw < pool_fraction + vertex_fraction:
+        point = (rng.uniform(size=size) < rng.uniform()).astype(np.float64)
+    else:
+        point = rng.uniform(size=size)
+    return np.asarray(point, np.float32).astype(np.float64)
+
+
+def pool_rows(pool: np.ndarray, size: int) -> np.ndarray:
+    """The attacker's pool as float64 rows of ``size`` inputs in ``[0, 1]``; none when it has no such rows."""
+    pool = np.asarray(pool, np.float64)
+    if pool.size == 0 or pool.size % size or pool.min() < 0.0 or pool.max() > 1.0:
+        return np.zeros((0, size))
+    return pool.reshape(-1, size)
+
+
+def next_segments(
+    rng: np.random.Generator,
+    visited: list[np.ndarray],
+    pool: np.ndarray,
+    fractions: tuple[float, float],
+    count: int,
+) -> list[Segment]:
+    """``count`` segments, each from an endpoint already visited to a fresh one (``fresh_endpoint``), which
+    joins ``visited``: every endpoint is linked to every other through searched segments."""
+    if not visited:
+        visited.append(fresh_endpoint(rng, pool, *fractions, pool.shape[1]))
+    segments = []
+    for _ in range(count):
+        start = visited[rng.integers(len(visited))]
+        end = fresh_endpoint(rng, pool, *fractions, len(start))
+        visited.append(end)
+        segments.append(Segment(start, end - start))
+    return segments
 
 
 class Kink(NamedTuple):
@@ -289,6 +364,8 @@ def unit_from_kink(
             return None
         steps[:, spoiled] /= 10
         columns[:, :, spoiled] = jacobian_columns(ask, points, spoiled, steps[:, spoiled])[0]
+    if np.linalg.norm(residual) > RANK_ONE * np.linalg.norm(columns[1] - columns[0]):
+        return None
     row = row / np.linalg.norm(row)
     return row, float(-row @ kink.point)
 
@@ -303,15 +380,19 @@ def matching_unit(units: list[Unit], turn: np.ndarray, similarity: float) -> int
 
 
 def refined_hyperplane(unit: Unit) -> tuple[np.ndarray, float]:
-    """The unit's hyperplane moved as little as possible to pass through every kink seen on it.
+    """The unit's hyperplane ``(w, b)`` brought through the kinks seen on it, as little moved as they allow.
 
     Kinks are located to about float32 precision, the Jacobian-difference row only to about
-    ``noise / step``: ``(w, b)`` is projected onto the solutions of ``w . p + b = 0`` for its points ``p``.
+    ``noise / step``. With fewer kinks than unknowns, ``(w, b)`` is projected onto the solutions of
+    ``w . p + b = 0`` for its points ``p``; with more, those equations only hold to the kinks' noise and
+    the plane is their least-squares solution nearest the first estimate. Both are one step of inverse
+    iteration, ``(C^T C + s I)^-1 s (w, b)`` with a shift ``s`` far below the constraints' scale.
     """
     plane = np.append(unit.weights, unit.bias)
     constraints = np.array([np.append(point, 1.0) for point in unit.points])
-    correction, *_ = np.linalg.lstsq(constraints, constraints @ plane, rcond=None)
-    plane = plane - correction
+    gram = constraints.T @ constraints
+    shift = 1e-12 * np.trace(gram)
+    plane = np.linalg.solve(gram + shift * np.eye(len(plane)), shift * plane)
     norm = np.linalg.norm(plane[:-1])
     return plane[:-1] / norm, float(plane[-1] / norm)
 
@@ -362,6 +443,48 @@ def always_active_units(linear: np.ndarray, spare: int, threshold: float) -> tup
     return keep, 1.0 - np.minimum(keep, 0.0).sum(axis=1)
 
 
+class Network(NamedTuple):
+    """The extracted one-hidden-layer network (float64): ``logits = output_weights^T relu(weights x + biases)
+    + output_bias``, centred like the answers; how many of its units are always-active fillers, and the RMS
+    error of its fit to the answers on the search segments."""
+
+    weights: np.ndarray
+    biases: np.ndarray
+    output_weights: np.ndarray
+    output_bias: np.ndarray
+    always_active: int
+    rms_error: float
+
+    @property
+    def layers(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return self.weights, self.biases, self.output_weights, self.output_bias
+
+    def logits(self, inputs: np.ndarray) -> np.ndarray:
+        return np.maximum(inputs @ self.weights.T + self.biases, 0.0) @ self.output_weights + self.output_bias
+
+    def disagreement(self, inputs: np.ndarray, logits: np.ndarray, tolerance: float) -> np.ndarray:
+        """Rows whose answer leaves the network's logits by more than ``DISAGREEMENT * tolerance``, relative
+        to the logits' size."""
+        if len(inputs) == 0:
+            return np.zeros(0, bool)
+        gap = np.abs(self.logits(inputs) - logits).max(axis=1)
+        return gap > DISAGREEMENT * tolerance * (1.0 + np.abs(logits).max(axis=1))
+
+
+def extracted_network(units: list[Unit], inputs: np.ndarray, logits: np.ndarray, spare: int) -> Network:
+    """Refined hyperplanes, signs fixed, up to ``spare`` always-active units for the linear part left, and
+    the last layer by least squares, all from the answers at ``inputs``."""
+    planes = [refined_hyperplane(unit) for unit in units]
+    weights = np.array([plane[0] for plane in planes]).reshape(len(units), inputs.shape[1])
+    biases = np.array([plane[1] for plane in planes])
+    weights, biases, linear = orient_units(weights, biases, inputs, logits)
+    extra_weights, extra_biases = always_active_units(linear, spare, threshold=1e-3)
+    weights = np.concatenate([weights, extra_weights])
+    biases = np.concatenate([biases, extra_biases])
+    output_weights, output_bias, error = fit_last_layer(np.maximum(inputs @ weights.T + biases, 0.0), logits)
+    return Network(weights, biases, output_weights, output_bias, len(extra_biases), error)
+
+
 def one_hidden_layer_params(
     weights: np.ndarray, biases: np.ndarray, output_weights: np.ndarray, output_bias: np.ndarray
 ) -> dict:
@@ -378,16 +501,24 @@ def one_hidden_layer_params(
     }
 
 
+ONE_HIDDEN_RELU = VictimFamily(
+    "a one-hidden-layer ReLU network (victim=relu_one_hidden)",
+    lambda model: isinstance(model, MLP) and len(model.hidden) == 1,
+)
+
+
 def functional_equivalence(
-    budget: int = 20000,
+    budget: int = 30000,
     hidden: int | None = None,
     patience: int = 40,
     segments_per_round: int = 8,
     resolution: float = 1.0 / 512,
-    tolerance: float = 1e-5,
+    tolerance: float = 1e-6,
     step: float = 1e-2,
     similarity: float = 0.999,
     query_batch: int = 4096,
+    pool_fraction: float = 0.5,
+    vertex_fraction: float = 0.25,
 ) -> Attack:
     """Builds the functionally-equivalent extraction attack on a one-hidden-layer ReLU victim.
 
@@ -400,8 +531,23 @@ def functional_equivalence(
     tolerance: relative deviation from a chord that counts as a kink (float32 answers carry ~1e-6).
     step: forward-difference step along each input axis for the Jacobians.
     similarity: |cosine| between a kink's turn and a unit's signature that makes the kink that unit's.
+    pool_fraction, vertex_fraction: how often a segment's fresh endpoint is a pool input or a vertex of the
+        cube (each coordinate 1 with a probability drawn per vertex); the rest are uniform points. Units
+        that switch only on real data are found on segments between pool inputs (and by the pool check),
+        units that switch near the cube's corners on segments to vertices.
+
+    Besides the model, reports ``hidden_units_found``, ``pool_inputs_checked`` and
+    ``pool_inputs_disagreeing`` (module docstring: where the result equals the victim).
     """
     check_budget("functional_equivalence", budget)
+    for name, value in (("pool_fraction", pool_fraction), ("vertex_fraction", vertex_fraction)):
+        if not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
+            raise ValueError(f"functional_equivalence: {name} must be a number in [0, 1], got {value!r}")
+    if pool_fraction + vertex_fraction > 1.0:
+        raise ValueError(
+            "functional_equivalence: pool_fraction + vertex_fraction must be at most 1 (the rest are uniform "
+            f"points), got {pool_fraction} + {vertex_fraction}"
+        )
     if hidden is not None and (not isinstance(hidden, int) or hidden < 1):
         raise ValueError(f"functional_equivalence: hidden must be an integer >= 1 or null, got {hidden!r}")
     for name, value in (
@@ -420,68 +566,135 @@ def functional_equivalence(
         if not (isinstance(value, int | float) and 0 < value < 1):
             raise ValueError(f"functional_equivalence: {name} must be a number in (0, 1), got {value!r}")
 
-    def search(ask: CountedQueries, rng: np.random.Generator, size: int) -> tuple[list[Unit], list[dict]]:
-        units: list[Unit] = []
+    def explore(
+        ask: CountedQueries, units: list[Unit], segments: list[Segment], closer: bool = True
+    ) -> list[dict]:
+        """Bisects ``segments``, adds each kink to its unit or recovers a new unit from it (in place);
+        one record per segment. A kink no unit can be recovered from (two units switching closer than
+        ``resolution``) is bisected again on a stretch ``resolution`` either side, once."""
+        brackets = bracket_kinks(ask, segments, resolution, tolerance)
+        records = []
+        for segment, kinks in zip(segments, locate_kinks(ask, segments, brackets, tolerance), strict=True):
+            new = unrecovered = 0
+            for kink in kinks:
+                match = matching_unit(units, kink.turn, similarity)
+                if match is not None:
+                    units[match] = units[match]._replace(points=[*units[match].points, kink.point])
+                    continue
+                recovered = unit_from_kink(ask, segment, kink, step, tolerance)
+                if recovered is not None:
+                    units.append(Unit(*recovered, kink.turn, [kink.point]))
+                    new += 1
+                elif closer:
+                    low, high = max(kink.t - resolution, 0.0), min(kink.t + resolution, 1.0)
+                    stretch = Segment(segment.at(low)[0], (high - low) * segment.direction)
+                    (record,) = explore(ask, units, [stretch], closer=False)
+                    new, unrecovered = new + record["new_units"], unrecovered + record["unrecovered"]
+                else:
+                    unrecovered += 1
+            records.append({"kinks": len(kinks), "new_units": new, "unrecovered": unrecovered})
+        return records
+
+    def search(
+        ask: CountedQueries, rng: np.random.Generator, pool: np.ndarray, units: list[Unit], visited: list
+    ) -> list[dict]:
+        """Random segments until ``patience`` of them in a row bring no new unit (or ``hidden`` are found,
+        or the budget is spent)."""
         history: list[dict] = []
         idle = 0
         try:
             while idle < patience and (hidden is None or len(units) < hidden):
-                segments = []
-                for _ in range(segments_per_round):
-                    start = rng.uniform(size=size)
-                    segments.append(Segment(start, rng.uniform(size=size) - start))
-                brackets = bracket_kinks(ask, segments, resolution, tolerance)
-                for segment, kinks in zip(
-                    segments, locate_kinks(ask, segments, brackets, tolerance), strict=True
-                ):
-                    new = 0
-                    for kink in kinks:
-                        match = matching_unit(units, kink.turn, similarity)
-                        if match is not None:
-                            units[match] = units[match]._replace(points=[*units[match].points, kink.point])
-                            continue
-                        recovered = unit_from_kink(ask, segment, kink, step, tolerance)
-                        if recovered is not None:
-                            units.append(Unit(*recovered, kink.turn, [kink.point]))
-                            new += 1
-                    idle = 0 if new else idle + 1
-                    history.append({"round": len(history), "kinks": len(kinks), "new_units": new})
+                segments = next_segments(
+                    rng, visited, pool, (pool_fraction, vertex_fraction), segments_per_round
+                )
+                for record in explore(ask, units, segments):
+                    idle = 0 if record["new_units"] else idle + 1
+                    history.append({"round": len(history), "phase": "search", **record})
         except OutOfBudget:
             pass
-        return units, history
+        return history
+
+    def check_pool(
+        ask: CountedQueries,
+        rng: np.random.Generator,
+        pool: np.ndarray,
+        units: list[Unit],
+        visited: list,
+        classes: int,
+    ) -> tuple[Network, dict, list[dict]]:
+        """Queries the pool (what the budget affords) and compares each answer with the extracted network.
+
+        An input where they disagree lies across a unit the search never crossed: it becomes the end of a
+        segment from a visited endpoint, and the network is fitted again, until every checked input agrees,
+        each disagreeing input has ended ``POOL_TRIES`` segments, ``hidden`` units are found, or the budget
+        is spent.
+        """
+        history: list[dict] = []
+        checked = np.zeros((0, pool.shape[1]))
+        answers = np.zeros((0, classes))
+        count = min(len(pool), affordable(ask.oracle, ask.budget - ask.spent))
+        if count:
+            chosen = pool[rng.permutation(len(pool))[:count]]
+            checked, answers = ask(chosen, fitted=False)
+            finite = np.all(np.isfinite(answers), axis=1)
+            checked, answers = checked[finite], answers[finite]
+        tries = np.zeros(len(checked), int)
+        network = fit_network(ask, units, classes)
+        while hidden is None or len(units) < hidden:
+            disagreeing = np.flatnonzero(network.disagreement(checked, answers, tolerance))
+            candidates = disagreeing[tries[disagreeing] < POOL_TRIES][:segments_per_round]
+            if len(candidates) == 0:
+                break
+            tries[candidates] += 1
+            segments = []
+            for index in candidates:
+                start = visited[rng.integers(len(visited))] if visited else checked[candidates[0]]
+                segments.append(Segment(start, checked[index] - start))
+                visited.append(checked[index])
+            try:
+                records = explore(ask, units, segments)
+            except OutOfBudget:
+                break
+            history += [{"round": 0, "phase": "pool check", **record} for record in records]
+            network = fit_network(ask, units, classes)
+        disagreeing = int(network.disagreement(checked, answers, tolerance).sum())
+        return network, {"pool_inputs_checked": len(checked), "pool_inputs_disagreeing": disagreeing}, history
+
+    def fit_network(ask: CountedQueries, units: list[Unit], classes: int) -> Network:
+        inputs, logits = ask.data()
+        if len(inputs) == 0:
+            raise RuntimeError("functional_equivalence: the API served no answer it could take the log of")
+        spare = classes - 1 if hidden is None else max(hidden - len(units), 0)
+        return extracted_network(units, inputs, logits, spare)
 
     def run(oracle: Oracle, pool: np.ndarray, surrogate: Surrogate, key: jax.Array) -> AttackResult:
         require_full_probabilities(oracle)
         size = int(np.prod(oracle.input_shape))
-        ask = CountedQueries(oracle, budget, query_batch)
+        rows = pool_rows(pool, size)
+        ask = CountedQueries(oracle, budget - min(len(rows), budget // 4), query_batch)
         rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
-        units, history = search(ask, rng, size)
-        inputs, logits = ask.data()
-        if len(inputs) == 0:
-            raise RuntimeError("functional_equivalence: the API served no answer it could take the log of")
-        planes = [refined_hyperplane(unit) for unit in units]
-        weights = np.array([plane[0] for plane in planes]).reshape(len(units), size)
-        biases = np.array([plane[1] for plane in planes])
-        weights, biases, linear = orient_units(weights, biases, inputs, logits)
-        spare = oracle.num_classes - 1 if hidden is None else max(hidden - len(units), 0)
-        extra_weights, extra_biases = always_active_units(linear, spare, threshold=1e-3)
-        weights = np.concatenate([weights, extra_weights])
-        biases = np.concatenate([biases, extra_biases])
-        output_weights, output_bias, error = fit_last_layer(
-            np.maximum(inputs @ weights.T + biases, 0.0), logits
-        )
-        params = one_hidden_layer_params(weights, biases, output_weights, output_bias)
+        units: list[Unit] = []
+        visited: list[np.ndarray] = []
+        history = search(ask, rng, rows, units, visited)
+        ask.budget = budget
+        network, checks, more = check_pool(ask, rng, rows, units, visited, oracle.num_classes)
+        history += more
+        for index, record in enumerate(history):
+            record["round"] = index
         history.append(
             {
                 "round": len(history),
                 "units": len(units),
                 "kinks_seen": sum(len(unit.points) for unit in units),
-                "always_active_units": len(extra_biases),
-                "rms_logit_error": error,
+                "always_active_units": network.always_active,
+                "rms_logit_error": network.rms_error,
+                **checks,
             }
         )
+        params = one_hidden_layer_params(*network.layers)
         width = params["params"]["Dense_0"]["bias"].shape[0]
         model = MLP(num_classes=oracle.num_classes, hidden=(width,))
-        return AttackResult(params, ask.spent, tuple(history), model)
+        found = {"hidden_units_found": len(units), **checks}
+        return AttackResult(params, ask.spent, tuple(history), model, found)
 
-    return Attack("functional_equivalence", budget, run)
+    return Attack("functional_equivalence", budget, run, extracts=ONE_HIDDEN_RELU)

@@ -18,6 +18,7 @@ from defenses.base import (
 from defenses.budget import budget
 from defenses.dawn import dawn
 from defenses.feature_squeezing import feature_squeezing
+from defenses.high_confidence import high_confidence
 from defenses.label_only import label_only
 from defenses.mad import mad, mad_argmax
 from defenses.noise import gaussian_noise, laplace_noise
@@ -43,6 +44,7 @@ __all__ = [
     "dawn",
     "feature_squeezing",
     "gaussian_noise",
+    "high_confidence",
     "identity",
     "label_only",
     "laplace_noise",

@@ -6,6 +6,13 @@ the same digest (one-hot, the same for the same input), everything else is answe
 trained on the answers learns the wrong labels too; the owner later shows that a suspect model agrees with
 them far more often than chance allows, while a model trained independently does not.
 
+Ownership is a binomial test with one trial per distinct watermarked input. The filter and the wrong label
+are functions of the input's bytes (and the victim's top-1 class), so an attacker who sends the same input
+again receives the same answer: a repeat is not a new trial. Inputs count as the same when the bytes the
+filter hashes (``input_bytes``) are; each is judged against the label first served for it, and later answers
+to it are ignored (they are identical unless a randomised defense earlier in a chain changed the top-1
+class). The paper's bar for ownership is confidence ``1 - 2^-64``, that is ``p < 2^-64``.
+
 The key never lives in a config or in code: ``key_file`` names a file holding it, ``key_env`` an environment
 variable; with neither, each run draws a random key (and says so in the log), so verification works within
 the run only. The filter hashes input bytes on the host, so the defense is host-side.
@@ -25,7 +32,7 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
-from scipy import stats
+from scipy import special, stats
 
 from defenses.base import Defense, Evidence, QueryContext
 
@@ -34,6 +41,7 @@ log = logging.getLogger(__name__)
 DEFAULT_KEY_ENV = "HEISTLAB_DAWN_KEY"
 KEY_BYTES = 32
 FILTER_BITS = 16
+PAPER_BAR_BITS = 64  # Szyller et al. claim ownership when p < 2^-64
 
 
 class WatermarkRecord(NamedTuple):
@@ -46,7 +54,8 @@ class WatermarkRecord(NamedTuple):
 
 
 class DawnState(NamedTuple):
-    """The watermarked answers so far, how many answers each client received, and the answers' class count."""
+    """The watermarked answers so far (one record per answer, repeats included), how many answers each client
+    received, and the answers' class count."""
 
     records: tuple[WatermarkRecord, ...] = ()
     answered: Mapping[str | None, int] = MappingProxyType({})
@@ -58,7 +67,11 @@ def dawn(rate: float = 0.005, key_env: str | None = DEFAULT_KEY_ENV, key_file: s
 
     The key comes from ``key_file`` if given, else from the environment variable ``key_env`` if it is set,
     else from ``os.urandom`` for this run only. ``report(state, evidence)`` tests the attackers' watermarked
-    queries (``Evidence.attackers``) against the stolen and the independent model.
+    inputs (``Evidence.attackers``) against the stolen and the independent model: ``watermarked_queries``
+    counts the watermarked answers served, ``watermarked_inputs`` the distinct inputs among them (the
+    binomial trials); ``watermark_accuracy``, ``watermark_p_value``, ``watermark_confidence_bits``
+    (``-log2 p``) and ``watermark_meets_paper_bar`` (``p < 2^-64``) are computed over the distinct inputs, and
+    again with the suffix ``_independent`` for the independently trained model.
 
     Raises:
       ValueError: naming the argument, if ``rate`` is not in ``(0, 1]``, ``key_file`` cannot be read or is
@@ -90,17 +103,21 @@ def dawn(rate: float = 0.005, key_env: str | None = DEFAULT_KEY_ENV, key_file: s
         attackers = set(evidence.attackers)
         marked = [record for record in state.records if record.client in attackers]
         answered = sum(count for client, count in state.answered.items() if client in attackers)
+        trials = distinct_inputs(marked)
         found = {
             "watermarked_queries": len(marked),
+            "watermarked_inputs": len(trials),
             "watermark_fraction": len(marked) / answered if answered else 0.0,
         }
         for suffix, labels_of in (
             ("", evidence.surrogate_labels),
             ("_independent", evidence.independent_labels),
         ):
-            accuracy, p_value = verify(marked, labels_of, state.classes)
+            accuracy, p_value, bits = verify(trials, labels_of, state.classes)
             found[f"watermark_accuracy{suffix}"] = accuracy
             found[f"watermark_p_value{suffix}"] = p_value
+            found[f"watermark_confidence_bits{suffix}"] = bits
+            found[f"watermark_meets_paper_bar{suffix}"] = bits > PAPER_BAR_BITS
         return found
 
     return Defense(init=DawnState, apply=apply, report=report, host=True)
@@ -141,21 +158,42 @@ def watermark_label(tag: bytes, top_class: int, classes: int) -> int:
     return (top_class + 1 + offset) % classes
 
 
-def verify(marked: list[WatermarkRecord], labels_of, classes: int) -> tuple[float | None, float]:
-    """Agreement of ``labels_of`` with the watermark labels, and the binomial tail ``P[X >= k]``.
+def distinct_inputs(records: list[WatermarkRecord]) -> list[WatermarkRecord]:
+    """The first record of each distinct input (same SHA-256 of the hashed bytes), in serving order."""
+    first = {}
+    for record in records:
+        first.setdefault(record.digest, record)
+    return list(first.values())
+
+
+def verify(trials: list[WatermarkRecord], labels_of, classes: int) -> tuple[float | None, float, float]:
+    """Agreement of ``labels_of`` with the watermark labels of ``trials`` (one per distinct input), the
+    binomial tail ``p = P[X >= k]`` and ``-log2 p`` (finite where ``p`` underflows to 0).
 
     Under the null hypothesis (a model never trained on the watermarked answers) the label is a keyed
     uniform draw among the ``classes - 1`` classes other than the victim's top-1, independent of the model,
     so the model matches it with probability ``P(model != victim top-1) / (classes - 1)``, at most
-    ``p = 1 / (classes - 1)``: the conservative chance used here. ``(None, 1.0)`` when nothing was marked.
+    ``1 / (classes - 1)``: the conservative chance used here. The trials must be distinct inputs: a model
+    answers a repeated input the same way, so repeats are not independent. ``(None, 1.0, 0.0)`` when nothing
+    was marked.
     """
-    if not marked:
-        return None, 1.0
-    inputs = np.stack([record.input for record in marked])
-    expected = np.array([record.label for record in marked])
+    if not trials:
+        return None, 1.0, 0.0
+    inputs = np.stack([record.input for record in trials])
+    expected = np.array([record.label for record in trials])
     matches = int(np.sum(np.asarray(labels_of(inputs)) == expected))
-    p_value = float(stats.binom.sf(matches - 1, len(marked), 1.0 / (classes - 1)))
-    return matches / len(marked), p_value
+    chance = 1.0 / (classes - 1)
+    p_value = float(stats.binom.sf(matches - 1, len(trials), chance))
+    return matches / len(trials), p_value, binomial_tail_bits(matches, len(trials), chance)
+
+
+def binomial_tail_bits(successes: int, trials: int, chance: float) -> float:
+    """``-log2 P[X >= successes]`` for ``X ~ Binomial(trials, chance)``, summed in log space so that it stays
+    finite where the tail itself underflows float64 (scipy's ``binom.logsf`` returns -inf there)."""
+    if successes <= 0:
+        return 0.0
+    log_terms = stats.binom.logpmf(np.arange(successes, trials + 1), trials, chance)
+    return max(0.0, -float(special.logsumexp(log_terms)) / math.log(2))
 
 
 def _is_finite_number(value) -> bool:

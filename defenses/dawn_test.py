@@ -97,7 +97,8 @@ def test_report_counts_only_attackers_and_tests_by_binomial_tail(keyed):
     )
     found = defense.report(state, evidence)
     n = len(marked)
-    assert found["watermarked_queries"] == n and found["watermark_fraction"] == n / 200
+    assert found["watermarked_queries"] == found["watermarked_inputs"] == n
+    assert found["watermark_fraction"] == n / 200
     assert found["watermark_accuracy"] == (n - 2) / n
     np.testing.assert_allclose(found["watermark_p_value"], stats.binom.sf(n - 3, n, 1 / 9))
     zero_labels = sum(record.label == 0 for record in marked)
@@ -111,8 +112,79 @@ def test_report_without_watermarked_queries_claims_nothing(keyed):
     defense = dawn()
     evidence = Evidence(*(lambda x: x,) * 3, attackers=("attacker",), benign=())
     found = defense.report(defense.init(), evidence)
-    assert found["watermarked_queries"] == 0 and found["watermark_accuracy"] is None
-    assert found["watermark_p_value"] == 1.0
+    assert found["watermarked_queries"] == found["watermarked_inputs"] == 0
+    assert found["watermark_accuracy"] is None and found["watermark_p_value"] == 1.0
+    assert found["watermark_confidence_bits"] == 0.0 and not found["watermark_meets_paper_bar"]
+    assert str(found["watermark_confidence_bits"]) == "0.0"  # not -0.0 in results.json
+
+
+def copies_every_watermark(state):
+    """Label function of a perfect copy: the watermark label of every marked input."""
+    labels = {record.digest: record.label for record in state.records}
+    return lambda x: np.array([labels[hashlib.sha256(input_bytes(row)).hexdigest()] for row in x])
+
+
+def attacker_evidence(surrogate_labels):
+    return Evidence(
+        surrogate_labels=surrogate_labels,
+        independent_labels=lambda x: np.zeros(len(x), np.int64),
+        victim_labels=lambda x: np.zeros(len(x), np.int64),
+        attackers=("attacker",),
+        benign=(),
+    )
+
+
+def test_requerying_the_pool_five_times_proves_no_more_than_querying_it_once(keyed):
+    defense = dawn(rate=0.2)
+    inputs, probs = queries(150)
+    _, once = ask(defense, defense.init(), inputs, probs)
+    five_times = defense.init()
+    for _ in range(5):
+        _, five_times = ask(defense, five_times, inputs, probs)
+    found_once = defense.report(once, attacker_evidence(copies_every_watermark(once)))
+    found_five = defense.report(five_times, attacker_evidence(copies_every_watermark(five_times)))
+    n = found_once["watermarked_inputs"]
+    assert n > 0 and found_five["watermarked_queries"] == 5 * n == 5 * found_once["watermarked_queries"]
+    assert found_five["watermarked_inputs"] == n
+    # a perfect copy of n distinct watermarks: p = 9^-n, however often each was served
+    np.testing.assert_allclose(found_once["watermark_p_value"], 9.0**-n)
+    for metric in ("watermark_accuracy", "watermark_p_value", "watermark_confidence_bits"):
+        assert found_five[metric] == found_once[metric]
+        assert found_five[f"{metric}_independent"] == found_once[f"{metric}_independent"]
+
+
+def test_a_repeated_input_is_judged_against_the_label_first_served_for_it(keyed):
+    defense = dawn(rate=1.0)
+    inputs, probs = queries(1)
+    _, state = ask(defense, defense.init(), inputs, probs)
+    flipped = probs.copy()
+    flipped[0] = np.roll(probs[0], 1)  # another top-1 class, as a noise defense earlier in a chain may cause
+    _, state = ask(defense, state, inputs, flipped)
+    first, second = state.records
+    assert first.digest == second.digest and first.label != second.label
+    found = defense.report(state, attacker_evidence(lambda x: np.array([second.label])))
+    assert found["watermarked_queries"] == 2 and found["watermarked_inputs"] == 1
+    assert found["watermark_accuracy"] == 0.0 and found["watermark_p_value"] == 1.0
+
+
+@pytest.mark.parametrize(("inputs", "meets_bar"), [(20, False), (21, True)])
+def test_paper_bar_needs_p_below_two_to_the_minus_64(keyed, inputs, meets_bar):
+    # A perfect copy of n watermarks among 10 classes scores p = 9^-n: 20 give 2^-63.4, 21 give 2^-66.6.
+    defense = dawn(rate=1.0)
+    _, state = ask(defense, defense.init(), *queries(inputs))
+    found = defense.report(state, attacker_evidence(copies_every_watermark(state)))
+    np.testing.assert_allclose(found["watermark_confidence_bits"], inputs * np.log2(9))
+    assert found["watermark_meets_paper_bar"] is meets_bar
+    assert found["watermark_meets_paper_bar_independent"] is False
+
+
+def test_confidence_stays_finite_where_the_p_value_underflows(keyed):
+    defense = dawn(rate=1.0)
+    _, state = ask(defense, defense.init(), *queries(400))
+    found = defense.report(state, attacker_evidence(copies_every_watermark(state)))
+    assert found["watermark_p_value"] == 0.0  # 9^-400 underflows float64
+    np.testing.assert_allclose(found["watermark_confidence_bits"], 400 * np.log2(9))
+    assert found["watermark_meets_paper_bar"]
 
 
 def test_key_file_wins_and_a_missing_key_is_random_and_logged(tmp_path, monkeypatch, caplog):

@@ -30,6 +30,7 @@ def random_rows(seed, count, classes, concentration=0.3):
     return np.random.default_rng(seed).dirichlet(np.full(classes, concentration), count).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_gram_matches_the_autodiff_jacobian_of_the_last_layer():
     proxy = random_proxy(6, 5, (8, 6), seed=3)
     inputs = jax.random.uniform(jax.random.key(1), (4, 3, 2, 1))
@@ -66,6 +67,7 @@ def test_extreme_oracle_and_line_search_by_hand():
     np.testing.assert_allclose(np.abs(served - [[0.7, 0.2, 0.1]]).sum(), 0.4, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_line_search_stays_put_at_zero_and_reaches_a_close_target():
     probs = jnp.array([[0.5, 0.3, 0.2]])
     target = jnp.array([[0.0, 0.0, 1.0]])
@@ -75,6 +77,7 @@ def test_line_search_stays_put_at_zero_and_reaches_a_close_target():
     np.testing.assert_allclose(mix_within_l1_ball(probs, probs, 1.0), probs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("objective", "preserve_argmax"), [("distance", False), ("angular", True)])
 def test_answers_stay_in_the_l1_ball_on_the_simplex(objective, preserve_argmax):
     probs = random_rows(1, 32, 10)
@@ -121,6 +124,7 @@ def test_argmax_preserving_oracle_finds_the_best_class_set(objective, reference)
         assert target[row].argmax() == top
 
 
+@pytest.mark.slow
 def test_angular_objective_by_hand():
     # With G G^T = I the objective is ||c / |c| - y / |y|||^2: c = e_0, y = (0.6, 0.8) gives |y| = 1 and
     # (1 - 0.6)^2 + 0.8^2 = 0.8.
@@ -128,6 +132,7 @@ def test_angular_objective_by_hand():
     np.testing.assert_allclose(value, [[0.8]], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_greedy_search_beyond_ten_classes_keeps_argmax_and_the_ball():
     probs = random_rows(5, 16, 12, concentration=0.5)
     served = serve(
@@ -138,6 +143,7 @@ def test_greedy_search_beyond_ten_classes_keeps_argmax_and_the_ball():
     assert np.all(np.abs(served - probs).sum(axis=-1) > 0.01)
 
 
+@pytest.mark.slow
 def test_the_defender_seed_picks_the_proxy_and_its_shape_is_enforced():
     defender = DefenderData(np.zeros((1, 4, 4, 1)), np.zeros(1), (4, 4, 1), 10, seed=7)
     probs = random_rows(7, 16, 10)

@@ -22,6 +22,7 @@ def deviation(defense):
     return np.asarray(served - UNIFORM)
 
 
+@pytest.mark.slow
 def test_laplace_scale_is_sensitivity_over_epsilon():
     # Laplace(b) has variance 2 b^2, here b = 2.0 / 400 = 0.005; 40960 draws give the std to ~0.6% (1 sd).
     expected_std = 0.005 * math.sqrt(2 * (1 - 1 / CLASSES))

@@ -14,6 +14,16 @@ raises the alarm.
 Details follow the authors' released code: a class's first query starts its set with distance 0 and records no
 distance; outliers are removed before the size check. Unlike that code, an alarm here is sticky: once raised
 for a client it stays, so that an action (refuse, switch) can be taken from then on.
+
+``delta`` should be calibrated on benign traffic of the data set at hand. With ``delta=None`` the factory does
+so on the defender's own data (the experiment passes the victim's training split, which no evaluation client
+ever sends): ``delta`` is the smallest ``W`` that any of ``calibration_streams`` benign streams reached,
+less ``calibration_margin``. Each stream is at most ``calibration_queries`` defender inputs in a fresh seeded
+order, each input's class its true label.
+
+A known limit of the test: honest clients that re-send near-duplicates (the same few inputs, slightly
+perturbed, as a client retrying with re-encoded images does) produce many tiny distances beside natural
+ones, the very signature of a synthetic-query attack, and are alarmed.
 """
 
 from __future__ import annotations
@@ -27,17 +37,18 @@ import jax
 import numpy as np
 from scipy import stats
 
-from defenses.base import ADMIT, Defense, Evidence, QueryContext, Request, Verdict
+from defenses.base import ADMIT, DefenderData, Defense, Evidence, QueryContext, Request, Verdict
 
 ACTIONS = ("log", "refuse", "switch")
 MIN_CLASS_DISTANCES = 10
 OUTLIER_SIGMAS = 3.0
 ANONYMOUS = "anonymous"
-# Calibrated on digits (the authors' code uses 0.9): over 500 benign streams (shuffled test split, attacker
-# pool and victim-training data, the default MLP victim) the smallest W any stream reached was 0.893 (1st
-# percentile 0.914); JBDA streams fell to W ~0.71 within their first augmentation round; Knockoff's
-# natural-sample streams stayed at W ~0.92, like benign ones (the paper, too, reports natural-sample queries
-# evading PRADA).
+CALIBRATION_STREAM = 0x5072  # mixed into the defender's seed for the calibration streams' orders
+# The fixed threshold for a detector built without calibration (the authors' code uses 0.9), chosen on
+# digits before calibration existed, from benign streams that included the test split the experiment's benign
+# clients send: over 500 of them the smallest W was 0.893; JBDA streams fell to W ~0.71 within their first
+# augmentation round; Knockoff's natural-sample streams stayed at W ~0.92, like benign ones (the paper, too,
+# reports natural-sample queries evading PRADA). Experiments calibrate instead (configs/defense/prada.yaml).
 DEFAULT_DELTA = 0.85
 
 
@@ -71,13 +82,20 @@ def empty_trace() -> ClientTrace:
 
 
 def prada(
-    delta: float = DEFAULT_DELTA,
+    delta: float | None = DEFAULT_DELTA,
     action: str = "log",
     fallback: Defense | None = None,
     check_every: int = 10,
     min_distances: int = 100,
+    defender: DefenderData | None = None,
+    calibration_streams: int = 50,
+    calibration_queries: int = 1000,
+    calibration_margin: float = 0.05,
 ) -> Defense:
     """Builds PRADA's detector: alarm when the Shapiro-Wilk ``W`` of a client's distances is below ``delta``.
+
+    delta: the alarm threshold, or None to calibrate it on ``defender`` (see ``calibrate_delta``; the
+        calibration arguments are used only then).
 
     action: what an alarm does to the client from then on: ``log`` (nothing; reported only), ``refuse``
         (admission refuses it with reason ``prada alarm``), or ``switch`` (its answers go through
@@ -90,15 +108,18 @@ def prada(
     attacking identities had been served, together, when the first of them was alarmed; None without alarm),
     ``false_positive_rate`` (fraction of the benign clients alarmed; None without benign clients), and the
     smallest ``W`` seen over the attacking and the benign clients (``prada_min_w_attack``,
-    ``prada_min_w_benign``).
+    ``prada_min_w_benign``), and the threshold used (``prada_delta``).
 
     Raises:
       ValueError: if ``delta`` is not in (0, 1], ``action`` is unknown, ``fallback`` is missing for
         ``switch`` (or given for another action, or not a response-side Defense), or the counts are not ints
-        >= 1 (``min_distances`` >= 3, Shapiro-Wilk's minimum sample).
+        >= 1 (``min_distances`` >= 3, Shapiro-Wilk's minimum sample), or, for ``delta=None``, what
+        ``calibrate_delta`` rejects.
     """
-    if isinstance(delta, bool) or not isinstance(delta, int | float) or not 0 < delta <= 1:
-        raise ValueError(f"prada: delta must be a number in (0, 1] (a Shapiro-Wilk W), got {delta!r}")
+    if delta is not None and not _is_number(delta, above=0, at_most=1):
+        raise ValueError(
+            f"prada: delta must be a number in (0, 1] (a Shapiro-Wilk W) or null to calibrate, got {delta!r}"
+        )
     if action not in ACTIONS:
         raise ValueError(f"prada: action must be one of {', '.join(ACTIONS)}; got {action!r}")
     if action == "switch" and not isinstance(fallback, Defense):
@@ -111,6 +132,15 @@ def prada(
         raise ValueError(f"prada: check_every must be an int >= 1, got {check_every!r}")
     if isinstance(min_distances, bool) or not isinstance(min_distances, int) or min_distances < 3:
         raise ValueError(f"prada: min_distances must be an int >= 3, got {min_distances!r}")
+    if delta is None:
+        delta = calibrate_delta(
+            defender,
+            calibration_streams,
+            calibration_queries,
+            calibration_margin,
+            check_every,
+            min_distances,
+        )
 
     def init() -> PradaState:
         return PradaState(traces={}, fallback_state=fallback.init() if fallback is not None else None)
@@ -148,7 +178,7 @@ def prada(
         return verdict, state._replace(fallback_state=fallback_state)
 
     def report(state: PradaState, evidence: Evidence) -> dict:
-        found = detection_report(state.traces, evidence.attackers, evidence.benign)
+        found = {**detection_report(state.traces, evidence.attackers, evidence.benign), "prada_delta": delta}
         if fallback is not None and fallback.report is not None:
             found.update(fallback.report(state.fallback_state, evidence))
         return found
@@ -160,6 +190,59 @@ def prada(
         report=report,
         host=True,
     )
+
+
+def calibrate_delta(
+    defender: DefenderData | None,
+    streams: int,
+    queries: int,
+    margin: float,
+    check_every: int = 10,
+    min_distances: int = 100,
+) -> float:
+    """The smallest ``W`` that ``streams`` benign streams of the defender's data reach, less ``margin``.
+
+    Each stream is the defender's inputs in a fresh order drawn from ``defender.seed``, cut to ``queries``
+    rows, each row's class its true label (the victim's top-1 on its own training data, nearly always). The
+    detector runs on each exactly as on a client, so the smallest ``W`` covers every check of every stream.
+
+    Raises:
+      ValueError: if ``defender`` is missing, ``streams`` or ``queries`` is not an int >= 1, ``margin`` is
+        not a number in [0, 1), or the streams are too short to reach the test (more than ``min_distances``
+        distances), or the margin leaves no threshold above 0.
+    """
+    if not isinstance(defender, DefenderData):
+        raise ValueError(
+            "prada: delta=null calibrates on the defender's data, so defender must be a DefenderData "
+            f"(the experiment passes the victim's training split); got {defender!r}"
+        )
+    for name, value in (("calibration_streams", streams), ("calibration_queries", queries)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"prada: {name} must be an int >= 1, got {value!r}")
+    if not _is_number(margin, at_least=0, below=1):
+        raise ValueError(f"prada: calibration_margin must be a number in [0, 1), got {margin!r}")
+    rows = np.asarray(defender.x, np.float64).reshape(len(defender.x), -1)
+    labels = np.asarray(defender.y).astype(int)
+    rng = np.random.default_rng([defender.seed, CALIBRATION_STREAM])
+    smallest = math.inf
+    for _ in range(streams):
+        order = rng.permutation(len(rows))[:queries]
+        trace, _ = observe_batch(
+            empty_trace(), rows[order], labels[order], 0.0, check_every, min_distances, {}, "calibration"
+        )
+        smallest = min(smallest, trace.min_shapiro_w)
+    if math.isinf(smallest):
+        raise ValueError(
+            f"prada: calibration streams of {min(queries, len(rows))} defender inputs never reach the test "
+            f"(more than min_distances={min_distances} distances); give more defender data or a number as "
+            "delta"
+        )
+    if smallest - margin <= 0:
+        raise ValueError(
+            f"prada: calibration_margin {margin} leaves no threshold: benign streams reached "
+            f"W = {smallest:.3f}"
+        )
+    return smallest - margin
 
 
 def observe_batch(
@@ -245,3 +328,14 @@ def detection_report(
         "prada_min_w_attack": smallest_w(attackers),
         "prada_min_w_benign": smallest_w(benign),
     }
+
+
+def _is_number(value, *, above=None, at_least=None, below=None, at_most=None) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return False
+    return (
+        (above is None or value > above)
+        and (at_least is None or value >= at_least)
+        and (below is None or value < below)
+        and (at_most is None or value <= at_most)
+    )

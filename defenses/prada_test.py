@@ -4,9 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from defenses.base import Evidence, QueryContext, Request
+from defenses.base import DefenderData, Evidence, QueryContext, Request
 from defenses.label_only import label_only
-from defenses.prada import empty_trace, observe_batch, prada
+from defenses.prada import calibrate_delta, empty_trace, observe_batch, prada
 from defenses.rate_limit import rate_limit
 from heistlab import data
 
@@ -93,6 +93,67 @@ def test_queries_to_detection_sums_a_sybils_identities(digits_splits):
     found = defense.report(state, evidence(["attacker-0", "attacker-1"], []))
     assert found["queries_to_detection"] == sum(first.counts.values()) > first.queries
     assert found["false_positive_rate"] is None
+
+
+def defender_from(dataset, seed=0):
+    return DefenderData(dataset.x, dataset.y, dataset.input_shape, dataset.num_classes, seed)
+
+
+def test_delta_calibrated_on_the_defender_split_spares_unseen_digits_and_catches_synthetic_ones(
+    digits_splits,
+):
+    # Calibrated on the victim's training digits only; the test digits it is then judged on were never seen.
+    defense = prada(delta=None, defender=defender_from(digits_splits.victim_train), calibration_streams=10)
+    state = stream(defense, digits_splits.test.x, digits_splits.test.y, "benign-0")
+    state = stream(defense, *synthetic_stream(digits_splits), "attacker", state=state)
+    found = defense.report(state, evidence(["attacker"], ["benign-0"]))
+    assert found["prada_min_w_attack"] < found["prada_delta"] < found["prada_min_w_benign"]
+    assert found["detected"] and found["false_positive_rate"] == 0.0
+
+
+def test_calibrated_delta_is_the_smallest_benign_w_less_the_margin(digits_splits):
+    defender = defender_from(digits_splits.victim_train, seed=3)
+    delta = calibrate_delta(defender, streams=5, queries=300, margin=0.0)
+    assert calibrate_delta(defender, streams=5, queries=300, margin=0.04) == pytest.approx(delta - 0.04)
+    assert calibrate_delta(defender, streams=10, queries=300, margin=0.0) <= delta  # more streams, lower min
+    one_stream = calibrate_delta(defender, streams=1, queries=300, margin=0.0)
+    order = np.random.default_rng([3, 0x5072]).permutation(len(defender.x))[:300]
+    trace, _ = observe_batch(
+        empty_trace(),
+        defender.x[order].reshape(300, -1).astype(float),
+        defender.y[order],
+        0.0,
+        10,
+        100,
+        {},
+        "c",
+    )
+    assert one_stream == trace.min_shapiro_w
+
+
+def test_an_honest_client_resending_perturbed_copies_of_a_few_inputs_is_alarmed(digits_splits):
+    # A known limit of the distance test: 30 digits, each re-sent 10 times with pixel noise of std 0.03 (a
+    # client retrying re-encoded images), give many tiny distances, as synthetic queries do.
+    rng = np.random.default_rng(0)
+    originals, labels = digits_splits.test.x[:30], digits_splits.test.y[:30]
+    copies = np.clip(originals[None] + rng.normal(0, 0.03, (10, *originals.shape)), 0, 1).astype(np.float32)
+    order = rng.permutation(300)
+    inputs, classes = copies.reshape(300, *originals.shape[1:])[order], np.tile(labels, 10)[order]
+    defense = prada(delta=None, defender=defender_from(digits_splits.victim_train), calibration_streams=10)
+    state = stream(defense, inputs, classes, "benign-0")
+    found = defense.report(state, evidence([], ["benign-0"]))
+    assert found["false_positive_rate"] == 1.0
+    assert state.traces["benign-0"].alarm.queries <= 150 and found["prada_min_w_benign"] < 0.5
+
+
+def test_calibration_needs_enough_defender_data(digits_splits):
+    with pytest.raises(ValueError, match="prada: delta=null calibrates on the defender's data"):
+        prada(delta=None)
+    small = defender_from(digits_splits.victim_train)._replace(x=digits_splits.victim_train.x[:50])
+    with pytest.raises(ValueError, match="calibration streams of 50 defender inputs never reach the test"):
+        prada(delta=None, defender=small)
+    with pytest.raises(ValueError, match=r"calibration_margin must be a number in \[0, 1\), got 1.5"):
+        prada(delta=None, defender=small, calibration_margin=1.5)
 
 
 def test_refuse_action_refuses_an_alarmed_client_only(digits_splits):

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from defenses.base import QueryContext
+from defenses.base import DefenderData, QueryContext
 from defenses.top_k import top_k
 
 
@@ -38,3 +38,10 @@ def test_k_at_least_the_number_of_classes_serves_unchanged():
 def test_rejects_bad_k(k):
     with pytest.raises(ValueError, match="top_k: k must be an int >= 1, got"):
         top_k(k)
+
+
+def test_k_above_the_defenders_classes_is_refused_naming_the_range():
+    defender = DefenderData(np.zeros((1, 2)), np.zeros(1), (2,), num_classes=10, seed=0)
+    top_k(10, defender)
+    with pytest.raises(ValueError, match=r"k=11 exceeds the 10 classes .* accepted: 1 to 10"):
+        top_k(11, defender)

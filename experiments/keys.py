@@ -6,8 +6,10 @@
     python -m experiments.keys list --store keys.json
     python -m experiments.keys selfsigned --out tls --host 127.0.0.1 --host localhost
 
-The store keeps salted scrypt hashes only; a key's secret is written once, to the client's key file
-(mode 0600).
+The store keeps salted SHA-256 hashes of the keys' random 256-bit secrets only (``heistlab.serving.auth``
+says why not scrypt); a key's secret is written once, to the client's key file (mode 0600). ``list`` names
+keys kept under scrypt or PBKDF2 by older stores: still accepted, but verified at that cost and refused
+unchecked while their failures are throttled; re-create them (``create``, then ``revoke`` the old id).
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif arguments.command == "list":
         for record in read_store(arguments.store).values():
             state = "revoked" if record.revoked is not None else "active"
-            print(f"{record.key_id}  {record.role:<13}  {state}")
+            slow = f"  {record.kdf['name']}: re-create this key for the fast check" if record.slow else ""
+            print(f"{record.key_id}  {record.role:<13}  {state}{slow}")
     else:
         pair = self_signed_pair(
             arguments.out, tuple(arguments.host or ("127.0.0.1", "localhost")), arguments.days

@@ -3,7 +3,10 @@
     python -m experiments.protect --out ~/.heistlab-keys
 
 writes ``checkpoint.key`` (AES-256, hex, mode 600), ``manifest_signing.pem`` (Ed25519 private, mode 600) and
-``manifest_verify.pem`` (public), then prints the overrides that use them. Keys are never put in configs.
+``manifest_verify.pem`` (public), then prints the overrides that use them: the same ``protection.*``
+keys work for ``experiments.run``, ``experiments.audit`` and ``experiments.serve`` (``configs/protection``).
+A server that only loads victims needs ``protection.verify_key_file`` and the encryption key; the signing key
+can stay with whoever trains them. Keys are never put in configs.
 """
 
 from __future__ import annotations

@@ -7,12 +7,14 @@
 
 Each run writes ``results.json`` (and ``log.jsonl``) in its Hydra output folder. A sweep launched again
 with the same ``hydra.sweep.dir`` skips the jobs whose results are complete for the same config
-(``heistlab.sweep``).
+(``heistlab.sweep``). A config the run cannot honour is refused before any work, in one line on stderr,
+with exit status 2 (``heistlab.checks``).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 
 import hydra
 from hydra.utils import instantiate
@@ -21,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from heistlab import sweep
+from heistlab.checks import REFUSED_STATUS, ConfigError, check_launcher
 
 
 def metrics_table(metrics: dict, title: str) -> Table:
@@ -45,9 +48,14 @@ def main(cfg: DictConfig) -> None:
     logger = instantiate(cfg.logger, output_dir=job.output_dir, **sweep.logger_arguments(cfg.logger, job))
     if sweep.tracks_curves(cfg.logger):
         logger = sweep.RoundCurves(logger, job.output_dir / sweep.RESULTS_FILE)
-    with sweep.job_progress(job) as progress:
-        metrics = run_experiment(cfg, job.output_dir, logger)
-        progress(metrics)
+    try:
+        with sweep.job_progress(job) as progress:
+            metrics = run_experiment(cfg, job.output_dir, logger)
+            progress(metrics)
+    except ConfigError as error:
+        refuse(error, job)
+    if job.in_sweep:
+        return  # the sweep's one line for this job was logged by job_progress
     title = f"heistlab: {' '.join(job.overrides) or 'defaults'}"
     if cfg.num_seeds > 1:
         title += f" (mean of {cfg.num_seeds} seeds; each seed's metrics are in results.json)"
@@ -55,5 +63,21 @@ def main(cfg: DictConfig) -> None:
     Console().print(f"results: {job.output_dir / sweep.RESULTS_FILE}")
 
 
-if __name__ == "__main__":
+def refuse(error: ConfigError, job: sweep.Job | None = None) -> None:
+    """Prints the refusal once, on one line of stderr, and exits with status 2 (no traceback)."""
+    where = f"{sweep.job_label(job)}: " if job is not None and job.in_sweep else ""
+    print(f"heistlab: refused: {where}{error}", file=sys.stderr, flush=True)
+    raise SystemExit(REFUSED_STATUS)
+
+
+def cli() -> None:
+    """The entry point: refuses a launcher whose plugin is missing before Hydra composes, then runs."""
+    try:
+        check_launcher(sys.argv[1:])
+    except ConfigError as error:
+        refuse(error)
     main()
+
+
+if __name__ == "__main__":
+    cli()

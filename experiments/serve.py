@@ -6,6 +6,7 @@
         serve.certfile=tls/cert.pem serve.keyfile=tls/key.pem defense=rounding serve.quota=5000
 
 Then ``python -m experiments.run api=http api.key_file=client.json api.ca_file=tls/cert.pem`` attacks it.
+``serve.workers=4`` serves with four processes on one port (``heistlab.serving.workers``).
 """
 
 from __future__ import annotations
@@ -16,16 +17,29 @@ import hydra
 from omegaconf import DictConfig
 
 from heistlab.experiment import cache_directory, enable_compilation_cache
+from heistlab.protection import ProtectionError
 from heistlab.serving.app import app_from_config
 from heistlab.serving.server import serve_forever, uvicorn_config
+from heistlab.serving.workers import check_workers, serve_workers
+from heistlab.victims import TamperedCheckpointError
+
+# Refusals a start-up can meet (a refused checkpoint or key, a missing file, a bad setting): one clear line.
+STARTUP_REFUSALS = (ProtectionError, TamperedCheckpointError, FileNotFoundError, ValueError)
 
 
 @hydra.main(config_path="../configs", config_name="serve", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    workers = check_workers(cfg.serve.get("workers", 1))
+    if workers > 1:
+        raise SystemExit(serve_workers(cfg, workers))
     enable_compilation_cache(cache_directory(cfg))
-    app, settings = app_from_config(cfg)
-    serve_forever(uvicorn_config(app, *settings))
+    try:
+        app, settings = app_from_config(cfg)
+        config = uvicorn_config(app, *settings)
+    except STARTUP_REFUSALS as error:
+        raise SystemExit(f"experiments.serve refused to start: {error}") from None
+    serve_forever(config)
 
 
 if __name__ == "__main__":

@@ -27,10 +27,22 @@ from omegaconf import DictConfig, OmegaConf
 import defenses
 from attacks.base import Attack, AttackResult, Surrogate
 from defenses import DefenderData, Defense, Evidence, chain
-from heistlab import data, metrics, models, protection, results, seeds, training, victims
+from heistlab import (
+    checks,
+    data,
+    external_data,
+    metrics,
+    models,
+    protection,
+    results,
+    seeds,
+    training,
+    victims,
+)
 from heistlab.api import PredictionAPI, QueryRefused
+from heistlab.checks import ConfigError, building
 from heistlab.models import build_model
-from heistlab.progress import phase
+from heistlab.progress import counter, counting_oracle, phase
 
 COMPILE_EVENTS = (
     "/jax/core/compile/jaxpr_trace_duration",
@@ -61,16 +73,10 @@ def cache_directory(cfg: DictConfig) -> Path:
 
 def build_splits(cfg: DictConfig) -> data.Splits:
     spec = cfg.data
-    synthetic = OmegaConf.to_container(spec.synthetic) if "synthetic" in spec else None
-    dataset = data.load_dataset(
-        spec.name, data_dir=spec.data_dir, download=spec.download, synthetic=synthetic
-    )
+    dataset = load_data(spec)
     pool_dataset = None
     if spec.pool not in data.POOL_SOURCES:
-        if spec.pool not in data.DATASETS:
-            accepted = ", ".join(data.POOL_SOURCES + data.DATASETS)
-            raise ValueError(f"data.pool must be one of {accepted}; got {spec.pool!r}")
-        pool_dataset = data.load_dataset(spec.pool, data_dir=spec.data_dir, download=spec.download)
+        pool_dataset = load_pool(spec, dataset.input_shape)
     return data.make_splits(
         dataset,
         seed=spec.split_seed,
@@ -79,6 +85,30 @@ def build_splits(cfg: DictConfig) -> data.Splits:
         pool_source=spec.pool,
         pool_size=spec.pool_size,
         pool_dataset=pool_dataset,
+    )
+
+
+def load_data(spec: DictConfig) -> data.Dataset:
+    """The configured data set: a built-in one by name, or a user's ``.npz`` file or image folder."""
+    if spec.name == "arrays":
+        return external_data.load_arrays(spec.path, num_classes=spec.get("num_classes"))
+    if spec.name == "image_folder":
+        return external_data.load_image_folder(spec.root, tuple(spec.image_shape))
+    synthetic = OmegaConf.to_container(spec.synthetic) if "synthetic" in spec else None
+    return data.load_dataset(spec.name, data_dir=spec.data_dir, download=spec.download, synthetic=synthetic)
+
+
+def load_pool(spec: DictConfig, input_shape: tuple[int, ...]) -> data.Dataset:
+    """The attacker's pool from another built-in data set, or from a ``.npz`` file or image folder."""
+    if spec.pool in data.DATASETS:
+        return data.load_dataset(spec.pool, data_dir=spec.data_dir, download=spec.download)
+    if Path(os.path.expanduser(str(spec.pool))).exists():
+        shape = tuple(spec.image_shape) if spec.get("image_shape") else input_shape
+        inputs = external_data.load_pool_inputs(spec.pool, shape)
+        return data.Dataset(inputs, np.zeros(len(inputs), np.int32), 0, str(spec.pool))
+    accepted = ", ".join(data.POOL_SOURCES + data.DATASETS)
+    raise ValueError(
+        f"data.pool must be one of {accepted}, or an existing .npz file or image folder; got {spec.pool!r}"
     )
 
 
@@ -186,6 +216,7 @@ def measure(cfg, splits, victim, defense, attack_result, stolen_model, api, atta
         "queries_refused": sum(api.refused(name) for name in attackers),
         "simulated_seconds": max(api.simulated_seconds(name) for name in attackers),
         "attack_rounds": len(attack_result.rounds),
+        **(attack_result.metrics or {}),
     }
 
 
@@ -264,7 +295,10 @@ def build_api(cfg: DictConfig, victim: victims.Victim, defense: Defense):
 
 
 class Prepared(NamedTuple):
-    """What every seed of an experiment shares: data, defense, victim, attack and surrogate."""
+    """What every seed of an experiment shares: data, defense, victim, attack and surrogate.
+
+    victim_mismatch: set when the attack runs against a victim it cannot extract, by the user's choice.
+    """
 
     splits: data.Splits
     defense: Defense
@@ -272,53 +306,119 @@ class Prepared(NamedTuple):
     victim_from_cache: bool
     attack: Attack
     surrogate: Surrogate
+    victim_mismatch: checks.VictimMismatch | None = None
+
+
+# The attack config's opt-in to run an exact-extraction attack against a victim outside its family.
+MISMATCH_OPT_IN = "allow_mismatched_victim"
+
+
+def build_attack(spec: DictConfig) -> tuple[Attack, bool]:
+    """The attack from its config, and whether it may run against a victim it cannot extract."""
+    options = OmegaConf.to_container(spec, resolve=True)
+    allowed = options.pop(MISMATCH_OPT_IN, False)
+    if not isinstance(allowed, bool):
+        raise ConfigError(f"attack.{MISMATCH_OPT_IN} must be true or false; got {allowed!r}")
+    with building("attack"):
+        return instantiate(options), allowed
+
+
+def describe_victim(spec: DictConfig) -> str:
+    options = OmegaConf.to_container(spec.options, resolve=True) if "options" in spec else {}
+    return f"{spec.family} {options or ''}".strip()
+
+
+def check_evasion(cfg: DictConfig) -> None:
+    """Builds the evasion config (if any) to refuse a score-based evasion behind a labels-only API."""
+    from attacks.evasion import SCORE
+
+    if not cfg.evasion.get("_target_"):
+        return
+    with building("evasion"):
+        evasion = instantiate(cfg.evasion)
+    checks.check_evasion_output(evasion.name, evasion.kind == SCORE, cfg.api.get("output"))
+
+
+def check_against_data(cfg: DictConfig, splits: data.Splits, attack: Attack, allow_mismatch: bool):
+    """Refusals that need the data's shapes, before the victim is trained; returns an allowed mismatch."""
+    checks.check_api_top_k(cfg.api, splits.num_classes)
+    if attack.keeps_queries:
+        checks.check_transfer_set_memory(
+            attack.budget,
+            splits.input_shape,
+            splits.num_classes,
+            number_of_seeds(cfg),
+            checks.available_memory(),
+        )
+    with building("victim"):
+        victim_model = build_model_from(cfg.victim, splits.num_classes)
+    return checks.check_victim_family(attack, victim_model, describe_victim(cfg.victim), allow_mismatch)
 
 
 def prepare(cfg: DictConfig) -> Prepared:
+    """Checks the config (``heistlab.checks``: a ``ConfigError`` before any training), then loads the data
+    and the victim (trained when not cached) and builds the defense, attack and surrogate."""
+    checks.check_static(cfg)
+    attack, allow_mismatch = build_attack(cfg.attack)
+    check_evasion(cfg)
     with phase(f"loading {cfg.data.name}"):
         splits = build_splits(cfg)
-    defense = build_defense(cfg.defense, defender_data(cfg, splits))
-    with phase(f"loading or training the {cfg.victim.family} victim"):
+    mismatch = check_against_data(cfg, splits, attack, allow_mismatch)
+    with building("defense"):
+        defense = build_defense(cfg.defense, defender_data(cfg, splits))
+    with building("surrogate"):
+        surrogate = Surrogate(
+            build_model_from(cfg.surrogate, splits.num_classes), train_config_from(cfg.surrogate.train)
+        )
+    with phase(f"loading or training the {cfg.victim.family} victim") as ready:
         victim, from_cache = load_victim(cfg, splits, defense)
-    surrogate = Surrogate(
-        build_model_from(cfg.surrogate, splits.num_classes), train_config_from(cfg.surrogate.train)
-    )
-    return Prepared(splits, defense, victim, from_cache, instantiate(cfg.attack), surrogate)
+        ready(victim.params)
+    return Prepared(splits, defense, victim, from_cache, attack, surrogate, mismatch)
 
 
 def attack_key(cfg: DictConfig) -> jax.Array:
     return jax.random.fold_in(jax.random.key(cfg.seed), 1)
 
 
-def attacker_view(cfg: DictConfig, prepared: Prepared):
-    """A fresh API around the prepared victim and defense, and the attacker's oracle on it."""
+def attacker_view(cfg: DictConfig, prepared: Prepared, advance=None):
+    """A fresh API around the prepared victim and defense, and the attacker's oracle on it.
+
+    ``advance(n)``, when given, is told of every ``n`` queries the oracle is served (a progress bar).
+    """
     api = build_api(cfg, prepared.victim, prepared.defense)
-    return api, api.oracle("attacker", identities=cfg.api.attacker_identities)
+    oracle = api.oracle("attacker", identities=cfg.api.attacker_identities)
+    return api, oracle if advance is None else counting_oracle(oracle, advance)
 
 
 def run_facts(prepared: Prepared, started: float, compile_before: float) -> dict:
-    """How the run went beside what it measured: victim cache hit, wall and compile seconds so far."""
-    return {
+    """How the run went beside what it measured: victim cache hit, wall and compile seconds so far, and the
+    victim mismatch the user allowed (``attack.allow_mismatched_victim``), if any."""
+    facts = {
         "victim_from_cache": prepared.victim_from_cache,
         "wall_seconds": time.perf_counter() - started,
         "compile_seconds": _compile_seconds[0] - compile_before,
     }
+    if prepared.victim_mismatch is not None:
+        facts["victim_mismatch"] = prepared.victim_mismatch.message
+    return facts
 
 
 def assess(cfg: DictConfig, prepared: Prepared, api, oracle, attack_result: AttackResult) -> dict:
     """Everything measured after the attack: utility, fidelity, queries, the defense's report, evasion."""
     splits, victim, defense = prepared.splits, prepared.victim, prepared.defense
     stolen_model = attack_result.model or prepared.surrogate.model
-    with phase("measuring"):
+    with phase("measuring") as ready:
         found = measure(cfg, splits, victim, defense, attack_result, stolen_model, api, oracle.clients)
         benign = stream_benign_clients(cfg, api, splits.test)
         evidence = evidence_for(
             cfg, splits, victim, stolen_model, attack_result.params, oracle.clients, benign
         )
-        found.update(api.report(evidence))
+        found.update(ready(api.report(evidence)))
     if cfg.evasion.get("_target_"):
-        with phase(f"evasion: {cfg.evasion._target_}"):
-            found.update(run_evasion_stage(cfg, splits, victim, api, stolen_model, attack_result.params))
+        with phase(f"evasion: {cfg.evasion._target_}") as ready:
+            found.update(
+                ready(run_evasion_stage(cfg, splits, victim, api, stolen_model, attack_result.params))
+            )
     return found
 
 
@@ -329,10 +429,13 @@ def execute(cfg: DictConfig, rounds: list | None = None) -> dict:
     """
     started, compile_before = time.perf_counter(), _compile_seconds[0]
     prepared = prepare(cfg)
-    api, oracle = attacker_view(cfg, prepared)
     attack = prepared.attack
-    with phase(f"running {attack.name} (budget {attack.budget})"):
-        attack_result = attack.run(oracle, prepared.splits.pool, prepared.surrogate, attack_key(cfg))
+    with (
+        counter("queries served", attack.budget) as advance,
+        phase(f"running {attack.name} (budget {attack.budget})") as ready,
+    ):
+        api, oracle = attacker_view(cfg, prepared, advance)
+        attack_result = ready(attack.run(oracle, prepared.splits.pool, prepared.surrogate, attack_key(cfg)))
     if rounds is not None:
         rounds.extend(dict(entry) for entry in attack_result.rounds)
     found = assess(cfg, prepared, api, oracle, attack_result)
@@ -343,9 +446,9 @@ def execute(cfg: DictConfig, rounds: list | None = None) -> dict:
 def number_of_seeds(cfg: DictConfig) -> int:
     count = cfg.get("num_seeds", 1)
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"num_seeds must be an integer >= 1, got {count!r}")
+        raise ConfigError(f"num_seeds must be an integer >= 1, got {count!r}")
     if count > 1 and cfg.api.get("kind", "inprocess") != "inprocess":
-        raise ValueError(
+        raise ConfigError(
             f"num_seeds={count} needs api=inprocess (one fresh API per seed); a remote API's budget and "
             "state are shared by every seed. Sweep seeds with -m 'seed=range(N)' instead."
         )
@@ -402,10 +505,13 @@ def execute_seeds(cfg: DictConfig) -> tuple[dict, list[dict]]:
     count = number_of_seeds(cfg)
     prepared = prepare(cfg)
     configs = [with_seed(cfg, cfg.seed + index) for index in range(count)]
-    apis, oracles = zip(*(attacker_view(seeded, prepared) for seeded in configs), strict=True)
     attack = prepared.attack
-    with phase(f"running {attack.name} (budget {attack.budget}) for {count} seeds"):
-        results_by_seed = attack_every_seed(prepared, oracles, configs)
+    with (
+        counter(f"queries served ({count} seeds)", attack.budget * count) as advance,
+        phase(f"running {attack.name} (budget {attack.budget}) for {count} seeds") as ready,
+    ):
+        apis, oracles = zip(*(attacker_view(seeded, prepared, advance) for seeded in configs), strict=True)
+        results_by_seed = ready(attack_every_seed(prepared, oracles, configs))
     per_seed = [
         {
             "seed": seeded.seed,
@@ -444,6 +550,12 @@ def run_experiment(cfg: DictConfig, output_dir: Path, logger=None) -> dict:
             record["rounds"] = rounds
         else:
             record["metrics"], record["seeds"] = execute_seeds(cfg)
+    except ConfigError as error:
+        record.update(status="refused", error=str(error))
+        results.write_results(output_dir, record)
+        if logger is not None:
+            logger.finish("refused")
+        raise
     except BaseException as error:
         record.update(status="failed", error="".join(traceback.format_exception(error)))
         results.write_results(output_dir, record)

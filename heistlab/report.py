@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -119,7 +120,12 @@ def hydra_choices(results_path: Path) -> dict[str, str]:
     if not saved.exists():
         return {}
     choices = (yaml.safe_load(saved.read_text()) or {}).get("hydra", {}).get("runtime", {}).get("choices", {})
-    return {group: str(option) for group, option in (choices or {}).items() if "/" not in group}
+    # A group set to null (a preset that sweeps whole configs in its place) has no option to name.
+    return {
+        group: str(option)
+        for group, option in (choices or {}).items()
+        if "/" not in group and option is not None
+    }
 
 
 def flatten(config: dict, choices: dict[str, str] | None = None, prefix: str = "") -> dict:
@@ -176,9 +182,16 @@ def _last_line(text) -> str | None:
     return lines[-1].strip() if lines else None
 
 
-def gather(paths: Iterable[str | Path]) -> Gathered:
+def sweep_root(paths: Iterable[str | Path]) -> Path:
+    """The folder that holds every given sweep folder or results.json file (their common parent)."""
+    folders = [(path if path.is_dir() else path.parent).resolve() for path in map(Path, paths)]
+    return Path(os.path.commonpath(folders))
+
+
+def gather(paths: Iterable[str | Path], relative_to: str | Path | None = None) -> Gathered:
     """Reads the runs under ``paths`` into one table: path, status, seed, cell and context columns, then
-    metrics."""
+    metrics. With ``relative_to`` (a folder holding every path), the path column is relative to it."""
+    paths = list(paths)
     found = [(path, record) for path in find_results(paths) for record in per_seed_records(load_record(path))]
     files, records = [path for path, _ in found], [record for _, record in found]
     configs = [
@@ -202,7 +215,7 @@ def gather(paths: Iterable[str | Path]) -> Gathered:
     for path, record, config in zip(files, records, configs, strict=True):
         metrics = record.get("metrics") or {}
         row = {
-            "path": str(path),
+            "path": _shown_path(path, relative_to),
             "status": str(record.get("status", "unknown")),
             SEED: record.get(SEED, config.get(SEED)),
             "error": _last_line(record.get("error")),
@@ -216,6 +229,12 @@ def gather(paths: Iterable[str | Path]) -> Gathered:
     for column in ("path", "status", "error"):
         runs[column] = runs[column].astype(object)
     return Gathered(runs, cells, tuple(metric_names))
+
+
+def _shown_path(path: Path, relative_to: str | Path | None) -> str:
+    if relative_to is None:
+        return str(path)
+    return path.resolve().relative_to(Path(relative_to).resolve()).as_posix()
 
 
 def complete_runs(gathered: Gathered) -> pd.DataFrame:
@@ -469,11 +488,14 @@ def figures(gathered: Gathered) -> dict[str, Figure]:
 
 
 class Report(NamedTuple):
+    """What ``write_report`` wrote; run paths in its tables are relative to ``root``."""
+
     gathered: Gathered
     summary: pd.DataFrame
     failed: pd.DataFrame
     markdown: str
     files: tuple[Path, ...]
+    root: Path
 
 
 def report_markdown(gathered: Gathered, summary: pd.DataFrame, failed: pd.DataFrame) -> str:
@@ -495,10 +517,13 @@ def report_markdown(gathered: Gathered, summary: pd.DataFrame, failed: pd.DataFr
 
 def write_report(paths: Iterable[str | Path], out: str | Path) -> Report:
     """Gathers ``paths`` and writes runs (CSV, Parquet), the summary (CSV, Markdown, LaTeX) and the figures
-    (PNG, PDF) into ``out``."""
+    (PNG, PDF) into ``out``. Run paths are written relative to the sweep folder (the given folders' common
+    parent), so the files say nothing about the machine that made them."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    gathered = gather(paths)
+    paths = list(paths)
+    root = sweep_root(paths)
+    gathered = gather(paths, relative_to=root)
     summary = summarize(gathered)
     failed = failed_runs(gathered)
     markdown = report_markdown(gathered, summary, failed)
@@ -517,4 +542,4 @@ def write_report(paths: Iterable[str | Path], out: str | Path) -> Report:
         for suffix in ("png", "pdf"):
             files.append(out / f"{name}.{suffix}")
             figure.savefig(files[-1], dpi=120)
-    return Report(gathered, summary, failed, markdown, tuple(files))
+    return Report(gathered, summary, failed, markdown, tuple(files), root)

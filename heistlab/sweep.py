@@ -29,6 +29,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
+from heistlab.checks import ConfigError
+
 log = logging.getLogger("heistlab.sweep")
 
 # heistlab.results.RESULTS_FILE; not imported from there, since that module loads JAX and this one must not.
@@ -240,6 +242,8 @@ def job_progress(job: Job, headline: str = "fidelity_test") -> Iterator[Callable
     finished: dict = {}
     try:
         yield finished.update
+    except ConfigError:
+        raise  # a refusal is printed once, by the entry point
     except BaseException as error:
         log.info("%s: failed after %.1f s: %s", job_label(job), time.perf_counter() - started, error)
         raise

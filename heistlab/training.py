@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from heistlab import progress
 from heistlab.models import trains_in_compiled_loop
 
 Params = Any
@@ -90,9 +91,24 @@ class TrainingProgram(NamedTuple):
     run_chunk: Callable
 
 
+# Where a compiled training loop that reports its epochs sends each finished epoch (a progress bar's advance).
+_epoch_listeners: list[Callable[[int], None]] = []
+
+
+def _epoch_finished() -> None:
+    if _epoch_listeners:
+        _epoch_listeners[-1](1)
+
+
 @functools.lru_cache(maxsize=64)
-def _training_program(model: nn.Module, batch_size: int, learning_rate: float) -> TrainingProgram:
-    """Adam on minibatches of a padded data set: the whole loop, one step, and ``STEPS_PER_CALL`` steps."""
+def _training_program(
+    model: nn.Module, batch_size: int, learning_rate: float, report_epochs: bool = False
+) -> TrainingProgram:
+    """Adam on minibatches of a padded data set: the whole loop, one step, and ``STEPS_PER_CALL`` steps.
+
+    With ``report_epochs`` the whole loop calls back to the host after each epoch (a progress bar's count);
+    the parameters it computes are the same.
+    """
     optimizer = optax.adam(learning_rate)
 
     def loss_fn(params, inputs, targets, weights):
@@ -114,7 +130,10 @@ def _training_program(model: nn.Module, batch_size: int, learning_rate: float) -
         def epoch(index, carry):
             order = epoch_order(key, index, count, inputs.shape[0])
             one_step = lambda position, c: step(c, position, order, inputs, targets, count)
-            return jax.lax.fori_loop(0, steps_per_epoch, one_step, carry)
+            carry = jax.lax.fori_loop(0, steps_per_epoch, one_step, carry)
+            if report_epochs:
+                jax.debug.callback(_epoch_finished, ordered=True)
+            return carry
 
         params, _ = jax.lax.fori_loop(0, epochs, epoch, (params, optimizer.init(params)))
         return params
@@ -167,18 +186,36 @@ def train_classifier(
     padded_inputs = jnp.asarray(pad_rows(np.asarray(inputs, np.float32), capacity))
     padded_targets = jnp.asarray(pad_rows(np.asarray(targets, np.float32), capacity))
     steps_per_epoch = math.ceil(count / config.batch_size)
-    program = _training_program(model, config.batch_size, float(config.learning_rate))
+    shown = progress.interactive()
+    description = f"training {type(model).__name__} (epochs)"
     if trains_in_compiled_loop(model, inputs.shape[1:]):
+        program = _training_program(model, config.batch_size, float(config.learning_rate), shown)
         dynamic = (np.int32(count), np.int32(steps_per_epoch), np.int32(config.epochs))
-        return program.run_all(params, padded_inputs, padded_targets, *dynamic, shuffle_key)
+        if not shown:
+            return program.run_all(params, padded_inputs, padded_targets, *dynamic, shuffle_key)
+        with progress.counter(description, config.epochs) as advance:
+            _epoch_listeners.append(advance)
+            try:  # the bar counts epochs as the device finishes them
+                return jax.block_until_ready(
+                    program.run_all(params, padded_inputs, padded_targets, *dynamic, shuffle_key)
+                )
+            finally:
+                _epoch_listeners.pop()
+    program = _training_program(model, config.batch_size, float(config.learning_rate))
     carry, rows = (params, program.optimizer.init(params)), np.int32(count)
     chunked = steps_per_epoch - steps_per_epoch % STEPS_PER_CALL
-    for epoch in range(config.epochs):
-        order = epoch_program(shuffle_key, np.int32(epoch), rows, capacity)
-        for position in range(0, chunked, STEPS_PER_CALL):
-            carry = program.run_chunk(carry, np.int32(position), order, padded_inputs, padded_targets, rows)
-        for position in range(chunked, steps_per_epoch):
-            carry = program.run_one(carry, np.int32(position), order, padded_inputs, padded_targets, rows)
+    with progress.counter(description, config.epochs) as advance:
+        for epoch in range(config.epochs):
+            order = epoch_program(shuffle_key, np.int32(epoch), rows, capacity)
+            for position in range(0, chunked, STEPS_PER_CALL):
+                carry = program.run_chunk(
+                    carry, np.int32(position), order, padded_inputs, padded_targets, rows
+                )
+            for position in range(chunked, steps_per_epoch):
+                carry = program.run_one(carry, np.int32(position), order, padded_inputs, padded_targets, rows)
+            if shown:  # the bar counts finished epochs, not dispatched ones
+                jax.block_until_ready(carry)
+            advance(1)
     return carry[0]
 
 

@@ -2,6 +2,7 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version,-jupytext.text_representation.format_version
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -18,12 +19,13 @@
 # (mean ± std over seeds per cell), reproduces the report's figures, then looks at one defense's trade-off:
 # how much fidelity it takes from the attacker, and what it costs honest clients.
 #
-# Which sweep: `HEISTLAB_SWEEP` (a sweep or run folder), else the newest folder under `multirun/`. For
-# example, from the repository root:
+# Which sweep: `HEISTLAB_SWEEP` (a sweep or run folder), else the newest folder under `multirun/`. Both are
+# read from the directory the `jupyter` command was run in (the shell's `PWD`, which the kernel inherits;
+# the kernel itself runs in `notebooks/`). For example, from the repository root:
 #
 # ```bash
-# python -m experiments.run -m defense=none,rounding defense.decimals=1 attack.budget=250,500,1000 'seed=range(3)'
-# HEISTLAB_SWEEP=multirun/<date>/<time> jupyter lab notebooks/analysis.ipynb
+# python -m experiments.run -m defense=none,rounding attack.budget=250,500,1000 'seed=range(3)' hydra.sweep.dir=multirun/rounding
+# HEISTLAB_SWEEP=multirun/rounding jupyter lab notebooks/analysis.ipynb
 # ```
 
 # %%
@@ -38,16 +40,33 @@ from matplotlib.figure import Figure
 from heistlab import report
 
 ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
+LAUNCH_DIR = Path(os.environ.get("PWD") or ROOT)
 
 
 def newest_sweep(root: Path) -> Path:
-    sweeps = sorted((root / "multirun").glob("*/*"), key=lambda path: path.stat().st_mtime)
+    # Hydra writes multirun.yaml at the top of every sweep folder, dated or named with hydra.sweep.dir
+    sweeps = sorted(
+        (record.parent for record in (root / "multirun").rglob("multirun.yaml")),
+        key=lambda path: path.stat().st_mtime,
+    )
     if not sweeps:
         raise FileNotFoundError(f"no sweep under {root / 'multirun'}: run one, or set HEISTLAB_SWEEP")
     return sweeps[-1]
 
 
-SWEEP = Path(os.environ["HEISTLAB_SWEEP"]) if os.environ.get("HEISTLAB_SWEEP") else newest_sweep(ROOT)
+def chosen_sweep(named: str | None) -> Path:
+    if not named:
+        return newest_sweep(LAUNCH_DIR)
+    sweep = LAUNCH_DIR / Path(named).expanduser()  # an absolute path stays as it is
+    if not sweep.is_dir():
+        raise FileNotFoundError(
+            f"HEISTLAB_SWEEP={named}: {sweep} is not a folder (a relative path is read from {LAUNCH_DIR}, "
+            "where jupyter was started); give a sweep or run folder"
+        )
+    return sweep
+
+
+SWEEP = chosen_sweep(os.environ.get("HEISTLAB_SWEEP"))
 gathered = report.gather([SWEEP])
 summary = report.summarize(gathered)
 failed = report.failed_runs(gathered)

@@ -140,9 +140,10 @@ def hardened(tmp_path_factory, small_victim) -> Audited:
         small_victim,
         roles={"client": client, "low_role": low_role, "admin": "admin", "revocable": "labels"},
         defense=chain(rounding(2), prada(check_every=10, min_distances=50)),
-        quota=4000,
+        quota=2000,  # the quota probe drains what is left of it, then crosses it: within audit.budget
         rate=1000.0,
         burst=64,
+        battery=["audit.budget=4000"],
     )
 
 
@@ -154,6 +155,7 @@ WEAKNESSES = (
 )
 
 
+@pytest.mark.slow
 def test_the_weak_deployment_is_reported_with_its_weaknesses_and_fails_the_gate(weak):
     findings = weak.findings
     for check in WEAKNESSES:
@@ -185,6 +187,7 @@ def exit_status_of(audited: Audited, fail_on: str) -> int:
     return exit_status(found, fail_on)
 
 
+@pytest.mark.slow
 def test_the_hardened_deployment_reports_the_weaknesses_absent_and_passes_the_gate(hardened):
     findings = hardened.findings
     held = (
@@ -213,9 +216,16 @@ def test_the_hardened_deployment_reports_the_weaknesses_absent_and_passes_the_ga
     assert findings["evasion.blackbox"]["title"].startswith("Evasion: hopskipjump")
     assert all(item["severity"] in ("info", "low", "medium") for item in findings.values())
     assert hardened.status == 0
-    assert sum(hardened.record["spent"].values()) <= hardened.record["budget"] == 3000
+    assert sum(hardened.record["spent"].values()) <= hardened.record["budget"] == 4000
+    quota = findings["throttling.quota"]["figures"]
+    assert quota["rows_drained"] > 0 and quota["remaining_drained"] < 64  # crossed, not assumed
+    assert (quota["status"], quota["remaining_after"]) == (429, quota["remaining_drained"])
+    assert findings["transport.tls"]["tested"] and not findings["transport.tls"]["present"]
+    flood = findings["authentication.failed_attempts"]
+    assert flood["tested"] and flood["present"] == ("429" not in flood["figures"]["status_counts"])
 
 
+@pytest.mark.slow
 def test_extraction_is_measured_as_fidelity_per_queries_with_its_detection(weak, hardened):
     for audited in (weak, hardened):
         knockoff = audited.findings["extraction.knockoff"]["figures"]
@@ -230,6 +240,7 @@ def test_extraction_is_measured_as_fidelity_per_queries_with_its_detection(weak,
     assert weak.findings["detection.monitoring"]["present"]  # no detector: the admin key saw no alarm
 
 
+@pytest.mark.slow
 def test_the_report_shows_each_finding_its_figures_and_the_configuration(weak):
     markdown = (weak.out_dir / "report.md").read_text()
     html = (weak.out_dir / "report.html").read_text()

@@ -139,7 +139,8 @@ def test_the_server_keeps_an_encrypted_audit_log_named_in_serve_yaml(tmp_path, c
     ]  # fmt: skip
     inputs = {"inputs": np.full((8, 8, 8, 1), 0.5).tolist()}
     for expected_remaining in (12, 4):  # the second server starts from the encrypted ledger
-        app, _ = app_from_config(composed_serve(*overrides))
+        app, settings = app_from_config(composed_serve(*overrides))
+        settings.on_rejected("refused by the HTTP parser")  # what uvicorn_config(app, *settings) calls
         server = serve_in_thread(app, tls.certfile, tls.keyfile)
         try:
             with httpx.Client(base_url=server.url, verify=client_context(tls.certfile)) as http:
@@ -150,6 +151,7 @@ def test_the_server_keeps_an_encrypted_audit_log_named_in_serve_yaml(tmp_path, c
             server.stop()
         assert rows[0]["key_id"] == client.key_id and rows[0]["path"] == "/v1/predict"
         assert rows[0]["rows"] == 8 and "payload" not in rows[0]
+        assert [(row["status"], row["path"]) for row in rows if row["key_id"] is None][-1] == (400, "")
     assert client.key_id.encode() not in (tmp_path / "audit.sqlite").read_bytes()
     monkeypatch.setenv("HEISTLAB_TEST_AUDIT_KEY", OTHER_KEY.hex())
     with pytest.raises(ProtectionError, match="the key is wrong"):
@@ -177,7 +179,8 @@ def test_the_quota_probe_sends_one_batch_past_the_quota_and_sees_it_refused_whol
         server.stop()
     assert not found.present and found.tested
     assert found.figures == {
-        "quota": 10, "remaining_before": 10, "status": 429, "error": "refused", "remaining_after": 10
+        "quota": 10, "remaining_before": 10, "rows_drained": 0, "drain_status_counts": {},
+        "remaining_drained": 10, "status": 429, "error": "refused", "remaining_after": 10,
     }  # fmt: skip
     assert probing.ledger.spent == {"probes": 11} and core.served(client.key_id) == 0
 

@@ -131,3 +131,11 @@ def test_malformed_bodies_cover_what_the_server_must_refuse():
     forged = probes.forged("hl1.eyJleHAiOiAxLjB9.c2ln")
     assert set(forged) == {"signature replaced", "signature removed", "expiry extended, signature kept"}
     assert forged["expiry extended, signature kept"].endswith(".c2ln")
+
+
+def test_a_throttled_failed_secret_is_not_taken_for_an_answered_request():
+    from heistlab.audit.probes import answered
+
+    assert not answered(429, "too_many_failures")  # the failed-auth throttle: refused before authentication
+    assert answered(429, "quota_exceeded") and answered(200)  # admission runs after authentication
+    assert not answered(401) and not answered(403)

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import jax
+import pytest
 
 from heistlab.experiment import execute
 from tests.test_configs import composed
@@ -55,6 +56,7 @@ def cache_events_in_fresh_process(cache_dir: Path) -> dict:
     return json.loads(finished.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_a_fresh_process_hits_the_persistent_cache_written_by_another(tmp_path):
     first = cache_events_in_fresh_process(tmp_path)
     second = cache_events_in_fresh_process(tmp_path)

@@ -13,6 +13,7 @@ from attacks import Attack
 from defenses import Defense
 from heistlab import loggers
 from heistlab.experiment import (
+    build_attack,
     build_defense,
     build_model_from,
     build_splits,
@@ -42,8 +43,9 @@ def test_every_defense_config_instantiates(name, digits_splits):
 @pytest.mark.parametrize("name", options("attack"))
 def test_every_attack_config_instantiates_and_sets_the_api_budget(name):
     cfg = composed(f"attack={name}", "attack.budget=123")
-    attack = instantiate(cfg.attack)
+    attack, allow_mismatched_victim = build_attack(cfg.attack)
     assert isinstance(attack, Attack) and attack.budget == 123 and cfg.api.budget == 123
+    assert allow_mismatched_victim is False
 
 
 @pytest.mark.parametrize("group", ["victim", "surrogate"])

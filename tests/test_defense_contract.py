@@ -23,6 +23,7 @@ from defenses import (
     budget,
     chain,
     gaussian_noise,
+    high_confidence,
     identity,
     label_only,
     laplace_noise,
@@ -51,6 +52,7 @@ ENTRIES = [
     ("gaussian_noise", lambda: gaussian_noise(0.05), False),
     ("laplace_noise", lambda: laplace_noise(10.0), False),
     ("reverse_sigmoid", reverse_sigmoid, False),
+    ("high_confidence", lambda: high_confidence(0.25), False),
     ("chain_top_k_label_only", lambda: chain(top_k(3), label_only()), True),
     ("chain_rounding_laplace", lambda: chain(rounding(2), laplace_noise(10.0)), False),
     ("budget", lambda: budget(per_client=100, total=1000), True),
@@ -165,6 +167,7 @@ def test_every_defense_has_a_config():
         "rounding",
         "top_k",
         "label_only",
+        "high_confidence",
         "gaussian_noise",
         "laplace_noise",
         "reverse_sigmoid",
@@ -185,11 +188,22 @@ def test_every_defense_has_a_config():
 CONFIG_DEFENDER = DefenderData(
     np.linspace(0, 1, 40, dtype=np.float32)[:, None], np.arange(40) % CLASSES, (1,), CLASSES, 0
 )
+# PRADA calibrates its threshold on streams of the defender's data, which must reach its Shapiro-Wilk test
+# (more than 100 distances); the small set above keeps the models the other configs train cheap.
+CALIBRATION_DEFENDER = DefenderData(
+    np.random.default_rng(0).uniform(size=(200, 1)).astype(np.float32),
+    np.arange(200) % CLASSES,
+    (1,),
+    CLASSES,
+    0,
+)
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda path: path.stem)
 def test_config_instantiates_a_defense(path):
-    defense = build_defense(OmegaConf.load(path), CONFIG_DEFENDER)
+    defense = build_defense(
+        OmegaConf.load(path), CALIBRATION_DEFENDER if path.stem == "prada" else CONFIG_DEFENDER
+    )
     assert isinstance(defense, Defense)
     output, _ = defense.apply(PROBS, defense.init(), query_context(0))
     np.testing.assert_allclose(np.asarray(output).sum(axis=-1), 1.0, atol=1e-5)
@@ -201,6 +215,8 @@ def test_config_instantiates_a_defense(path):
         ("rounding", "decimals", -1),
         ("rounding", "decimals", 8),
         ("top_k", "k", 0),
+        ("high_confidence", "cutoff", 0.0),
+        ("high_confidence", "cutoff", 1.5),
         ("gaussian_noise", "sigma", -0.1),
         ("laplace_noise", "epsilon", 0.0),
         ("laplace_noise", "sensitivity", -2.0),

@@ -7,9 +7,18 @@ attacker that a per-client budget does not.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from heistlab.experiment import execute
+from defenses import Evidence
+from defenses.prada import calibrate_delta
+from heistlab.experiment import (
+    build_defense,
+    build_splits,
+    defender_data,
+    execute,
+    stream_benign_clients,
+)
 from tests.test_configs import composed
 
 CHEAP = ["surrogate.train.epochs=3", "eval.uniform_samples=64"]
@@ -19,6 +28,7 @@ def run(cache_dir, *overrides):
     return execute(composed(f"cache_dir={cache_dir}", *CHEAP, *overrides))
 
 
+@pytest.mark.slow
 def test_prada_detects_jbda_within_its_budget_and_spares_benign_streams(cache_dir):
     # JBDA with 400 queries: 150 natural seeds, then Jacobian steps. Its distances turn non-normal within the
     # first augmentation round; three benign clients each stream the whole shuffled test split (360 digits).
@@ -26,7 +36,36 @@ def test_prada_detects_jbda_within_its_budget_and_spares_benign_streams(cache_di
     assert metrics["detected"] is True
     assert 150 < metrics["queries_to_detection"] <= 400 == metrics["queries_served"]
     assert metrics["false_positive_rate"] == 0.0
-    assert metrics["prada_min_w_attack"] < 0.85 <= metrics["prada_min_w_benign"]
+    assert metrics["prada_min_w_attack"] < metrics["prada_delta"] < metrics["prada_min_w_benign"]
+
+
+class RecordingAPI:
+    """Takes every query a benign client streams, and remembers its rows."""
+
+    def __init__(self):
+        self.rows = []
+
+    def remaining(self, client):
+        return 10**9
+
+    def query(self, inputs, client):
+        self.rows.extend(np.asarray(inputs))
+
+
+def test_prada_calibrates_on_defender_data_the_benign_clients_never_send():
+    cfg = composed("defense=prada", "defense.calibration_streams=3", "eval.benign_clients=2")
+    splits = build_splits(cfg)
+    defender = defender_data(cfg, splits)
+    api = RecordingAPI()
+    stream_benign_clients(cfg, api, splits.test)
+    streamed = {row.tobytes() for row in api.rows}
+    calibration = {row.tobytes() for row in np.asarray(defender.x)}
+    assert len(streamed) == len(splits.test.x) and len(calibration) == len(defender.x)
+    assert streamed.isdisjoint(calibration)
+    defense = build_defense(cfg.defense, defender)
+    labels = lambda x: np.zeros(len(x), np.int64)
+    found = defense.report(defense.init(), Evidence(labels, labels, labels, (), ()))
+    assert found["prada_delta"] == calibrate_delta(defender, 3, 1000, 0.05)
 
 
 def test_token_bucket_time_is_what_the_bucket_allows(cache_dir):

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra.errors import InstantiationException
 
 from heistlab.experiment import execute, run_experiment
 from heistlab.results import read_results
@@ -29,6 +28,7 @@ def run_cli(arguments: list[str], cache_dir: Path) -> subprocess.CompletedProces
     return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_single_run_writes_complete_results(tmp_path, cache_dir):
     overrides = ["attack=knockoff", "defense=rounding", "defense.decimals=1", "seed=3", *TINY]
     finished = run_cli([*overrides, f"hydra.run.dir={tmp_path}"], cache_dir)
@@ -43,10 +43,13 @@ def test_single_run_writes_complete_results(tmp_path, cache_dir):
     assert events == ["config", "metrics", "finish"]
 
 
+@pytest.mark.slow
 def test_multirun_sweeps_defenses_and_seeds(tmp_path, cache_dir):
     sweep = ["-m", "defense=none,label_only", "seed=range(2)", *TINY, f"hydra.sweep.dir={tmp_path}"]
     finished = run_cli(sweep, cache_dir)
     assert finished.returncode == 0, finished.stderr
+    # One line per job, no table per job.
+    assert finished.stdout.count(": complete in ") == 4 and "metric" not in finished.stdout
     records = [read_results(folder) for folder in sorted(tmp_path.glob("[0-9]*"))]
     cells = {(record["config"]["defense"]["_target_"], record["seed"]) for record in records}
     assert len(records) == 4 and len(cells) == 4
@@ -54,12 +57,16 @@ def test_multirun_sweeps_defenses_and_seeds(tmp_path, cache_dir):
     assert all(metrics["mean_l1_distortion"] > 0 for metrics in label_only)
 
 
-def test_a_crashing_run_leaves_a_failed_record(tmp_path, cache_dir):
-    cfg = composed("defense=rounding", "defense.decimals=-1", f"cache_dir={cache_dir}", *TINY)
-    with pytest.raises(InstantiationException):
+def test_a_crashing_run_leaves_a_failed_record(tmp_path, cache_dir, monkeypatch):
+    def crash(cfg):
+        raise RuntimeError("the disk holding the data set went away")
+
+    monkeypatch.setattr("heistlab.experiment.build_splits", crash)
+    cfg = composed(f"cache_dir={cache_dir}", *TINY)
+    with pytest.raises(RuntimeError):
         run_experiment(cfg, tmp_path)
     record = read_results(tmp_path)
-    assert record["status"] == "failed" and "decimals" in record["error"]
+    assert record["status"] == "failed" and "Traceback" in record["error"] and "went away" in record["error"]
 
 
 def test_undefended_knockoff_reaches_art_fidelity(cache_dir):

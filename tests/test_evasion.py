@@ -60,6 +60,7 @@ def recording(oracle: Oracle, sent: list) -> Oracle:
     return Oracle(query, lambda: oracle.remaining, oracle.input_shape, oracle.num_classes, oracle.output)
 
 
+@pytest.mark.slow
 def test_pgd_from_a_jbda_substitute_transfers_far_better_than_from_its_seed_set(setting):
     """Papernot et al. 2017: Jacobian augmentation is what makes the substitute's examples transfer.
 
@@ -102,6 +103,7 @@ def square_metrics(setting, defense, output="probabilities"):
     return run_evasion(evasion, stage_for(api, splits, victim, 0)), api
 
 
+@pytest.mark.slow
 def test_square_fools_the_undefended_api_and_coarse_answers_cost_it(setting):
     """Epsilon 0.2, 150 queries per input, 16 inputs. Measured over three input draws: undefended 0.94-1.0
     success at 29-43 queries per input; rounding to one decimal 0.44 at 90-93; label-only 0.12-0.25 at
@@ -153,6 +155,7 @@ def hopskipjump_metrics(setting, defense, output="probabilities"):
     return run_evasion(evasion, stage_for(api, splits, victim, 0))
 
 
+@pytest.mark.slow
 def test_hopskipjump_fools_the_api_from_labels_alone(setting):
     undefended = hopskipjump_metrics(setting, defenses.identity())
     assert undefended["blackbox_success_rate"] >= 0.6
@@ -166,6 +169,7 @@ def test_hopskipjump_fools_the_api_from_labels_alone(setting):
         assert labels_only == undefended
 
 
+@pytest.mark.slow
 def test_cli_run_reports_evasion_metrics_in_table_and_results(tmp_path, cache_dir):
     """``python -m experiments.run evasion=pgd attack.budget=300 surrogate.train.epochs=10``, in-process."""
     overrides = ["evasion=pgd", "attack.budget=300", "surrogate.train.epochs=10", "eval.uniform_samples=64"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from heistlab.loggers import JsonlLogger, WandbLogger
 
 
@@ -17,6 +19,7 @@ def test_jsonl_logger_appends_one_event_per_line(tmp_path):
     assert events[1]["metrics"] == {"fidelity_test": 0.9} and events[1]["step"] == 2
 
 
+@pytest.mark.slow
 def test_wandb_logger_runs_offline_without_a_key(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)

@@ -12,6 +12,7 @@ from tests.test_end_to_end import TINY, run_cli
 PER_RUN = ("victim_accuracy", "served_accuracy", "queries_served", "queries_refused", "mean_l1_distortion")
 
 
+@pytest.mark.slow
 def test_each_seed_of_a_vectorised_run_is_the_single_seed_run(tmp_path, cache_dir):
     finished = run_cli(
         ["num_seeds=2", "seed=4", "defense=rounding", *TINY, f"hydra.run.dir={tmp_path}"], cache_dir
@@ -55,4 +56,4 @@ def test_an_attack_that_trains_in_rounds_runs_its_seeds_one_after_another(cache_
 def test_bad_seed_counts_are_named(tmp_path, cache_dir, overrides, message):
     with pytest.raises(ValueError, match=message):
         run_experiment(composed(*overrides, f"cache_dir={cache_dir}", *TINY), tmp_path)
-    assert read_results(tmp_path)["status"] == "failed"
+    assert read_results(tmp_path)["status"] == "refused"

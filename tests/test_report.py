@@ -115,6 +115,7 @@ def test_mean_and_std_over_seeds_match_the_hand_computed_values(hand_made_sweep)
     )
 
 
+@pytest.mark.slow
 def test_report_writes_tables_plots_and_lists_failed_runs(hand_made_sweep, tmp_path):
     written = report.write_report([hand_made_sweep], tmp_path)
     names = {path.name for path in written.files}
@@ -169,6 +170,7 @@ def test_missing_inputs_are_named(tmp_path):
         report.gather([tmp_path])
 
 
+@pytest.mark.slow
 def test_report_command_on_a_real_sweep(tmp_path_factory, cache_dir, capsys):
     sweep = interrupted_then_resumed_sweep(tmp_path_factory.getbasetemp(), cache_dir)
     out = tmp_path_factory.mktemp("real_report")
@@ -209,3 +211,24 @@ def test_a_run_of_several_seeds_is_summarised_like_one_run_per_seed(tmp_path):
     assert cell["runs"] == 3
     assert cell["fidelity_test mean"] == pytest.approx(0.7)
     assert cell["fidelity_test std"] == pytest.approx(0.2)  # sqrt((0.04 + 0 + 0.04) / 2)
+
+
+def test_a_group_swept_as_whole_configs_is_named_by_their_targets(tmp_path):
+    # tramer2016 sets the defense group to null and sweeps whole defense configs in its place: Hydra
+    # records the choice as null, which names no option, so each run is named by its target instead.
+    for job, (target, extra) in enumerate(
+        [("defenses.identity", {}), ("defenses.rounding", {"decimals": 2})]
+    ):
+        folder = tmp_path / str(job)
+        config = {"defense": {"_target_": target, **extra}, "seed": 0}
+        write_results(
+            folder, {"config": config, "metrics": {"fidelity_test": 1.0}, "seed": 0, "status": "complete"}
+        )
+        (folder / ".hydra").mkdir()
+        choices = {"defense": None, "attack": "equation_solving"}
+        (folder / ".hydra" / "hydra.yaml").write_text(
+            json.dumps({"hydra": {"runtime": {"choices": choices}}})
+        )
+    gathered = report.gather([tmp_path])
+    assert sorted(gathered.runs["defense"]) == ["identity", "rounding"]
+    assert "defense" in gathered.cells

@@ -32,6 +32,7 @@ def answered_queries(digits_splits, small_victim):
     return inputs, small_victim.predict_proba(inputs)
 
 
+@pytest.mark.slow
 def test_each_seed_equals_its_sequential_run_and_seeds_differ(answered_queries, small_surrogate):
     inputs, targets = answered_queries
     keys = seeds.seed_keys(7, 3)
@@ -52,6 +53,7 @@ class SteppedMLP(MLP):
     compiled_loop: ClassVar[bool] = False
 
 
+@pytest.mark.slow
 def test_a_stepped_model_trains_per_seed_like_its_sequential_run(answered_queries):
     """Models stepped from Python (the CNN: XLA-CPU convolutions in loops are slow) step all seeds at once."""
     inputs, targets = answered_queries
@@ -62,6 +64,7 @@ def test_a_stepped_model_trains_per_seed_like_its_sequential_run(answered_querie
     assert largest_difference(seeds.params_for_seed(stacked, 1), sequential) < 1e-5
 
 
+@pytest.mark.slow
 def test_per_seed_data_trains_each_seed_like_its_sequential_run(answered_queries, small_surrogate):
     """Each seed its own transfer set (as ``num_seeds`` experiments collect them), one program for all."""
     inputs, targets = answered_queries
@@ -76,6 +79,7 @@ def test_per_seed_data_trains_each_seed_like_its_sequential_run(answered_queries
         assert largest_difference(seeds.params_for_seed(stacked, index), sequential) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "model", [SteppedMLP(num_classes=10, hidden=(16,)), MLP(num_classes=10, hidden=(16,))]
 )
@@ -138,6 +142,7 @@ SHARDED_RUN = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_seeds_are_sharded_across_simulated_devices_and_match_sequential_runs():
     """Six seeds over four host devices: padded to eight, two per device, the padding dropped; with shared
     data and with each seed's own data (34 to 40 rows, one capacity bucket)."""

@@ -175,6 +175,7 @@ def test_expired_and_revoked_credentials_are_refused(deploy, digits_splits):
     assert missing.status_code == 404
 
 
+@pytest.mark.slow
 def test_roles_decide_what_a_client_receives_and_may_do(deploy, digits_splits, small_victim):
     server = deploy(top_k=2)
     client = server.https()
@@ -339,6 +340,7 @@ def bad_bodies():
     return st.one_of(encoded, encoded, raw)
 
 
+@pytest.mark.slow
 def test_fuzzed_bad_requests_get_4xx_never_5xx_and_the_server_keeps_serving(deploy, digits_splits):
     server = deploy(quota=None)
     client = server.https()

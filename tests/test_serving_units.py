@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import math
 import ssl
@@ -15,6 +17,7 @@ from defenses import rounding
 from defenses.base import Request, Verdict
 from heistlab.serving import auth
 from heistlab.serving.audit import AuditEntry, AuditLog
+from heistlab.serving.failed_auth import Allowances, FailedAuthThrottle, Throttled
 from heistlab.serving.service import alarms_in, client_view
 from heistlab.serving.throttle import real_clock_verdict, retry_after_header, server_admission
 from heistlab.serving.tls import self_signed_pair
@@ -26,15 +29,20 @@ DIGITS = input_schema((8, 8, 1), max_batch=4)
 
 def test_key_store_keeps_only_salted_hashes_readable_by_its_owner(tmp_path):
     store = tmp_path / "keys.json"
-    first = auth.create_key(store, "labels")  # the real scrypt cost
-    second = auth.create_key(store, "labels", kdf=CHEAP_KDF)
+    first = auth.create_key(store, "labels")  # a new key: salted SHA-256 of a 256-bit random secret
+    second = auth.create_key(store, "labels", kdf=CHEAP_KDF)  # as stores made before kept them
     text = store.read_text()
     assert first.key not in text and second.key not in text
     assert stat.S_IMODE(store.stat().st_mode) == 0o600
     records = auth.read_store(store)
-    assert records[first.key_id].kdf == auth.SCRYPT
-    assert records[first.key_id].salt != records[second.key_id].salt
+    assert records[first.key_id].kdf == auth.SHA256 and not records[first.key_id].slow
+    assert records[second.key_id].slow
+    assert len(base64.urlsafe_b64decode(first.key + "=")) == 32  # 256 random bits
+    salt = records[first.key_id].salt
+    assert records[first.key_id].digest == hashlib.sha256(salt + first.key.encode()).digest()
+    assert salt != records[second.key_id].salt
     assert auth.secret_matches(first.key, records[first.key_id])
+    assert auth.secret_matches(second.key, records[second.key_id])
     assert not auth.secret_matches(second.key, records[first.key_id])
 
 
@@ -50,7 +58,8 @@ def test_revoking_marks_the_key_and_unknown_keys_are_named(tmp_path):
 @pytest.mark.parametrize(
     ("kdf", "message"),
     [
-        ({"name": "md5"}, "kdf name must be one of scrypt, pbkdf2_sha256"),
+        ({"name": "md5"}, "kdf name must be one of sha256, scrypt, pbkdf2_sha256"),
+        ({"name": "sha256", "dklen": 16}, "sha256 dklen must be 32"),
         ({**CHEAP_KDF, "n": 1000}, "scrypt n must be a power of two"),
         ({**CHEAP_KDF, "n": 2**24}, "scrypt n must be a power of two"),
         ({"name": "pbkdf2_sha256", "iterations": 10}, "iterations must be in"),
@@ -278,3 +287,93 @@ def test_self_signed_pair_is_a_trust_anchor_for_its_hosts(tmp_path):
     ssl.create_default_context(cafile=str(pair.certfile)).load_cert_chain(pair.certfile, pair.keyfile)
     with pytest.raises(ValueError, match="days must be an integer in"):
         self_signed_pair(tmp_path, days=0)
+
+
+def test_failed_auth_allowance_worked_by_hand():
+    now = [0.0]
+    allowances = Allowances(burst=3, rate=0.5, clock=lambda: now[0], max_names=8)
+    assert [allowances.take("k") for _ in range(3)] == [None, None, None]
+    assert allowances.take("k") == pytest.approx(2.0)  # empty: one failure refills in 1 / 0.5 s
+    now[0] = 1.0
+    assert allowances.wait("k") == pytest.approx(1.0) and allowances.wait("other") is None
+    now[0] = 2.0
+    assert allowances.take("k") is None and allowances.take("k") == pytest.approx(2.0)
+
+
+def test_failed_auth_tracks_a_bounded_number_of_addresses():
+    now = [0.0]
+    allowances = Allowances(burst=1, rate=1.0, clock=lambda: now[0], max_names=2)
+    for address in ("a", "b", "c"):
+        allowances.take(address)
+    assert len(allowances._buckets) == 2 and "a" not in allowances._buckets  # the oldest went first
+    now[0] = 5.0  # everything refilled: forgotten before anything still counting
+    allowances.take("d")
+    assert set(allowances._buckets) == {"d"}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"burst": 0}, "failed_auth_burst must be an integer >= 1"),
+        ({"rate": 0}, "failed_auth_rate must be a number of failures per second > 0"),
+        ({"rate": math.inf}, "failed_auth_rate"),
+        ({"hold_s": 31}, r"failed_auth_hold_s must be seconds in \[0, 30\]"),
+    ],
+)
+def test_failed_auth_settings_are_validated(options, message):
+    with pytest.raises(ValueError, match=message):
+        FailedAuthThrottle(**options)
+
+
+def throttled_authenticator(store_path, now):
+    throttle = FailedAuthThrottle(burst=3, rate=0.1, hold_s=0.0, clock=lambda: now[0])
+    return auth.Authenticator(auth.KeyStore(store_path), b"x" * 32, 60, throttle=throttle)
+
+
+def test_wrong_secrets_are_throttled_per_key_id_but_the_right_one_is_served(tmp_path):
+    store_path, now = tmp_path / "keys.json", [0.0]
+    good = auth.create_key(store_path, "probabilities")
+    authenticator = throttled_authenticator(store_path, now)
+    wrong = auth.Credential(good.key_id, "wrong")
+    for source in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):  # three addresses: only the key's allowance spent
+        with pytest.raises(auth.Unauthenticated, match="invalid key id or secret"):
+            authenticator.authenticate_secret(wrong, source)
+    with pytest.raises(Throttled, match=f"for key {good.key_id}") as refusal:
+        authenticator.authenticate_secret(wrong, "10.0.0.4")
+    assert refusal.value.retry_after == pytest.approx(10.0)
+    assert authenticator.authenticate_secret(good, "10.0.0.4").key_id == good.key_id
+    now[0] = 10.0
+    with pytest.raises(auth.Unauthenticated):
+        authenticator.authenticate_secret(wrong, "10.0.0.5")
+
+
+def test_unknown_key_ids_are_throttled_per_address(tmp_path):
+    store_path, now = tmp_path / "keys.json", [0.0]
+    good = auth.create_key(store_path, "labels")
+    authenticator = throttled_authenticator(store_path, now)
+    for attempt in range(3):
+        with pytest.raises(auth.Unauthenticated):
+            authenticator.authenticate_secret(auth.Credential(f"guess{attempt}", "x"), "10.0.0.9")
+    with pytest.raises(Throttled, match="from 10.0.0.9"):
+        authenticator.authenticate_secret(auth.Credential("guess3", "x"), "10.0.0.9")
+    with pytest.raises(auth.Unauthenticated):
+        authenticator.authenticate_secret(auth.Credential("guess4", "x"), "10.0.0.10")
+    assert authenticator.authenticate_secret(good, "10.0.0.9").role.name == "labels"
+
+
+def test_a_slow_key_whose_allowance_is_spent_is_refused_unchecked(tmp_path, monkeypatch):
+    store_path, now = tmp_path / "keys.json", [0.0]
+    legacy = auth.create_key(store_path, "labels", kdf=CHEAP_KDF)
+    authenticator = throttled_authenticator(store_path, now)
+    for _ in range(3):
+        with pytest.raises(auth.Unauthenticated):
+            authenticator.authenticate_secret(auth.Credential(legacy.key_id, "guess"))
+    checked = []
+    monkeypatch.setattr(auth, "secret_matches", lambda *args: checked.append(args) or True)
+    for attempt in (auth.Credential(legacy.key_id, "guess"), legacy):
+        with pytest.raises(Throttled, match="not checked"):
+            authenticator.authenticate_secret(attempt)
+    assert checked == []  # no scrypt run for a throttled slow key, not even for the right secret
+    monkeypatch.undo()
+    now[0] = 10.0
+    assert authenticator.authenticate_secret(legacy).key_id == legacy.key_id

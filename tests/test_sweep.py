@@ -142,6 +142,7 @@ def resumed(tmp_path_factory, cache_dir) -> ResumedSweep:
     return interrupted_then_resumed_sweep(tmp_path_factory.getbasetemp(), cache_dir)
 
 
+@pytest.mark.slow
 def test_parallel_sweep_completes_every_cell_on_two_workers(resumed):
     assert resumed.relaunch.returncode == 0, resumed.relaunch.stderr[-3000:]
     records = {job: read_results(path.parent) for job, path in complete_jobs(resumed.folder).items()}
@@ -168,6 +169,7 @@ def read_multirun_launcher(sweep_dir: Path) -> dict:
     return OmegaConf.to_container(OmegaConf.load(sweep_dir / "multirun.yaml").hydra.launcher)
 
 
+@pytest.mark.slow
 def test_relaunched_sweep_keeps_finished_runs_and_reruns_the_rest(resumed):
     assert resumed.relaunch.returncode == 0, resumed.relaunch.stderr[-3000:]
     assert 0 < len(resumed.finished_before) < SWEEP_SIZE - 1
@@ -188,6 +190,7 @@ def test_relaunched_sweep_keeps_finished_runs_and_reruns_the_rest(resumed):
     assert len(list(resumed.folder.glob(f"[0-9]*/{RESULTS_FILE}"))) == SWEEP_SIZE
 
 
+@pytest.mark.slow
 def test_sweep_size_counts_the_grid_from_multirun_yaml(resumed):
     assert sweep.sweep_size(resumed.folder) == SWEEP_SIZE
     assert f"job 1/{SWEEP_SIZE} (" in resumed.relaunch.stdout

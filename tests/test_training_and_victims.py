@@ -18,6 +18,7 @@ def test_small_victim_learns_digits(small_victim, digits_splits):
     assert np.mean(predicted == digits_splits.test.y) > 0.9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "model", [SoftmaxRegression(num_classes=4), CNN(num_classes=4, channels=(4,), hidden=8)]
 )
@@ -29,6 +30,7 @@ def test_each_family_learns_a_separable_task(model):
     assert np.mean(training.predict_labels(model, params, x) == synthetic.y) > 0.9
 
 
+@pytest.mark.slow
 def test_growing_data_reuses_one_compiled_program(digits_splits):
     x, y = digits_splits.victim_train.x, training.one_hot(digits_splits.victim_train.y, 10)
     config = training.TrainConfig(epochs=1, batch_size=64, learning_rate=1e-3)
@@ -40,6 +42,7 @@ def test_growing_data_reuses_one_compiled_program(digits_splits):
     assert run_all._cache_size() == compiled
 
 
+@pytest.mark.slow
 def test_padding_rows_never_enter_the_loss(digits_splits):
     """40 rows in batches of 64: every step sees all rows, so garbage padding and capacity must not matter."""
     x, y = digits_splits.victim_train.x[:40], training.one_hot(digits_splits.victim_train.y[:40], 10)
@@ -97,6 +100,7 @@ def test_victim_identity_follows_the_training_code(tmp_path):
     assert source_digest([first, second]) != before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("side", "channels", "kernel", "stride"), [(8, 1, 3, 2), (7, 3, 3, 2), (6, 2, 5, 1), (9, 2, 3, 3)]
 )

@@ -12,6 +12,7 @@ from heistlab import training
 from heistlab.models import CNN, SoftmaxRegression, trains_in_compiled_loop
 
 
+@pytest.mark.slow
 def test_projection_by_hand():
     clean = jnp.full((1, 2, 2, 1), 0.5)
     step = jnp.asarray([0.3, 0.4, 0.0, -0.6]).reshape(1, 2, 2, 1)
@@ -47,6 +48,7 @@ def test_one_step_without_start_moves_against_the_label_by_hand(norm, moved):
     np.testing.assert_allclose(adversarial, clean - moved, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_random_start_lies_in_the_ball_and_the_input_range(norm):
     clean = jnp.asarray(np.random.default_rng(0).uniform(size=(256, 8, 8, 1)), jnp.float32)
@@ -66,6 +68,7 @@ def fooled_rate(model, params, inputs, labels):
     return float(np.mean(training.predict_labels(model, params, inputs) != labels))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("norm", "epsilon"), [("linf", 0.15), ("l2", 1.0)])
 def test_pgd_stays_in_the_ball_and_beats_one_step(white_box, norm, epsilon):
     """Measured: 10 steps fool the small MLP on 83% (L-inf 0.15) and 95% (L2 1.0) of 64 test inputs, one
@@ -100,6 +103,7 @@ class SteppedCNN(CNN):
     looped_pixels: ClassVar[int] = 0
 
 
+@pytest.mark.slow
 def test_a_cnn_gets_the_same_examples_looped_or_stepped_from_python(digits_splits):
     looped, stepped = (
         CNN(num_classes=10, channels=(4,), hidden=8),

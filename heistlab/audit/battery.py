@@ -4,11 +4,12 @@ report and the exit status (what ``python -m experiments.audit`` runs).
 Against a served target (``target=https://...``, loopback unless ``audit.allow_remote=true``) the audit
 speaks HTTPS only to that target, with the key files named under ``audit.credentials``:
 
-1. abuse probes that need no model: transport, credentials, tokens, revocation, roles, validation;
+1. abuse probes that need no model: transport and TLS, credentials, tokens, revocation, roles, validation;
 2. the target's served top-1 on ``audit.extraction.eval_inputs`` held-out test inputs (fidelity's reference);
 3. the extraction battery, then evasion (Square or HopSkipJump through the API, FGSM transfer from the best
    stolen copy), each member its own client of the client key;
-4. the throttling probes (a burst past the rate limit, a batch past the quota), last, as they drain the key;
+4. the throttling probes (a burst past the rate limit, the quota drained and crossed), as they drain the key;
+   then a flood of failed authentication, last, as a server may throttle the audit's address after it;
 5. the admin key's view of alarms: which attacks the deployment detected, and after how many queries.
 
 An in-process target (``target=inprocess``) is the config's own victim, defense and API
@@ -296,7 +297,8 @@ def audit_served(cfg: DictConfig, target: Target, battery: Battery, ledger: Quer
                 f"{splits.num_classes}: choose the data the target was trained on (data=...)"
             )
         probing = probes.Probing(http, keys, info, np.asarray(splits.test.x[0], np.float32), ledger, settings)
-        findings = [probes.transport(probing), probes.unauthenticated(probing), *probes.tokens(probing)]
+        findings = [probes.transport(probing), probes.tls(probing), probes.unauthenticated(probing)]
+        findings += probes.tokens(probing)
         findings += [probes.revocation(probing), *probes.roles(probing), *probes.validation(probing)]
         exposure = exposure_from_info(info)
         seen = {(alarm["key_id"], alarm["name"], alarm["time"]) for alarm in probes.alarms(probing) or ()}
@@ -332,6 +334,8 @@ def audit_served(cfg: DictConfig, target: Target, battery: Battery, ledger: Quer
                 served[role] = (
                     response.json() if response.status_code == 200 else {"status": response.status_code}
                 )
+        # Last: a server that throttles failed authentication per address may refuse the audit for a while.
+        findings.append(probes.failed_auth_flood(probing))
         configuration = {"target": target.url, "served": served, "data": cfg.data.name}
     finally:
         for api in apis:

@@ -12,10 +12,16 @@ the server answered where it should have refused.
 - ``roles``: a key asking for more than its role allows (probabilities from a labels key), client keys on the
   admin routes, the admin key asking for predictions;
 - ``validation``: malformed bodies (broken JSON, wrong content type, shapes, NaN, out-of-range values,
-  strings, unknown fields) and oversized ones (over ``max_body_bytes``, declared or chunked; over
-  ``max_batch`` rows);
-- ``rate_limit``: a burst of requests past the published burst; ``quota``: one batch past the key's quota;
-- ``transport``: security headers on an answer (TLS itself is verified on every request).
+  strings, unknown fields, an integer literal past Python's 4,300-digit limit) and oversized ones (over
+  ``max_body_bytes``, declared or chunked; over ``max_batch`` rows);
+- ``rate_limit``: a burst of requests past the published burst; ``quota``: the key's quota drained (what
+  ``/v1/info`` says is left, in the largest batches admitted), then one batch past it; a quota the audit's
+  budget cannot cross is reported not tested;
+- ``transport``: security headers on an answer (TLS itself is verified on every request); ``tls``: the TLS
+  versions the server accepts (1.0 to 1.3) and, at TLS 1.2, each cipher suite this machine's OpenSSL knows,
+  offered alone;
+- ``failed_auth_flood``: a few dozen wrong secrets for the client's key id, back to back: does the server
+  answer 429 with Retry-After (throttling failed attempts), and is the genuine key still served afterwards.
 
 Every input row sent is charged to the audit's ledger.
 """
@@ -25,7 +31,10 @@ from __future__ import annotations
 import base64
 import json
 import math
+import socket
+import ssl
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
@@ -51,6 +60,8 @@ class ProbeSettings(NamedTuple):
     """burst_requests x burst_rows: the least a rate-limit burst sends (more when a burst is published).
     max_burst_rows: the most it sends. max_expiry_wait_s: the longest token lifetime waited out.
     long_token_s: a longer lifetime is reported. oversized_bytes: the body sent when no limit is published.
+    max_quota_wait_s: the longest the quota probe waits out rate-limit refusals while it drains the quota.
+    auth_flood_attempts: wrong secrets sent by the failed-authentication flood.
     """
 
     burst_requests: int = 8
@@ -59,14 +70,17 @@ class ProbeSettings(NamedTuple):
     max_expiry_wait_s: float = 10.0
     long_token_s: float = 3600.0
     oversized_bytes: int = 8 * 2**20
+    max_quota_wait_s: float = 30.0
+    auth_flood_attempts: int = 40
 
 
 def check_settings(settings: ProbeSettings) -> ProbeSettings:
-    for name in ("burst_requests", "burst_rows", "max_burst_rows", "oversized_bytes"):
+    names = ("burst_requests", "burst_rows", "max_burst_rows", "oversized_bytes", "auth_flood_attempts")
+    for name in names:
         value = getattr(settings, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"audit.probes.{name} must be an integer >= 1, got {value!r}")
-    for name in ("max_expiry_wait_s", "long_token_s"):
+    for name in ("max_expiry_wait_s", "long_token_s", "max_quota_wait_s"):
         value = getattr(settings, name)
         if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
             raise ValueError(f"audit.probes.{name} must be a number >= 0, got {value!r}")
@@ -128,10 +142,23 @@ def fetch_token(probing: Probing, credential: Credential) -> httpx.Response:
     return probing.http.post("/oauth/token", data=form)
 
 
-def answered(status: int) -> bool:
-    """The request got past authentication or authorisation (anything but 401/403; 404 on a revoke of an
-    unknown key means the route ran)."""
-    return status not in (401, 403)
+def answered(status: int, error: str | None = None) -> bool:
+    """The request got past authentication or authorisation (anything but 401/403, or a 429 whose error is
+    ``too_many_failures``: the server's throttle on failed secret checks; 404 on a revoke of an unknown key
+    means the route ran)."""
+    return status not in (401, 403) and not (status == 429 and error == THROTTLED_FAILURES)
+
+
+THROTTLED_FAILURES = "too_many_failures"
+
+
+def error_code(response) -> str | None:
+    """The ``error`` field of a JSON error body, if the response has one."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body.get("error") if isinstance(body, dict) else None
 
 
 def tally(statuses) -> dict[str, int]:
@@ -167,7 +194,7 @@ def unauthenticated(probing: Probing) -> Finding:
             else:
                 response = probing.http.request(method, path, headers=headers)
             statuses[f"{variant}: {method} {path}"] = response.status_code
-            if answered(response.status_code):
+            if answered(response.status_code, error_code(response)):
                 open_routes.append(f"{method} {path} ({variant}: {response.status_code})")
                 severities.append(severity)
     listed = ", ".join(f"{method} {path}" for method, path, _ in routes())
@@ -226,8 +253,9 @@ def tokens(probing: Probing) -> list[Finding]:
             untested("authentication.expired_token", "Expired bearer tokens", needs),
         ]
     token, lifetime = issued.json()["access_token"], float(issued.json().get("expires_in", math.inf))
-    statuses = {name: predict(probing, bearer(value)).status_code for name, value in forged(token).items()}
-    accepted = [name for name, status in statuses.items() if answered(status)]
+    responses = {name: predict(probing, bearer(value)) for name, value in forged(token).items()}
+    statuses = {name: response.status_code for name, response in responses.items()}
+    accepted = [name for name, got in responses.items() if answered(got.status_code, error_code(got))]
     tried = f"{len(statuses)} forged tokens made from a genuine one: {', '.join(statuses)}"
     if accepted:
         forged_finding = finding(
@@ -469,6 +497,7 @@ def malformed_bodies(sample: np.ndarray, input_range) -> dict[str, tuple[bytes, 
         "unknown output": (valid[:-1] + b', "output": "logits"}', "application/json", 1),
         "null inputs": (b'{"inputs": null}', "application/json", 0),
         "deeply nested": (b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}", "application/json", 0),
+        "huge integer literal": (b'{"inputs": [[' + b"1" * 5000 + b"]]}", "application/json", 1),
     }
 
 
@@ -662,14 +691,20 @@ def rate_limit(probing: Probing, token: str | None = None) -> Finding:
     )
 
 
+def client_info(probing: Probing) -> dict:
+    return probing.http.get("/v1/info", headers=key_header(probing.keys.client)).json()
+
+
 def quota(probing: Probing) -> Finding:
-    """The key's quota: published, and a batch one row past what is left refused whole."""
-    info = probing.http.get("/v1/info", headers=key_header(probing.keys.client)).json()
-    declared, remaining, max_batch = info.get("quota"), info.get("remaining"), info.get("max_batch")
+    """The key's quota: published, drained to less than one batch, then a batch one row past what is left
+    refused whole. Not tested when crossing it would take more rows than the audit has left."""
+    check, title = "throttling.quota", "Per-key quota"
+    info = client_info(probing)
+    declared, remaining = info.get("quota"), info.get("remaining")
     figures = {"quota": declared, "remaining_before": remaining}
     if declared is None or remaining is None:
         return finding(
-            "throttling.quota",
+            check,
             "No per-key quota",
             present=True,
             severity="medium",
@@ -678,35 +713,81 @@ def quota(probing: Probing) -> Finding:
             happened="no quota is published for the key (quota: null)",
             figures=figures,
         )
-    over = remaining + 1
-    if (isinstance(max_batch, int) and over > max_batch) or over > probing.ledger.left:
-        return held(
-            "throttling.quota",
-            "Per-key quota",
-            "read the client key's quota from GET /v1/info",
-            f"quota of {declared} rows published, {remaining} left; a batch past it would exceed the largest "
-            "batch or the audit's budget, so it was not sent",
+    if remaining + 1 > probing.ledger.left:
+        return untested(
+            check,
+            title,
+            f"crossing the quota takes {remaining + 1} rows ({remaining} left of {declared}), the audit has "
+            f"{probing.ledger.left} left; raise audit.budget (or audit with a key that has less left)",
             figures,
         )
+    batch = admitted_batch(info)
+    drained, statuses = drain(probing, remaining, batch, info.get("rate"))
+    figures.update(rows_drained=drained, drain_status_counts=tally(statuses))
+    left = client_info(probing).get("remaining")
+    if not isinstance(left, int) or left >= batch or left + 1 > probing.ledger.left:
+        return untested(
+            check,
+            title,
+            f"draining the quota in batches of {batch} left {left} rows, not less than one batch, within "
+            f"audit.probes.max_quota_wait_s ({probing.settings.max_quota_wait_s:g} s of waiting) and the "
+            f"audit's budget ({probing.ledger.left} rows left)",
+            figures,
+        )
+    over = left + 1
     response = predict(probing, key_header(probing.keys.client), rows=over)
-    after = probing.http.get("/v1/info", headers=key_header(probing.keys.client)).json().get("remaining")
+    after = client_info(probing).get("remaining")
     error = response.json().get("error") if response.status_code >= 400 else None
-    figures.update(status=response.status_code, error=error, remaining_after=after)
-    tried = f"one batch of {over} rows, one past the {remaining} left of the key's quota of {declared}"
-    if response.status_code < 400 or after != remaining:
+    figures.update(remaining_drained=left, status=response.status_code, error=error, remaining_after=after)
+    tried = (
+        f"drained the key's quota of {declared} from {remaining} to {left} rows left ({drained} rows "
+        f"served), then sent one batch of {over} rows, one past what was left"
+    )
+    if response.status_code < 400 or after != left:
         return finding(
-            "throttling.quota",
+            check,
             "Quota not enforced",
             present=True,
             severity="high",
             reason="a batch past the quota was served, in whole or in part",
             tried=tried,
-            happened=f"answered {response.status_code}; remaining went from {remaining} to {after}",
+            happened=f"answered {response.status_code}; remaining went from {left} to {after}",
             figures=figures,
         )
-    return held(
-        "throttling.quota", "Per-key quota", tried, f"refused whole ({response.status_code})", figures
-    )
+    return held(check, title, tried, f"refused whole ({response.status_code} {error})", figures)
+
+
+def admitted_batch(info: dict) -> int:
+    """The largest batch the target says it admits: max_batch, and the rate-limit burst when it has one."""
+    sizes = [info.get("max_batch")]
+    if info.get("rate") is not None:
+        sizes.append(info.get("burst"))
+    sizes = [size for size in sizes if isinstance(size, int) and size >= 1]
+    return min(sizes) if sizes else 1
+
+
+def drain(probing: Probing, remaining: int, batch: int, rate: float | None) -> tuple[int, list[int]]:
+    """Spends the client key's quota in batches of ``batch`` until less than one batch is left: paced at the
+    published ``rate`` (rows/s), rate-limit refusals waited out, ``max_quota_wait_s`` of waiting in all, and
+    never so many rows that the batch past the quota would no longer fit the audit's budget. Returns the rows
+    served and the statuses."""
+    served, statuses, waited = 0, [], 0.0
+    pace = batch / rate if rate else 0.0
+    while remaining - served >= batch and probing.ledger.left >= remaining - served + 1:
+        response = predict(probing, key_header(probing.keys.client), rows=batch)
+        statuses.append(response.status_code)
+        if response.status_code == 200:
+            served += batch
+            wait = pace
+        elif response.status_code == 429 and response.json().get("error") == "rate_limited":
+            wait = float(response.json().get("retry_after") or 1.0)
+        else:
+            break
+        if waited + wait > probing.settings.max_quota_wait_s:
+            break
+        probing.sleep(wait)
+        waited += wait
+    return served, statuses
 
 
 def transport(probing: Probing) -> Finding:
@@ -734,6 +815,175 @@ def transport(probing: Probing) -> Finding:
     return held(
         "transport.headers", "TLS and security headers", tried, "certificate verified; headers set", figures
     )
+
+
+TLS_VERSIONS = {
+    "TLSv1.0": ssl.TLSVersion.TLSv1,
+    "TLSv1.1": ssl.TLSVersion.TLSv1_1,
+    "TLSv1.2": ssl.TLSVersion.TLSv1_2,
+    "TLSv1.3": ssl.TLSVersion.TLSv1_3,
+}
+WEAK_VERSIONS = ("TLSv1.0", "TLSv1.1")
+
+
+def scanning_context(version: ssl.TLSVersion, ciphers: str = "ALL:@SECLEVEL=0") -> ssl.SSLContext:
+    """A client that speaks only ``version`` and offers ``ciphers``; it verifies nothing, as it only asks
+    what the server accepts (the other probes verify the certificate)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with warnings.catch_warnings():  # offering deprecated versions is the point
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = context.maximum_version = version
+    context.set_ciphers(ciphers)
+    return context
+
+
+def handshake(host: str, port: int, context: ssl.SSLContext, timeout_s: float = 5.0) -> str | None:
+    """The cipher suite the server agreed on with ``context``, or None when it refused the handshake."""
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout_s) as raw,
+            context.wrap_socket(raw, server_hostname=host) as tls,
+        ):
+            return tls.cipher()[0]
+    except (ssl.SSLError, OSError):
+        return None
+
+
+def tls12_candidates() -> list[dict]:
+    """The TLS 1.2 (and older) cipher suites this machine's OpenSSL can offer, with their properties."""
+    offered = scanning_context(ssl.TLSVersion.TLSv1_2).get_ciphers()
+    return [suite for suite in offered if suite["protocol"] != "TLSv1.3"]
+
+
+def tls(probing: Probing) -> Finding:
+    """The protocol versions the server accepts, and each TLS 1.2 suite it accepts when offered alone: no
+    version below 1.2, and at 1.2 only AEAD suites with forward secrecy (ECDHE or DHE)."""
+    check, title = "transport.tls", "TLS versions and cipher suites"
+    url = probing.http.base_url
+    host, port = url.host, url.port or 443
+    versions = {}
+    for name, version in TLS_VERSIONS.items():
+        try:
+            versions[name] = handshake(host, port, scanning_context(version)) is not None
+        except (ValueError, ssl.SSLError):  # this machine's OpenSSL cannot speak it
+            versions[name] = None
+    candidates = tls12_candidates() if versions.get("TLSv1.2") else []
+    accepted = [
+        suite
+        for suite in candidates
+        if handshake(host, port, scanning_context(ssl.TLSVersion.TLSv1_2, suite["name"])) == suite["name"]
+    ]
+    weak_suites = [
+        suite["name"] for suite in accepted if not suite["aead"] or suite["kea"] not in ("kx-ecdhe", "kx-dhe")
+    ]
+    figures = {
+        "versions_accepted": versions,
+        "tls12_suites_tried": len(candidates),
+        "tls12_suites_accepted": [suite["name"] for suite in accepted],
+        "openssl": ssl.OPENSSL_VERSION,
+    }
+    tried = (
+        f"handshakes at each of {', '.join(TLS_VERSIONS)}, then each of {len(candidates)} TLS 1.2 cipher "
+        "suites offered alone"
+    )
+    old = [name for name in WEAK_VERSIONS if versions.get(name)]
+    untestable = [name for name in WEAK_VERSIONS if versions.get(name) is None]
+    if old:
+        return finding(
+            check,
+            "Obsolete TLS versions accepted",
+            present=True,
+            severity="medium",
+            reason="TLS 1.0 and 1.1 are deprecated (RFC 8996): CBC-mode and SHA-1 weaknesses, no AEAD",
+            tried=tried,
+            happened=f"accepted: {', '.join(old)}",
+            figures=figures,
+        )
+    if weak_suites:
+        return finding(
+            check,
+            "Non-AEAD or non-forward-secret TLS 1.2 suites accepted",
+            present=True,
+            severity="low",
+            reason="CBC suites invite padding-oracle and timing attacks; static RSA key exchange has no "
+            "forward secrecy",
+            tried=tried,
+            happened=f"accepted at TLS 1.2: {', '.join(weak_suites)}",
+            figures=figures,
+        )
+    if not versions.get("TLSv1.2") and not versions.get("TLSv1.3"):
+        return untested(check, title, "no handshake succeeded at TLS 1.2 or 1.3", figures)
+    happened = f"accepted {', '.join(name for name, ok in versions.items() if ok)}"
+    happened += f"; at TLS 1.2 only AEAD suites with forward secrecy ({len(accepted)} of {len(candidates)})"
+    if untestable:
+        happened += f"; {', '.join(untestable)} not tried (this machine's OpenSSL cannot offer them)"
+    return held(check, title, tried, happened, figures)
+
+
+def failed_auth_flood(probing: Probing) -> Finding:
+    """``auth_flood_attempts`` wrong secrets for the client's key id, back to back: a server that throttles
+    failed authentication answers some with 429 and Retry-After. Then the genuine key asks ``/v1/info``."""
+    check, title = "authentication.failed_attempts", "Throttling of failed authentication"
+    attempts = probing.settings.auth_flood_attempts
+    headers = {"X-API-Key": f"{probing.keys.client.key_id}.wrong-secret-from-the-audit"}
+    statuses, retry_after, seconds = [], [], []
+    for _ in range(attempts):
+        started = time.perf_counter()
+        response = probing.http.get("/v1/info", headers=headers)
+        seconds.append(time.perf_counter() - started)
+        statuses.append(response.status_code)
+        if response.status_code == 429:
+            retry_after.append(response.headers.get("Retry-After"))
+    genuine = probing.http.get("/v1/info", headers=key_header(probing.keys.client)).status_code
+    figures = {
+        "attempts": attempts,
+        "status_counts": tally(statuses),
+        "first_429_at": statuses.index(429) + 1 if 429 in statuses else None,
+        "median_ms_per_attempt": round(1000 * float(np.median(seconds)), 1),
+        "genuine_key_status_after": genuine,
+    }
+    tried = f"{attempts} requests with a wrong secret for the client's key id, back to back"
+    served = [status for status in statuses if status < 400]
+    if served:
+        return finding(
+            check,
+            "A wrong secret was served",
+            present=True,
+            severity="critical",
+            reason="a request with a wrong secret got past authentication",
+            tried=tried,
+            happened=f"{len(served)} of {attempts} answered {sorted(set(served))}",
+            figures=figures,
+        )
+    if not retry_after:
+        return finding(
+            check,
+            "Failed authentication is not throttled",
+            present=True,
+            severity="low",
+            reason="nothing limits guessing or the server-side cost of each failed attempt (an availability "
+            "risk when verifying a secret is expensive)",
+            tried=tried,
+            happened=f"all {attempts} answered {', '.join(tally(statuses))}; none 429",
+            figures=figures,
+        )
+    if not all(retry_after):
+        return finding(
+            check,
+            "Failed-authentication throttling without Retry-After",
+            present=True,
+            severity="low",
+            reason="clients cannot tell when to retry",
+            tried=tried,
+            happened=f"{len(retry_after)} of {attempts} answered 429, some without Retry-After",
+            figures=figures,
+        )
+    happened = (
+        f"429 with Retry-After from attempt {figures['first_429_at']} on ({len(retry_after)} of {attempts})"
+    )
+    happened += f"; the genuine key then got {genuine}"
+    return held(check, title, tried, happened, figures)
 
 
 def alarms(probing: Probing) -> list[dict] | None:

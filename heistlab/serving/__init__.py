@@ -4,8 +4,11 @@
   tokens (HMAC-SHA256), roles;
 - ``validation``: the request schema and its checks; ``throttle``: ``defenses.budget`` and
   ``defenses.rate_limit`` on the real clock;
-- ``audit``: the SQLite audit log (optionally AES-256-GCM encrypted at rest, each row bound to its id);
+- ``audit``: the SQLite audit log (optionally AES-256-GCM encrypted at rest, each row bound to its id, and
+  HMAC-chained with a MACed head, so deletions and edits are found);
   ``service``: the defended victim behind one lock; ``app``: the FastAPI app;
+- ``workers``: start-up (the audit log verified) and several processes on one port; ``shared``: the quota
+  and rate limit those processes share;
 - ``server``: uvicorn over TLS; ``tls``: a self-signed pair; ``client``: ``http_oracle`` and ``remote_api``.
 
 Modules are imported on use, so the key tools load without JAX.

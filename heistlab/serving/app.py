@@ -10,9 +10,12 @@ Endpoints (the schema is published at ``/openapi.json``):
 
 Status codes: 400 malformed, 401 no valid credentials (missing, wrong, revoked, expired), 403 beyond the
 role, 404/405 no such route, 413 body too large, 415 not JSON, 422 invalid inputs, 429 refused by admission
-(quota spent, rate limited, or a detector's refusal; with ``Retry-After``), 500 a generic message and a
-request id (the traceback goes to the server log only).
-Every request, whatever its fate, is one row in the audit log.
+(quota spent, rate limited, or a detector's refusal; with ``Retry-After``) or too many failed secret checks
+for the key id or from the address (``heistlab.serving.failed_auth``; answered after a hold, with
+``Retry-After``), 500 a generic message and a request id (the traceback goes to the server log only).
+Every request, whatever its fate, is one row in the audit log, including one that the HTTP parser refuses
+before it reaches the app (a header block over 16 KiB, a malformed request line: 400, path and method left
+empty) when the server is started with ``on_rejected=unparsed_request_auditor(audit)``.
 
 Deliberately weak deployments, for exercising audits (``python -m experiments.audit``) and nothing else, are
 off by default and logged as warnings when on: ``insecure_open_routes`` serves the named prediction routes
@@ -20,12 +23,14 @@ to requests without credentials, as the client ``anonymous`` with role ``insecur
 ``insecure_probabilities_to_every_role`` lets every role that is served predictions ask for probabilities.
 """
 
+import asyncio
 import base64
 import binascii
 import logging
 import math
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NamedTuple
 from urllib.parse import parse_qs, unquote_plus
@@ -50,24 +55,27 @@ from heistlab.serving.auth import (
     allowed_output,
     role_named,
 )
+from heistlab.serving.failed_auth import FailedAuthThrottle, Throttled
 from heistlab.serving.service import ServingCore
 from heistlab.serving.throttle import retry_after_header
 from heistlab.serving.validation import (
     BadRequest,
+    BodyParser,
     ErrorBody,
     InputSchema,
     PredictAnswer,
-    PredictBody,
     ServiceInfo,
     TokenAnswer,
     body_digest,
     check_body_size,
     inputs_digest,
-    parse_predict_body,
+    predict_body_schema,
+    shared_body_parser,
 )
 
 log = logging.getLogger("heistlab.serving")
 MAX_TOKEN_BODY_BYTES = 8192
+TOKEN_PARAMETERS = ("grant_type", "client_id", "client_secret")
 SECURITY_HEADERS = {
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
@@ -76,6 +84,7 @@ SECURITY_HEADERS = {
     "Strict-Transport-Security": "max-age=31536000",
 }
 ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 413, 415, 422, 429, 500)}
+TOKEN_ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 413, 500)}
 # Routes an insecure deployment may open to anonymous clients (never /oauth/token or the admin routes).
 OPENABLE_ROUTES = ("/v1/info", "/v1/predict")
 ANONYMOUS = "anonymous"
@@ -88,6 +97,7 @@ class ServerSettings(NamedTuple):
     keyfile: Path
     log_level: str = "info"
     access_log: bool = False
+    on_rejected: Callable[[str], None] | None = None
 
 
 def error_response(
@@ -147,13 +157,38 @@ def parse_token_form(body: bytes, content_type: str | None) -> dict[str, list[st
             400, "invalid_request", "the token request must be application/x-www-form-urlencoded"
         )
     try:
-        form = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False, max_num_fields=8)
+        form = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
     except (UnicodeDecodeError, ValueError):
         raise BadRequest(400, "invalid_request", "malformed form body") from None
-    repeated = sorted(name for name, values in form.items() if len(values) > 1)
+    # RFC 6749 section 3.1: unrecognised parameters are ignored, and none may be sent more than once.
+    repeated = sorted(name for name in TOKEN_PARAMETERS if len(form.get(name, ())) > 1)
     if repeated:
         raise BadRequest(400, "invalid_request", f"parameters must appear once: {repeated}")
     return form
+
+
+def unparsed_request_auditor(audit: AuditLog) -> Callable[[str], None]:
+    """Records a request the HTTP parser refused before the app saw it (``serve_in_thread``'s and
+    ``uvicorn_config``'s ``on_rejected``): a refused row, status 400, no method or path, and ``reason``."""
+
+    def record(reason: str) -> None:
+        audit.record(
+            AuditEntry(
+                request_id=secrets.token_hex(8),
+                time=time.time(),
+                key_id=None,
+                role=None,
+                method="",
+                path="",
+                input_digest=None,
+                rows=0,
+                outcome=outcome_for(400, False),
+                status=400,
+                reason=reason[:500],
+            )
+        )
+
+    return record
 
 
 def check_insecure_options(open_routes, open_role: str) -> tuple[tuple[str, ...], Role]:
@@ -191,13 +226,16 @@ def create_app(
     insecure_open_routes=(),
     insecure_open_role: str = "probabilities",
     insecure_probabilities_to_every_role: bool = False,
+    body_parser: BodyParser | None = None,
 ) -> FastAPI:
     """The server for ``core``: every request authenticated, checked, throttled and audited.
 
     rate, burst: the token bucket ``core`` enforces, published in ``/v1/info``.
     insecure_open_routes, insecure_open_role, insecure_probabilities_to_every_role: a deliberately weak
     deployment for testing audits (see the module docstring); off by default.
+    body_parser: parses prediction bodies off the event loop (default: one shared by the process's apps).
     """
+    body_parser = body_parser or shared_body_parser()
     open_routes, open_role = check_insecure_options(insecure_open_routes, insecure_open_role)
     if open_routes:
         log.warning(
@@ -268,6 +306,18 @@ def create_app(
         headers = {"WWW-Authenticate": 'Bearer realm="heistlab"'}
         return refused(request, 401, "unauthenticated", str(error), headers=headers)
 
+    @app.exception_handler(Throttled)
+    async def too_many_failures(request: Request, error: Throttled):
+        await asyncio.sleep(error.hold_s)  # no thread held: a client retrying at once is slowed, not served
+        return refused(
+            request,
+            429,
+            "too_many_failures",
+            str(error),
+            headers={"Retry-After": retry_after_header(error.retry_after)},
+            retry_after=error.retry_after,
+        )
+
     @app.exception_handler(Forbidden)
     async def forbidden(request: Request, error: Forbidden):
         return refused(request, 403, "forbidden", str(error))
@@ -310,12 +360,13 @@ def create_app(
 
     async def authenticated(request: Request) -> Principal:
         authorization, api_key = request.headers.get("authorization"), request.headers.get("x-api-key")
+        source = request.client.host if request.client else None
         if not authorization and not api_key and request.url.path in open_routes:
             principal = Principal(ANONYMOUS, open_role)
         elif authorization or not api_key:  # a bearer token is one HMAC: checked right here
             principal = authenticator.authenticate_headers(authorization, api_key)
-        else:  # an API key may cost one scrypt (then it is remembered): off the event loop
-            principal = await run_in_threadpool(authenticator.authenticate_headers, None, api_key)
+        else:  # a key made before keys were SHA-256 may cost one scrypt (then remembered): off the loop
+            principal = await run_in_threadpool(authenticator.authenticate_headers, None, api_key, source)
         if insecure_probabilities_to_every_role:
             principal = principal._replace(role=widened(principal.role))
         note = _note(request)
@@ -336,8 +387,13 @@ def create_app(
     @app.post(
         "/oauth/token",
         summary="OAuth 2.0 client-credentials grant (RFC 6749 section 4.4)",
+        description=(
+            "The form carries grant_type, client_id and client_secret. A client may instead send its id and "
+            "secret with HTTP Basic (RFC 6749 section 2.3.1) and only grant_type in the form; sending both, "
+            "or neither, is refused with 400."
+        ),
         response_model=TokenAnswer,
-        responses=ERRORS,
+        responses=TOKEN_ERRORS,
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -345,11 +401,15 @@ def create_app(
                     "application/x-www-form-urlencoded": {
                         "schema": {
                             "type": "object",
-                            "required": ["grant_type"],
+                            "required": ["grant_type", "client_id", "client_secret"],
                             "properties": {
                                 "grant_type": {"type": "string", "enum": ["client_credentials"]},
-                                "client_id": {"type": "string", "description": "the key id"},
-                                "client_secret": {"type": "string", "description": "the key's secret"},
+                                "client_id": {"type": "string", "minLength": 1, "description": "the key id"},
+                                "client_secret": {
+                                    "type": "string",
+                                    "minLength": 1,
+                                    "description": "the key's secret",
+                                },
                             },
                         }
                     }
@@ -367,7 +427,8 @@ def create_app(
             )
         credential = client_credentials(form, request.headers.get("authorization"))
         try:
-            principal = await run_in_threadpool(authenticator.authenticate_secret, credential)
+            source = request.client.host if request.client else None
+            principal = await run_in_threadpool(authenticator.authenticate_secret, credential, source)
         except Unauthenticated as error:
             return refused(
                 request,
@@ -422,7 +483,7 @@ def create_app(
         openapi_extra={
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": PredictBody.model_json_schema()}},
+                "content": {"application/json": {"schema": predict_body_schema(schema)}},
             }
         },
     )
@@ -430,8 +491,8 @@ def create_app(
         allowed_output(principal.role, None)
         note = _note(request)
         body = await read_limited_body(request, schema.max_body_bytes)
-        note["digest"] = body_digest(body)
-        parsed = parse_predict_body(body, request.headers.get("content-type"), schema)
+        note["digest"] = await run_in_threadpool(body_digest, body)
+        parsed = await body_parser.parse(body, request.headers.get("content-type"), schema)
         output = allowed_output(principal.role, parsed.output)
         note["digest"], note["rows"] = inputs_digest(parsed.inputs), len(parsed.inputs)
         served = await run_in_threadpool(core.predict, principal.key_id, parsed.inputs, output)
@@ -461,7 +522,11 @@ def create_app(
     ) -> dict:
         return {"alarms": audit.alarms(limit)}
 
-    @app.post("/admin/keys/{key_id}/revoke", summary="Revoke a key and its tokens (admin)", responses=ERRORS)
+    @app.post(
+        "/admin/keys/{key_id}/revoke",
+        summary="Revoke a key and its tokens (admin)",
+        responses={**ERRORS, 404: {"model": ErrorBody, "description": "No key with this id"}},
+    )
     def revoke(key_id: str, principal: Annotated[Principal, Depends(administrator)]) -> dict:
         if authenticator.store.lookup(key_id) is None:
             raise StarletteHTTPException(404, f"no key {key_id!r}")
@@ -472,29 +537,57 @@ def create_app(
     return app
 
 
-def app_from_config(cfg) -> tuple[FastAPI, ServerSettings]:
+def app_from_config(
+    cfg, token_signing_secret: bytes | None = None, worker: bool = False
+) -> tuple[FastAPI, ServerSettings]:
     """The server a composed ``configs/serve.yaml`` describes: the victim from the victim cache (its
-    checkpoint digest verified), the defense chain, keys, audit log (encrypted at rest when
-    ``serve.audit_key_file`` or ``serve.audit_key_env`` names a key) and limits under ``cfg.serve``."""
+    manifest's binding and digest verified, and its signature under ``protection.verify_key_file``), the
+    defense chain, keys, audit log (encrypted at rest and chained when ``cfg.serve`` names those keys;
+    verified before serving, see ``workers.open_audit_log``) and limits under ``cfg.serve``.
+
+    token_signing_secret: the bearer-token secret (None: from the config, else random).
+    worker: one of several processes (``workers.serve_workers``): the quota and rate limit are the shared
+    ones, and the audit log was verified by the parent."""
     from hydra.utils import instantiate
 
-    from heistlab.experiment import build_defense, build_splits, defender_data, load_victim
-    from heistlab.protection import load_key
+    from heistlab.experiment import (
+        at_rest_from,
+        build_defense,
+        build_splits,
+        cache_directory,
+        defender_data,
+        load_victim,
+    )
     from heistlab.serving.auth import KeyStore, token_secret
     from heistlab.serving.service import build_core
+    from heistlab.serving.shared import SharedAdmission
     from heistlab.serving.validation import input_schema
+    from heistlab.serving.workers import open_audit_log
 
     spec = cfg.serve
     store = KeyStore(Path(str(spec.key_store)).expanduser())
-    authenticator = Authenticator(store, token_secret(spec.token_secret_file), spec.token_ttl_s)
+    throttle = FailedAuthThrottle(spec.failed_auth_burst, spec.failed_auth_rate, spec.failed_auth_hold_s)
+    secret = token_signing_secret or token_secret(spec.token_secret_file)
+    authenticator = Authenticator(store, secret, spec.token_ttl_s, throttle=throttle)
+    audit = open_audit_log(spec, check=not worker)  # a broken log stops the server before the victim loads
     splits = build_splits(cfg)
     defense = build_defense(cfg.defense, defender_data(cfg, splits))
+    signed = at_rest_from(cfg).signing.public is not None
     victim, from_cache = load_victim(cfg, splits, defense)
-    log.info(
-        "victim %s (%s)", cfg.victim.family, "from the cache, digest verified" if from_cache else "trained"
-    )
-    audit_key = load_key(spec.get("audit_key_file"), spec.get("audit_key_env"))
-    audit = AuditLog(Path(str(spec.audit_db)).expanduser(), key=audit_key)
+    checks = "signature, binding and digest verified" if signed else "binding and digest verified"
+    log.info("victim %s (%s)", cfg.victim.family, f"from the cache, {checks}" if from_cache else "trained")
+    if not signed:
+        log.warning(
+            "UNSIGNED CHECKPOINT: the served victim is checked against an unsigned digest that anyone who "
+            "can write %s can recompute; set protection.verify_key_file (python -m experiments.protect)",
+            cache_directory(cfg),
+        )
+    shared = SharedAdmission(audit.path, spec.quota, spec.rate, spec.burst) if worker else None
+    if worker and defense.report is not None:
+        log.warning(
+            "each of the serve.workers keeps its own defense state: a detector reads only the queries its "
+            "worker served (a key's stream is split between workers)"
+        )
     schema = input_schema(splits.input_shape, (0.0, 1.0), spec.max_batch, spec.max_body_bytes)
     core = build_core(
         victim,
@@ -508,8 +601,11 @@ def app_from_config(cfg) -> tuple[FastAPI, ServerSettings]:
         extra_admission=[instantiate(member) for member in spec.extra_admission],
         max_batch=spec.max_batch,
         monitor_every=spec.monitor_every,
+        shared=shared,
     )
     burst = spec.burst if spec.burst is not None or spec.rate is None else max(1, math.ceil(spec.rate))
+    body_parser = BodyParser()
+    body_parser.warm()
     app = create_app(
         core,
         authenticator,
@@ -520,6 +616,7 @@ def app_from_config(cfg) -> tuple[FastAPI, ServerSettings]:
         insecure_open_routes=list(spec.get("insecure_open_routes") or ()),
         insecure_open_role=spec.get("insecure_open_role", "probabilities"),
         insecure_probabilities_to_every_role=bool(spec.get("insecure_probabilities_to_every_role", False)),
+        body_parser=body_parser,
     )
     settings = ServerSettings(
         spec.host,
@@ -528,5 +625,6 @@ def app_from_config(cfg) -> tuple[FastAPI, ServerSettings]:
         Path(str(spec.keyfile)).expanduser(),
         spec.log_level,
         spec.access_log,
+        unparsed_request_auditor(audit),
     )
     return app, settings

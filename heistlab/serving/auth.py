@@ -1,8 +1,21 @@
 """API keys, OAuth 2.0 client-credentials tokens and roles for the prediction server.
 
 Keys live in a key store the operator names (a JSON file, mode 0600), never in configs or code. The store
-keeps each key as a salted scrypt hash (RFC 7914; pbkdf2-sha256 is also accepted for stores made elsewhere),
-so a leaked store does not leak keys; secrets are compared in constant time (``hmac.compare_digest``).
+keeps a hash of each key's secret, never the secret, and hashes are compared in constant time
+(``hmac.compare_digest``).
+
+A key's secret is 256 random bits (``secrets.token_urlsafe(32)``), not a password, so it is stored as
+SHA-256 over a per-key salt and the secret (kdf ``sha256``): one hash costs about a microsecond, so a wrong
+secret costs the server nothing worth flooding, while inverting it (or guessing the secret online at any
+rate) means searching 2**256 secrets; a leaked store leaks no key. A slow KDF buys nothing for such a
+secret: its cost factor (2**14 for scrypt) matters only when the search space is small, as for a
+human-chosen password. HMAC-SHA256 under a server-side pepper was the other choice: it would add a second
+secret that the server and ``experiments.keys`` must share (and that a leak of the store would not include),
+but for 256-bit secrets it adds nothing to the 2**256 search, so plain salted SHA-256 it is. Stores made
+before this, or elsewhere, keep slow records (salted scrypt, RFC 7914, or PBKDF2-HMAC-SHA256, RFC 8018,
+which may hold human-chosen secrets); they are still accepted and verified at their cost, their failures
+throttled harder (``Authenticator``). Re-create such keys (``experiments.keys create``, then revoke the old
+ones) to move them to the fast check.
 
 A client proves who it is in one of two ways:
 
@@ -11,7 +24,8 @@ A client proves who it is in one of two ways:
   ``grant_type=client_credentials``, ``client_id=<key id>`` and ``client_secret=<secret>`` returns a
   short-lived bearer token, sent as ``Authorization: Bearer <token>``. A token is
   ``hl1.<claims>.<signature>``: base64url JSON claims (``sub`` the key id, ``jti`` a token id, ``iat``,
-  ``exp``) and their HMAC-SHA256 under the server's signing secret. Revoking a key refuses every token
+  ``exp``) and their HMAC-SHA256 under the server's signing secret, in its one canonical unpadded base64url
+  spelling (any other spelling of the same bytes is refused). Revoking a key refuses every token
   issued for it; tokens expire after their TTL.
 
 A key's role decides what it receives and what it may do (see ``ROLES``).
@@ -34,14 +48,19 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
+from heistlab.serving.failed_auth import FailedAuthThrottle
+
 STORE_FORMAT = "heistlab-keys/1"
 TOKEN_PREFIX = "hl1"
 TOKEN_SECRET_ENV = "HEISTLAB_TOKEN_SECRET"
 MIN_TOKEN_SECRET_BYTES = 32
 MAX_TOKEN_TTL_S = 86_400.0
-# scrypt's "interactive" cost (N=2**14, r=8, p=1: 16 MiB, 0.09 s here); verified secrets are then cached.
+# Random 256-bit secrets: salted SHA-256 (see the module docstring); what new keys get.
+SHA256 = {"name": "sha256", "dklen": 32}
+# scrypt's "interactive" cost (N=2**14, r=8, p=1: 16 MiB, 0.09 s here), for secrets a human may have chosen.
 SCRYPT = {"name": "scrypt", "n": 2**14, "r": 8, "p": 1, "dklen": 32}
-KDF_NAMES = ("scrypt", "pbkdf2_sha256")
+KDF_NAMES = ("sha256", "scrypt", "pbkdf2_sha256")
+SLOW_KDFS = ("scrypt", "pbkdf2_sha256")
 
 
 class Role(NamedTuple):
@@ -96,6 +115,11 @@ class KeyRecord(NamedTuple):
     created: float
     revoked: float | None = None
 
+    @property
+    def slow(self) -> bool:
+        """Hashed with a slow KDF: possibly a human-chosen secret (see the module docstring)."""
+        return self.kdf["name"] in SLOW_KDFS
+
 
 class Principal(NamedTuple):
     """An authenticated client: its key id and role, and the token it came with (if any)."""
@@ -139,6 +163,9 @@ def check_kdf(kdf: Mapping) -> dict:
             raise ValueError(f"scrypt n must be a power of two in [2**10, 2**20], got {n!r}")
         if not (isinstance(r, int) and 1 <= r <= 32 and isinstance(p, int) and 1 <= p <= 16):
             raise ValueError(f"scrypt r must be in [1, 32] and p in [1, 16], got r={r!r}, p={p!r}")
+    elif name == "sha256":
+        if kdf.get("dklen", 32) != 32:
+            raise ValueError(f"sha256 dklen must be 32, got {kdf.get('dklen')!r}")
     elif name == "pbkdf2_sha256":
         iterations = kdf.get("iterations")
         if not (isinstance(iterations, int) and 100_000 <= iterations <= 10_000_000):
@@ -152,8 +179,11 @@ def check_kdf(kdf: Mapping) -> dict:
 
 
 def derive(secret: str, salt: bytes, kdf: Mapping) -> bytes:
-    """The salted hash of ``secret`` under ``kdf`` (scrypt, RFC 7914; or PBKDF2-HMAC-SHA256, RFC 8018)."""
+    """The salted hash of ``secret`` under ``kdf``: SHA-256 of salt and secret (random secrets), or scrypt
+    (RFC 7914) or PBKDF2-HMAC-SHA256 (RFC 8018) for records that may hold a human-chosen secret."""
     raw = secret.encode()
+    if kdf["name"] == "sha256":
+        return hashlib.sha256(salt + raw).digest()
     if kdf["name"] == "scrypt":
         n, r, p = kdf["n"], kdf["r"], kdf["p"]
         memory = 128 * r * (n + p + 2)
@@ -161,7 +191,7 @@ def derive(secret: str, salt: bytes, kdf: Mapping) -> bytes:
     return hashlib.pbkdf2_hmac("sha256", raw, salt, kdf["iterations"], kdf.get("dklen", 32))
 
 
-def new_key(role: str, kdf: Mapping = SCRYPT, now: float | None = None) -> tuple[Credential, KeyRecord]:
+def new_key(role: str, kdf: Mapping = SHA256, now: float | None = None) -> tuple[Credential, KeyRecord]:
     """A fresh key: the credential to hand the client once, and the record the store keeps."""
     role_named(role)
     kdf = check_kdf(kdf)
@@ -259,7 +289,7 @@ def locked_store(path: Path) -> Iterator[None]:
         os.close(descriptor)
 
 
-def create_key(path: Path, role: str, kdf: Mapping = SCRYPT) -> Credential:
+def create_key(path: Path, role: str, kdf: Mapping = SHA256) -> Credential:
     """Adds a new key with ``role`` to the store at ``path`` (created if absent); returns its credential."""
     credential, record = new_key(role, kdf)
     with locked_store(path):
@@ -341,11 +371,12 @@ def verify_token(token: str, secret: bytes, now: float) -> dict:
     if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
         raise Unauthenticated("malformed bearer token")
     signed = f"{parts[0]}.{parts[1]}"
-    expected = hmac.new(secret, signed.encode(), hashlib.sha256).digest()
+    expected = _b64(hmac.new(secret, signed.encode(), hashlib.sha256).digest())
+    # The one canonical spelling (unpadded base64url) is compared, not its decoding: padded, standard-alphabet
+    # or junk-carrying spellings of a genuine signature are refused.
+    if not hmac.compare_digest(parts[2].encode("utf-8", "replace"), expected.encode()):
+        raise Unauthenticated("bearer token signature does not verify")
     try:
-        signature = _unb64(parts[2])
-        if not hmac.compare_digest(signature, expected):
-            raise Unauthenticated("bearer token signature does not verify")
         claims = json.loads(_unb64(parts[1]))
         subject, expiry, token_id = claims["sub"], float(claims["exp"]), claims["jti"]
     except (ValueError, KeyError, TypeError) as error:
@@ -382,8 +413,13 @@ class Authenticator:
     """Checks API keys and bearer tokens against a ``KeyStore``; issues tokens.
 
     token_ttl_s: how long an issued token is valid. clock: wall-clock seconds (injectable for tests).
-    A key's secret, once verified, is remembered as an HMAC under a per-process pepper, so later requests
-    skip scrypt; the memory is dropped whenever the store file changes.
+    throttle: counts failed secret checks per key id and source address (``FailedAuthThrottle``; None:
+    no throttle); a failure past its allowance raises ``Throttled`` (HTTP 429) instead of ``Unauthenticated``.
+    A key under a slow KDF whose key id has no failure left is refused unchecked (``Throttled``), so its
+    possibly human-chosen secret cannot be guessed online past the allowance, and nobody makes the server
+    run scrypt for it; its owner is refused too until the allowance refills (re-create it to avoid that).
+    A slow key's secret, once verified, is remembered as an HMAC under a per-process pepper, so later
+    requests skip the KDF; the memory is dropped whenever the store file changes.
     """
 
     def __init__(
@@ -392,17 +428,19 @@ class Authenticator:
         secret: bytes,
         token_ttl_s: float = 300.0,
         clock: Callable[[], float] = time.time,
+        throttle: FailedAuthThrottle | None = None,
     ):
         if not isinstance(token_ttl_s, int | float) or not 0 < token_ttl_s <= MAX_TOKEN_TTL_S:
             raise ValueError(f"token_ttl_s must be a number in (0, {MAX_TOKEN_TTL_S:g}], got {token_ttl_s!r}")
         if len(secret) < MIN_TOKEN_SECRET_BYTES:
             raise ValueError(f"token secret must hold at least {MIN_TOKEN_SECRET_BYTES} bytes")
         self.store, self.token_ttl_s, self.clock = store, float(token_ttl_s), clock
+        self.throttle = throttle
         self._secret = secret
         self._pepper = secrets.token_bytes(32)
         self._verified: dict[str, bytes] = {}
         self._verified_generation = -1
-        self._decoy = KeyRecord("", "labels", b"\0" * 16, b"\0" * 32, dict(SCRYPT), 0.0)
+        self._decoy = KeyRecord("", "labels", b"\0" * 16, b"\0" * 32, dict(SHA256), 0.0)
 
     def _active_record(self, key_id: str) -> KeyRecord:
         record = self.store.lookup(key_id)
@@ -412,26 +450,44 @@ class Authenticator:
             raise Unauthenticated(f"key {key_id} was revoked")
         return record
 
-    def authenticate_secret(self, credential: Credential) -> Principal:
-        """The principal of a key id and secret (API key or OAuth client credentials)."""
-        record = self.store.lookup(credential.key_id)
+    def _matches(self, secret: str, record: KeyRecord) -> bool:
+        if not record.slow:
+            return secret_matches(secret, record)
         if self._verified_generation != self.store.generation:
             self._verified, self._verified_generation = {}, self.store.generation
-        remembered = hmac.new(self._pepper, credential.key.encode(), hashlib.sha256).digest()
-        if record is None:
-            secret_matches(credential.key, self._decoy)  # the same work as for a real key: no timing oracle
-            raise Unauthenticated("invalid key id or secret")
+        remembered = hmac.new(self._pepper, secret.encode(), hashlib.sha256).digest()
         cached = self._verified.get(record.key_id)
-        if cached is None or not hmac.compare_digest(cached, remembered):
-            if not secret_matches(credential.key, record):
-                raise Unauthenticated("invalid key id or secret")
-            self._verified[record.key_id] = remembered
+        if cached is not None and hmac.compare_digest(cached, remembered):
+            return True
+        if not secret_matches(secret, record):
+            return False
+        self._verified[record.key_id] = remembered
+        return True
+
+    def authenticate_secret(self, credential: Credential, source: str | None = None) -> Principal:
+        """The principal of a key id and secret (API key or OAuth client credentials) sent from ``source``
+        (the client's address; None: not counted by address)."""
+        record = self.store.lookup(credential.key_id)
+        if record is not None and record.slow and self.throttle is not None:
+            wait = self.throttle.key_wait(record.key_id)
+            if wait is not None:
+                raise self.throttle.refusal(f"for key {record.key_id} (not checked)", wait)
+        if record is None:
+            secret_matches(credential.key, self._decoy)  # the same work as for a key in the store
+            matched = False
+        else:
+            matched = self._matches(credential.key, record)
+        if not matched:
+            refusal = None
+            if self.throttle is not None:
+                refusal = self.throttle.failed(None if record is None else record.key_id, source)
+            raise refusal or Unauthenticated("invalid key id or secret")
         if record.revoked is not None:
             raise Unauthenticated(f"key {record.key_id} was revoked")
         return Principal(record.key_id, ROLES[record.role])
 
-    def authenticate_api_key(self, presented: str) -> Principal:
-        return self.authenticate_secret(split_api_key(presented))
+    def authenticate_api_key(self, presented: str, source: str | None = None) -> Principal:
+        return self.authenticate_secret(split_api_key(presented), source)
 
     def issue_token(self, principal: Principal) -> IssuedToken:
         now = self.clock()
@@ -444,13 +500,17 @@ class Authenticator:
         record = self._active_record(claims["sub"])
         return Principal(record.key_id, ROLES[record.role], claims["jti"])
 
-    def authenticate_headers(self, authorization: str | None, api_key: str | None) -> Principal:
-        """The principal of a request's ``Authorization: Bearer`` or ``X-API-Key`` header."""
+    def authenticate_headers(
+        self, authorization: str | None, api_key: str | None, source: str | None = None
+    ) -> Principal:
+        """The principal of a request's ``Authorization: Bearer`` or ``X-API-Key`` header, sent from
+        ``source``. A bearer token costs one HMAC and is not a guess at a key's secret: its failures are not
+        counted by the throttle."""
         if authorization:
             scheme, _, token = authorization.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
                 raise Unauthenticated("Authorization must be 'Bearer <token>'")
             return self.authenticate_token(token)
         if api_key:
-            return self.authenticate_api_key(api_key)
+            return self.authenticate_api_key(api_key, source)
         raise Unauthenticated("no credentials: send 'Authorization: Bearer <token>' or 'X-API-Key'")

@@ -1,13 +1,21 @@
 """Running the app on uvicorn over HTTPS: in the foreground (``python -m experiments.serve``) or in a thread.
 
-One process serves (no uvicorn workers): the quota ledger, the rate-limit buckets and the defense state live
-in it, and one lock over them is what makes budgets exact. TLS 1.2 is the minimum protocol version (Python's
-default for server contexts).
+One process serves by default: the quota ledger, the rate-limit buckets and the defense state live in it, and
+one lock over them is what makes budgets exact (``workers`` runs several processes on one port, the quota and
+rate limit shared through SQLite). TLS 1.2 is the minimum protocol version (Python's default for server
+contexts); TLS 1.2 offers only ECDHE key exchange with AES-GCM or ChaCha20-Poly1305 (``AEAD_TLS12_CIPHERS``;
+no CBC suite, no static RSA), and TLS 1.3's suites are AEAD by construction.
+
+HTTP/1.1 is parsed by h11 (chosen explicitly, so installing httptools changes nothing). h11 refuses a
+request before the app sees it when its request line and headers pass ``MAX_HEADER_BYTES`` (16 KiB) or are
+malformed; uvicorn then answers 400 and closes the connection. ``on_rejected`` is told of each such request,
+so that the audit log keeps a row for it too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import threading
 import time
@@ -16,6 +24,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+log = logging.getLogger("heistlab.serving")
+AEAD_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+MAX_HEADER_BYTES = 16 * 1024
 
 
 class RunningServer(NamedTuple):
@@ -31,9 +44,11 @@ def uvicorn_config(
     keyfile: Path | str,
     log_level: str = "info",
     access_log: bool = False,
+    on_rejected: Callable[[str], None] | None = None,
     graceful_shutdown_s: int = 5,
 ) -> uvicorn.Config:
-    """uvicorn's settings for serving ``app`` over HTTPS with ``certfile`` and ``keyfile``."""
+    """uvicorn's settings for serving ``app`` over HTTPS with ``certfile`` and ``keyfile``; ``on_rejected``
+    is called with a reason for each request the HTTP parser refuses before ``app`` sees it."""
     for name, path in (("certfile", certfile), ("keyfile", keyfile)):
         if not Path(path).is_file():
             raise FileNotFoundError(
@@ -46,12 +61,33 @@ def uvicorn_config(
         port=port,
         ssl_certfile=str(certfile),
         ssl_keyfile=str(keyfile),
+        ssl_ciphers=AEAD_TLS12_CIPHERS,
+        http=H11Protocol if on_rejected is None else reporting_h11(on_rejected),
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         log_level=log_level,
         access_log=access_log,
         server_header=False,
         lifespan="off",
         timeout_graceful_shutdown=graceful_shutdown_s,
     )
+
+
+def reporting_h11(on_rejected: Callable[[str], None]) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, calling ``on_rejected`` before it answers 400 to a request h11 refused."""
+
+    class ReportingH11Protocol(H11Protocol):
+        def send_400_response(self, msg: str) -> None:
+            peer = f" from {self.client[0]}" if self.client else ""
+            try:
+                on_rejected(
+                    f"refused by the HTTP parser{peer}: malformed request line or headers, or more than "
+                    f"{MAX_HEADER_BYTES} bytes of them"
+                )
+            except Exception:  # the answer still goes out; the server log says what was lost
+                log.exception("a request refused by the HTTP parser%s could not be recorded", peer)
+            super().send_400_response(msg)
+
+    return ReportingH11Protocol
 
 
 def serve_forever(config: uvicorn.Config) -> None:
@@ -66,13 +102,16 @@ def serve_in_thread(
     keyfile: Path | str,
     host: str = "127.0.0.1",
     startup_timeout_s: float = 30.0,
+    on_rejected: Callable[[str], None] | None = None,
 ) -> RunningServer:
     """Serves ``app`` on a free port of ``host`` in a daemon thread; ``stop()`` shuts it down at once."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((host, 0))
     port = listener.getsockname()[1]
-    config = uvicorn_config(app, host, port, certfile, keyfile, log_level="warning", graceful_shutdown_s=1)
+    config = uvicorn_config(
+        app, host, port, certfile, keyfile, "warning", on_rejected=on_rejected, graceful_shutdown_s=1
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()

@@ -10,6 +10,11 @@ Every prediction goes through ``ServingCore.predict``, which holds one lock from
 
 One lock makes every budget exact however many requests arrive at once, and keeps the defense state's
 sequence the same as in-process (same queries in the same order give the same answers).
+
+With several worker processes (``serve.workers``), step 1 is ``shared.SharedAdmission``: the quota and rate
+limit are decided and committed in one SQLite transaction shared by every worker (exact across processes),
+and refunded if the answer then fails. The defense chain's state (noise keys, PRADA's histories) stays in
+each worker: a detector sees the queries its own worker served.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import numpy as np
 from defenses.base import Defense, Evidence, Request, State
 from heistlab.api import PredictionAPI, QueryRefused
 from heistlab.serving.audit import AuditLog
+from heistlab.serving.shared import SharedAdmission
 from heistlab.serving.throttle import real_clock_verdict, server_admission
 from heistlab.victims import Victim
 
@@ -106,6 +112,7 @@ class ServingCore:
         monitor_every: int = 1,
         victim_labels: Callable[[np.ndarray], np.ndarray] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        shared: SharedAdmission | None = None,
     ):
         if quota is not None and (isinstance(quota, bool) or not isinstance(quota, int) or quota < 0):
             raise ValueError(f"quota must be a non-negative integer or null, got {quota!r}")
@@ -115,6 +122,8 @@ class ServingCore:
             raise ValueError(f"monitor_every must be an integer >= 0, got {monitor_every!r}")
         if admission is not None and admission.admit is None:
             raise ValueError("admission must be a defense with an admit part (a quota or rate limit)")
+        if admission is not None and shared is not None:
+            raise ValueError("admission and shared are exclusive: shared admission decides for every worker")
         self.api, self.audit, self.top_k, self.quota = api, audit, top_k, quota
         self.admission, self.clock, self.monitor_every = admission, clock, monitor_every
         self._admission_state = admission_state
@@ -125,8 +134,11 @@ class ServingCore:
         self._raised: set[tuple[str, str]] = set()
         self._report_failed = False
         self._lock = threading.Lock()
+        self.shared = shared
 
     def remaining(self, key_id: str) -> int | None:
+        if self.shared is not None:
+            return self.shared.remaining(key_id)
         return None if self.quota is None else max(0, self.quota - self._served.get(key_id, 0))
 
     def served(self, key_id: str) -> int:
@@ -135,6 +147,8 @@ class ServingCore:
     def predict(self, key_id: str, inputs: np.ndarray, output: str) -> Served:
         """Answers a validated batch for ``key_id``; ``QueryRefused`` (with a retry_after) if not admitted."""
         rows = len(inputs)
+        if self.shared is not None:
+            return self._predict_shared(key_id, inputs, output)
         with self._lock:
             admission_state = self._admission_state
             if self.admission is not None:
@@ -149,10 +163,31 @@ class ServingCore:
                 self.api.records.clear()  # the audit log keeps the record; a server must not grow without end
             self._admission_state = admission_state
             self._served[key_id] = self._served.get(key_id, 0) + rows
-            self._requests[key_id] = self._requests.get(key_id, 0) + 1
-            if self._reports and self._requests[key_id] % self.monitor_every == 0:
-                self._monitor(key_id)
+            self._after_answer(key_id)
             return Served(client_view(np.asarray(probs), output, self.top_k), output, self.remaining(key_id))
+
+    def _predict_shared(self, key_id: str, inputs: np.ndarray, output: str) -> Served:
+        """``predict`` with the admission committed first in the workers' store, refunded on failure."""
+        rows = len(inputs)
+        verdict, remaining = self.shared.admit(key_id, rows, self.clock())
+        if not verdict.admitted:
+            raise QueryRefused(key_id, rows, remaining, verdict.reason, verdict.delay)
+        with self._lock:
+            try:
+                probs = self.api.query(inputs, client=key_id)
+            except BaseException:
+                self.shared.refund(key_id, rows)
+                raise
+            finally:
+                self.api.records.clear()
+            self._served[key_id] = self._served.get(key_id, 0) + rows
+            self._after_answer(key_id)
+        return Served(client_view(np.asarray(probs), output, self.top_k), output, remaining)
+
+    def _after_answer(self, key_id: str) -> None:
+        self._requests[key_id] = self._requests.get(key_id, 0) + 1
+        if self._reports and self._requests[key_id] % self.monitor_every == 0:
+            self._monitor(key_id)
 
     def _monitor(self, key_id: str) -> None:
         try:
@@ -185,12 +220,21 @@ def build_core(
     input_range: tuple[float, float] = (0.0, 1.0),
     monitor_every: int = 1,
     clock: Callable[[], float] = time.monotonic,
+    shared: SharedAdmission | None = None,
 ) -> ServingCore:
     """A ``ServingCore`` for ``victim`` behind ``defense``, its quota ledger seeded from ``audit``.
 
     The prediction API is built as in-process experiments build it (``key=jax.random.key(seed)``), serving
     probabilities; each request's view (labels, top-k, probabilities) is cut from them by the key's role.
+    shared: the workers' shared quota and rate limit (``serve.workers`` > 1), in place of ``quota``, ``rate``
+    and ``burst`` here; ``extra_admission`` cannot be shared and is refused with it.
     """
+    extra_admission = list(extra_admission)
+    if shared is not None and extra_admission:
+        raise ValueError(
+            "serve.extra_admission keeps its state in one process; with serve.workers > 1 only serve.quota, "
+            "serve.rate and serve.burst are shared: leave serve.extra_admission empty or use one worker"
+        )
     if defense.admit is not None:
         log.warning(
             "the defense's admission runs inside the prediction API on its simulated clock: its refusals "
@@ -206,7 +250,10 @@ def build_core(
         max_batch=max_batch,
     )
     spent = audit.served_rows()
-    admission, admission_state = server_admission(quota, rate, burst, spent, extra_admission)
+    if shared is None:
+        admission, admission_state = server_admission(quota, rate, burst, spent, extra_admission)
+    else:
+        admission, admission_state = None, None
     return ServingCore(
         api,
         defense=defense,
@@ -219,4 +266,5 @@ def build_core(
         monitor_every=monitor_every,
         victim_labels=lambda x: victim.predict_proba(x).argmax(axis=-1),
         clock=clock,
+        shared=shared,
     )
