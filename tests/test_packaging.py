@@ -96,3 +96,11 @@ def test_default_experiment_runs_from_the_installed_wheel_in_another_directory(w
     assert finished.returncode == 0, finished.stderr[-2000:]
     (results,) = elsewhere.glob("outputs/*/*/results.json")
     assert '"queries_served": 100' in results.read_text()
+
+
+def test_a_missing_server_package_names_the_extra_to_install():
+    from heistlab.serving import require_server_packages
+
+    require_server_packages()  # the dev extra installs the serve extra
+    with pytest.raises(SystemExit, match=r"needs no_such_server_package \(the serve extra\): pip install"):
+        require_server_packages(("fastapi", "no_such_server_package"))
