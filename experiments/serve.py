@@ -18,9 +18,7 @@ from omegaconf import DictConfig
 
 from heistlab.compose import cache_directory, enable_compilation_cache
 from heistlab.protection import ProtectionError
-from heistlab.serving.app import app_from_config
-from heistlab.serving.server import serve_forever, uvicorn_config
-from heistlab.serving.workers import check_workers, serve_workers
+from heistlab.serving import require_server_packages
 from heistlab.victims import TamperedCheckpointError
 
 # Refusals a start-up can meet (a refused checkpoint or key, a missing file, a bad setting): one clear line.
@@ -30,6 +28,11 @@ STARTUP_REFUSALS = (ProtectionError, TamperedCheckpointError, FileNotFoundError,
 @hydra.main(config_path="../configs", config_name="serve", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    require_server_packages()
+    from heistlab.serving.app import app_from_config
+    from heistlab.serving.server import serve_forever, uvicorn_config
+    from heistlab.serving.workers import check_workers, serve_workers
+
     workers = check_workers(cfg.serve.get("workers", 1))
     if workers > 1:
         raise SystemExit(serve_workers(cfg, workers))
