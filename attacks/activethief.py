@@ -19,8 +19,7 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
-
-from attacks.base import (
+from heistlab.attacks.base import (
     Attack,
     AttackResult,
     Surrogate,
@@ -30,7 +29,8 @@ from attacks.base import (
     query_in_batches,
     training_targets,
 )
-from attacks.knockoff import squared_distances
+from heistlab.attacks.knockoff import squared_distances
+
 from heistlab.api import Oracle
 from heistlab.training import predict_proba, train_classifier
 

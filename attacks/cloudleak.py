@@ -36,8 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from attacks.base import (
+from heistlab.attacks.base import (
     Attack,
     AttackResult,
     Surrogate,
@@ -48,7 +47,8 @@ from attacks.base import (
     query_in_batches,
     training_targets,
 )
-from attacks.knockoff import sample_pool
+from heistlab.attacks.knockoff import sample_pool
+
 from heistlab.api import Oracle
 from heistlab.training import predict_proba, train_classifier
 

@@ -3,10 +3,10 @@ import functools
 import jax
 import numpy as np
 import pytest
+from heistlab.attacks.base import Surrogate
+from heistlab.attacks.cloudleak import cloudleak, feature_fool, margins
 from omegaconf import OmegaConf
 
-from attacks.base import Surrogate
-from attacks.cloudleak import cloudleak, feature_fool, margins
 from heistlab import data, training
 from heistlab.api import Oracle, QueryRefused
 from heistlab.checks import ConfigError
@@ -112,7 +112,7 @@ def test_bad_parameters_are_named(kwargs, message):
 
 
 def test_a_budget_below_the_seed_set_stops_the_run_in_one_line():
-    spec = OmegaConf.create({"_target_": "attacks.cloudleak", "budget": 50, "seed_size": 100})
+    spec = OmegaConf.create({"_target_": "heistlab.attacks.cloudleak", "budget": 50, "seed_size": 100})
     with pytest.raises(ConfigError, match=r"^attack: cloudleak: budget=50 leaves no FeatureFool") as error:
         build_attack(spec)
     assert "\n" not in str(error.value)

@@ -31,8 +31,7 @@ import math
 import jax
 import numpy as np
 import scipy.linalg
-
-from attacks.base import (
+from heistlab.attacks.base import (
     Attack,
     AttackResult,
     Surrogate,
@@ -41,6 +40,7 @@ from attacks.base import (
     check_budget,
     query_in_batches,
 )
+
 from heistlab.api import Oracle
 from heistlab.models import SoftmaxRegression
 

@@ -48,8 +48,8 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
+from heistlab.attacks.base import Attack, AttackResult, Surrogate, VictimFamily, affordable, check_budget
 
-from attacks.base import Attack, AttackResult, Surrogate, VictimFamily, affordable, check_budget
 from heistlab.api import Oracle, QueryRefused
 from heistlab.models import MLP
 

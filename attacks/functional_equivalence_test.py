@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from attacks.functional_equivalence import (
+from heistlab.attacks.functional_equivalence import (
     Unit,
     functional_equivalence,
     next_segments,

@@ -15,8 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from attacks.base import (
+from heistlab.attacks.base import (
     Attack,
     AttackResult,
     Surrogate,
@@ -25,6 +24,7 @@ from attacks.base import (
     hard_targets,
     query_in_batches,
 )
+
 from heistlab.api import Oracle
 from heistlab.training import capacity_for, pad_rows, train_classifier
 

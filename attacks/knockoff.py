@@ -24,8 +24,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-
-from attacks.base import (
+from heistlab.attacks.base import (
     Attack,
     AttackResult,
     Surrogate,
@@ -37,6 +36,7 @@ from attacks.base import (
     query_then_train,
     training_targets,
 )
+
 from heistlab.api import Oracle
 from heistlab.training import init_params, predict_proba, train_classifier
 

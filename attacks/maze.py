@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from heistlab.attacks.base import Attack, AttackResult, Surrogate, affordable, check_budget, query_in_batches
+from heistlab.attacks.dfme import Generator, forward_difference_gradient, random_directions
 
-from attacks.base import Attack, AttackResult, Surrogate, affordable, check_budget, query_in_batches
-from attacks.dfme import Generator, forward_difference_gradient, random_directions
 from heistlab.api import Oracle
 from heistlab.training import init_params
 

@@ -29,9 +29,9 @@ from collections import Counter
 import httpx
 import numpy as np
 import pytest
+from heistlab.experiments import keys
 
 from benchmarks.test_serving_benchmark import REPO, free_port, wait_until_up
-from experiments import keys
 from heistlab import data
 from heistlab.serving.client import read_credentials
 from heistlab.serving.tls import client_context

@@ -25,8 +25,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from heistlab.experiments import keys
 
-from experiments import keys
 from heistlab import data
 from heistlab.serving.client import read_credentials
 from heistlab.serving.tls import client_context

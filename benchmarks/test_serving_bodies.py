@@ -20,9 +20,9 @@ import time
 
 import httpx
 import numpy as np
+from heistlab.experiments import keys
 
 from benchmarks.test_serving_benchmark import free_port, start_server, wait_until_up
-from experiments import keys
 from heistlab.serving.client import read_credentials
 from heistlab.serving.tls import client_context
 

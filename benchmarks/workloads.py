@@ -159,11 +159,11 @@ def evasion_crafters(epsilon: float, step_size: float, steps: int) -> tuple[str,
     Uses ``attacks.evasion`` when it provides them, else the small reference above; the name says which.
     """
     try:
-        from attacks.evasion import fgsm, pgd
+        from heistlab.attacks.evasion import fgsm, pgd
 
         fgsm_craft = fgsm(epsilon=epsilon).craft
         pgd_craft = pgd(epsilon=epsilon, step_size=step_size, steps=steps, random_start=True).craft
-        return "attacks.evasion", fgsm_craft, pgd_craft
+        return "heistlab.attacks.evasion", fgsm_craft, pgd_craft
     except (ImportError, AttributeError, TypeError):
         pass
 

@@ -1,8 +1,8 @@
 """Defenses a prediction API can deploy, as composable pure transforms (see ``defenses.base``)."""
 
-from defenses.adaptive_misinformation import adaptive_misinformation
-from defenses.backdoor_watermark import backdoor_watermark
-from defenses.base import (
+from heistlab.defenses.adaptive_misinformation import adaptive_misinformation
+from heistlab.defenses.backdoor_watermark import backdoor_watermark
+from heistlab.defenses.base import (
     ADMIT,
     DefenderData,
     Defense,
@@ -15,21 +15,21 @@ from defenses.base import (
     identity,
     stateless,
 )
-from defenses.blacklight import blacklight
-from defenses.budget import budget
-from defenses.dawn import dawn
-from defenses.edm import edm
-from defenses.feature_squeezing import feature_squeezing
-from defenses.high_confidence import high_confidence
-from defenses.label_only import label_only
-from defenses.mad import mad, mad_argmax
-from defenses.noise import gaussian_noise, laplace_noise
-from defenses.prada import prada
-from defenses.proof_of_work import proof_of_work
-from defenses.rate_limit import progressive_delay, rate_limit
-from defenses.reverse_sigmoid import reverse_sigmoid
-from defenses.rounding import rounding
-from defenses.top_k import top_k
+from heistlab.defenses.blacklight import blacklight
+from heistlab.defenses.budget import budget
+from heistlab.defenses.dawn import dawn
+from heistlab.defenses.edm import edm
+from heistlab.defenses.feature_squeezing import feature_squeezing
+from heistlab.defenses.high_confidence import high_confidence
+from heistlab.defenses.label_only import label_only
+from heistlab.defenses.mad import mad, mad_argmax
+from heistlab.defenses.noise import gaussian_noise, laplace_noise
+from heistlab.defenses.prada import prada
+from heistlab.defenses.proof_of_work import proof_of_work
+from heistlab.defenses.rate_limit import progressive_delay, rate_limit
+from heistlab.defenses.reverse_sigmoid import reverse_sigmoid
+from heistlab.defenses.rounding import rounding
+from heistlab.defenses.top_k import top_k
 
 __all__ = [
     "ADMIT",

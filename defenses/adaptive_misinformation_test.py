@@ -1,13 +1,12 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from defenses.adaptive_misinformation import (
+from heistlab.defenses.adaptive_misinformation import (
     adaptive_misinformation,
     misinform,
     misinformation_targets,
 )
-from defenses.base import DefenderData
+from heistlab.defenses.base import DefenderData
 
 
 def test_the_mix_by_hand():

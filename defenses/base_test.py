@@ -1,8 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from defenses.base import QueryContext, chain, identity, stateless
+from heistlab.defenses.base import QueryContext, chain, identity, stateless
 
 PROBS = jnp.array([[0.2, 0.3, 0.5]], jnp.float32)
 CONTEXT = QueryContext(inputs=jnp.zeros((1, 1)), key=jax.random.key(7))
@@ -51,7 +50,7 @@ def fixed_admission(delay, refuse_after=None):
     """Admits with ``delay`` and counts admissions in its state; refuses once ``refuse_after`` are counted."""
 
     def admit(count, request):
-        from defenses.base import Verdict
+        from heistlab.defenses.base import Verdict
 
         if refuse_after is not None and count >= refuse_after:
             return Verdict(admitted=False, delay=5.0, reason="full"), count
@@ -61,7 +60,7 @@ def fixed_admission(delay, refuse_after=None):
 
 
 def test_chain_admission_adds_delays_and_a_refusal_changes_no_state():
-    from defenses.base import Request
+    from heistlab.defenses.base import Request
 
     defense = chain(fixed_admission(1.5), fixed_admission(2.0, refuse_after=3))
     verdict, state = defense.admit(defense.init(), Request("c", 3, 0.0))

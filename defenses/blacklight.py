@@ -44,8 +44,7 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
-
-from defenses.base import ADMIT, DefenderData, Defense, Evidence, QueryContext, Request, Verdict
+from heistlab.defenses.base import ADMIT, DefenderData, Defense, Evidence, QueryContext, Request, Verdict
 
 ACTIONS = ("log", "refuse", "switch")
 REFUSAL_REASON = "blacklight match"

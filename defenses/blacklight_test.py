@@ -1,11 +1,11 @@
 import jax
 import numpy as np
 import pytest
+from heistlab.attacks.evasion.square import square_search
+from heistlab.defenses.base import DefenderData, Evidence, QueryContext, Request
+from heistlab.defenses.blacklight import REFUSAL_REASON, blacklight, fingerprint
+from heistlab.defenses.label_only import label_only
 
-from attacks.evasion.square import square_search
-from defenses.base import DefenderData, Evidence, QueryContext, Request
-from defenses.blacklight import REFUSAL_REASON, blacklight, fingerprint
-from defenses.label_only import label_only
 from heistlab import data
 from heistlab.api import Oracle
 

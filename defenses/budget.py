@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping
 from typing import NamedTuple
 
-from defenses.base import ADMIT, Defense, Request, Verdict
+from heistlab.defenses.base import ADMIT, Defense, Request, Verdict
 
 
 class BudgetState(NamedTuple):

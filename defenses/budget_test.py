@@ -1,9 +1,8 @@
 import math
 
 import pytest
-
-from defenses.base import Request
-from defenses.budget import budget
+from heistlab.defenses.base import Request
+from heistlab.defenses.budget import budget
 
 
 def ask(defense, state, client, size):

@@ -32,9 +32,8 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
+from heistlab.defenses.base import Defense, Evidence, QueryContext
 from scipy import special, stats
-
-from defenses.base import Defense, Evidence, QueryContext
 
 log = logging.getLogger(__name__)
 

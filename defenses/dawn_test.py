@@ -5,11 +5,10 @@ import logging
 import jax
 import numpy as np
 import pytest
+from heistlab.defenses.base import Evidence, QueryContext, chain
+from heistlab.defenses.dawn import DEFAULT_KEY_ENV, dawn, input_bytes, watermark_label
+from heistlab.defenses.top_k import top_k
 from scipy import stats
-
-from defenses.base import Evidence, QueryContext, chain
-from defenses.dawn import DEFAULT_KEY_ENV, dawn, input_bytes, watermark_label
-from defenses.top_k import top_k
 
 KEY = "correct horse battery staple"
 CLASSES = 10
@@ -199,7 +198,7 @@ def test_key_file_wins_and_a_missing_key_is_random_and_logged(tmp_path, monkeypa
         ask(from_file, from_file.init(), inputs, probs)[0], ask(from_env, from_env.init(), inputs, probs)[0]
     )
     monkeypatch.delenv(DEFAULT_KEY_ENV)
-    with caplog.at_level(logging.WARNING, logger="defenses.dawn"):
+    with caplog.at_level(logging.WARNING, logger="heistlab.defenses.dawn"):
         first, second = dawn(rate=0.1), dawn(rate=0.1)
     assert "random key for this run" in caplog.text
     assert not np.array_equal(

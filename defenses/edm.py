@@ -46,9 +46,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from heistlab.defenses.base import DefenderData, Defense, Evidence, QueryContext
+from heistlab.defenses.dawn import input_bytes, load_key
 
-from defenses.base import DefenderData, Defense, Evidence, QueryContext
-from defenses.dawn import input_bytes, load_key
 from heistlab.models import MLP
 from heistlab.training import capacity_for, pad_rows
 

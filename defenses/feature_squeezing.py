@@ -24,8 +24,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from defenses.base import Defense, Evidence, QueryContext
+from heistlab.defenses.base import Defense, Evidence, QueryContext
 
 MAX_BIT_DEPTH = 16
 # Calibrated on digits for bit depth 4 without smoothing (configs/defense/feature_squeezing.yaml): 3.8% of the

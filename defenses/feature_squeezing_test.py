@@ -2,10 +2,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from heistlab.defenses.base import Evidence, QueryContext
+from heistlab.defenses.feature_squeezing import (
+    feature_squeezing,
+    median_smooth,
+    reduce_bit_depth,
+    squeezing_score,
+)
 from scipy import ndimage
-
-from defenses.base import Evidence, QueryContext
-from defenses.feature_squeezing import feature_squeezing, median_smooth, reduce_bit_depth, squeezing_score
 
 
 def test_bit_depth_reduction_rounds_to_evenly_spaced_levels():

@@ -7,8 +7,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-
-from defenses.base import Defense, QueryContext, normalise, stateless
+from heistlab.defenses.base import Defense, QueryContext, normalise, stateless
 
 
 def high_confidence(cutoff: float = 0.25) -> Defense:

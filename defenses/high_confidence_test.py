@@ -2,9 +2,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from defenses.base import QueryContext
-from defenses.high_confidence import high_confidence
+from heistlab.defenses.base import QueryContext
+from heistlab.defenses.high_confidence import high_confidence
 
 
 def serve(defense, probs):

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
-from defenses.base import Defense, QueryContext, stateless
+from heistlab.defenses.base import Defense, QueryContext, stateless
 
 
 def label_only() -> Defense:

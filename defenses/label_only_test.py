@@ -1,9 +1,8 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from defenses.base import QueryContext
-from defenses.label_only import label_only
+from heistlab.defenses.base import QueryContext
+from heistlab.defenses.label_only import label_only
 
 
 def test_serves_one_hot_of_the_argmax():

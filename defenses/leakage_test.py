@@ -2,8 +2,7 @@ import math
 
 import numpy as np
 import pytest
-
-from defenses.leakage import DEFAULT_ORDERS, answer_entropy, pate_privacy_cost
+from heistlab.defenses.leakage import DEFAULT_ORDERS, answer_entropy, pate_privacy_cost
 
 CLASSES = 10
 CONFIDENT = np.array([[0.97] + [0.03 / 9] * 9])
@@ -44,7 +43,7 @@ def test_bad_settings_are_refused_by_name(build, message):
 
 
 def test_gnmax_bound_on_answering_other_than_the_top_vote_by_hand():
-    from defenses.leakage import log_probability_not_top
+    from heistlab.defenses.leakage import log_probability_not_top
 
     votes = np.array([200.0, 50.0] + [0.0] * 8)
     expected = 0.5 * math.erfc(150 / 80) + 8 * 0.5 * math.erfc(200 / 80)

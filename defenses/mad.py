@@ -32,8 +32,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from defenses.base import DefenderData, Defense, QueryContext, stateless
+from heistlab.defenses.base import DefenderData, Defense, QueryContext, stateless
 
 OBJECTIVES = ("distance", "angular")
 ARGMAX_MARGIN = 1e-5

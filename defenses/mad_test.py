@@ -4,9 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from defenses.base import DefenderData, QueryContext
-from defenses.mad import (
+from heistlab.defenses.base import DefenderData, QueryContext
+from heistlab.defenses.mad import (
     ARGMAX_MARGIN,
     angular_objective,
     argmax_preserving_target,

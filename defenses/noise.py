@@ -6,8 +6,7 @@ from __future__ import annotations
 import math
 
 import jax
-
-from defenses.base import Defense, QueryContext, project_to_simplex, stateless
+from heistlab.defenses.base import Defense, QueryContext, project_to_simplex, stateless
 
 
 def gaussian_noise(sigma: float) -> Defense:

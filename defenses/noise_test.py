@@ -4,9 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from defenses.base import QueryContext
-from defenses.noise import gaussian_noise, laplace_noise
+from heistlab.defenses.base import QueryContext
+from heistlab.defenses.noise import gaussian_noise, laplace_noise
 
 CLASSES = 10
 # Uniform rows with noise far smaller than 1/CLASSES stay inside the simplex, where the projection only

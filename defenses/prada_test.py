@@ -3,11 +3,11 @@ import math
 import jax
 import numpy as np
 import pytest
+from heistlab.defenses.base import DefenderData, Evidence, QueryContext, Request
+from heistlab.defenses.label_only import label_only
+from heistlab.defenses.prada import calibrate_delta, empty_trace, observe_batch, prada
+from heistlab.defenses.rate_limit import rate_limit
 
-from defenses.base import DefenderData, Evidence, QueryContext, Request
-from defenses.label_only import label_only
-from defenses.prada import calibrate_delta, empty_trace, observe_batch, prada
-from defenses.rate_limit import rate_limit
 from heistlab import data
 
 CLASSES = 10

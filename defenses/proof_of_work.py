@@ -34,9 +34,8 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 import numpy as np
-
-from defenses.base import Defense, Evidence, Request, Verdict
-from defenses.leakage import Leakage, pate_privacy_cost
+from heistlab.defenses.base import Defense, Evidence, Request, Verdict
+from heistlab.defenses.leakage import Leakage, pate_privacy_cost
 
 UNKNOWN_CLIENT = "unknown"
 
@@ -104,8 +103,8 @@ def proof_of_work(
     leakage = pate_privacy_cost() if leakage is None else leakage
     if not isinstance(leakage, Leakage):
         raise ValueError(
-            "proof_of_work: leakage must be defenses.leakage.pate_privacy_cost(...) or "
-            f"defenses.leakage.answer_entropy(), got {leakage!r}"
+            "proof_of_work: leakage must be heistlab.defenses.leakage.pate_privacy_cost(...) or "
+            f"heistlab.defenses.leakage.answer_entropy(), got {leakage!r}"
         )
     if isinstance(base_bits, bool) or not isinstance(base_bits, int) or not 0 <= base_bits <= 64:
         raise ValueError(f"proof_of_work: base_bits must be an int in [0, 64], got {base_bits!r}")

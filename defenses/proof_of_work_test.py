@@ -3,11 +3,11 @@ from typing import NamedTuple
 import jax
 import numpy as np
 import pytest
+from heistlab.defenses import chain, rounding
+from heistlab.defenses.base import Evidence, QueryContext, Request
+from heistlab.defenses.leakage import answer_entropy, pate_privacy_cost
+from heistlab.defenses.proof_of_work import next_bits, proof_of_work
 
-from defenses import chain, rounding
-from defenses.base import Evidence, QueryContext, Request
-from defenses.leakage import answer_entropy, pate_privacy_cost
-from defenses.proof_of_work import next_bits, proof_of_work
 from heistlab.api import PredictionAPI
 
 CLASSES = 10
@@ -86,7 +86,7 @@ def test_next_bits_finds_the_proof_of_work_inside_a_chain():
         (lambda: proof_of_work(base_bits=8, max_bits=4), r"max_bits must be an int in \[base_bits=8, 128\]"),
         (lambda: proof_of_work(leakage_unit=0.0), "leakage_unit must be a finite number > 0, got 0.0"),
         (lambda: proof_of_work(hashes_per_second=-5), "hashes_per_second must be a finite number > 0"),
-        (lambda: proof_of_work(leakage="entropy"), "leakage must be defenses.leakage.pate_privacy_cost"),
+        (lambda: proof_of_work(leakage="entropy"), "leakage must be heistlab.defenses.leakage.pate_privacy"),
     ],
 )
 def test_bad_settings_are_refused_by_name(build, message):

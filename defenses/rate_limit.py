@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping
 from typing import NamedTuple
 
-from defenses.base import Defense, Evidence, Request, Verdict
+from heistlab.defenses.base import Defense, Evidence, Request, Verdict
 
 
 class Bucket(NamedTuple):

@@ -2,9 +2,8 @@ import math
 
 import numpy as np
 import pytest
-
-from defenses.base import Request
-from defenses.rate_limit import cumulative_delay, progressive_delay, rate_limit
+from heistlab.defenses.base import Request
+from heistlab.defenses.rate_limit import cumulative_delay, progressive_delay, rate_limit
 
 
 def run_client(defense, sizes, client="alice"):

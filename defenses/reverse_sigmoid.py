@@ -7,8 +7,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-
-from defenses.base import Defense, QueryContext, normalise, stateless
+from heistlab.defenses.base import Defense, QueryContext, normalise, stateless
 
 
 def reverse_sigmoid(beta: float = 0.7, gamma: float = 0.4) -> Defense:

@@ -2,10 +2,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from heistlab.defenses.base import QueryContext
+from heistlab.defenses.reverse_sigmoid import reverse_sigmoid
 from scipy import special
-
-from defenses.base import QueryContext
-from defenses.reverse_sigmoid import reverse_sigmoid
 
 
 def serve(defense, probs):

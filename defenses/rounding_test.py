@@ -2,9 +2,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from defenses.base import QueryContext
-from defenses.rounding import rounding
+from heistlab.defenses.base import QueryContext
+from heistlab.defenses.rounding import rounding
 
 
 def serve(defense, probs):

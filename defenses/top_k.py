@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
-from defenses.base import DefenderData, Defense, QueryContext, normalise, stateless
+from heistlab.defenses.base import DefenderData, Defense, QueryContext, normalise, stateless
 
 
 def top_k(k: int, defender: DefenderData | None = None) -> Defense:

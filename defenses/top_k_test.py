@@ -2,9 +2,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from defenses.base import DefenderData, QueryContext
-from defenses.top_k import top_k
+from heistlab.defenses.base import DefenderData, QueryContext
+from heistlab.defenses.top_k import top_k
 
 
 def serve(defense, probs):

@@ -21,8 +21,8 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from defenses import Defense, Evidence, QueryContext, Request
-from defenses.base import State
+from heistlab.defenses import Defense, Evidence, QueryContext, Request
+from heistlab.defenses.base import State
 from heistlab.training import capacity_for, pad_rows
 from heistlab.victims import Classifier
 

@@ -20,11 +20,12 @@ from typing import Any, NamedTuple
 REFUSED_STATUS = 2
 FLOAT32_BYTES = 4
 CHAIN_FORM = (
-    "'defense.members=[{_target_: defenses.rounding, decimals: 2}, {_target_: defenses.top_k, k: 3}]'"
+    "'defense.members=[{_target_: heistlab.defenses.rounding, decimals: 2}, "
+    "{_target_: heistlab.defenses.top_k, k: 3}]'"
 )
 # Defenses that answer from models of their own and ignore the probabilities they are handed: in a chain,
 # whatever ran before them would be thrown away.
-REPLACES_ANSWERS = ("defenses.edm",)
+REPLACES_ANSWERS = ("heistlab.defenses.edm",)
 
 
 class ConfigError(ValueError):
@@ -73,10 +74,12 @@ def check_seeds(cfg: Mapping) -> None:
 
 
 def defense_factories() -> list[str]:
-    """The defenses ``defenses`` offers, as ``_target_`` values (``defenses.rounding``...)."""
-    import defenses
+    """The defenses on offer, as ``_target_`` values (``heistlab.defenses.rounding``...)."""
+    from heistlab import defenses
 
-    return [f"defenses.{name}" for name in defenses.__all__ if name[0].islower() and name != "stateless"]
+    return [
+        f"heistlab.defenses.{name}" for name in defenses.__all__ if name[0].islower() and name != "stateless"
+    ]
 
 
 def importable(target: str) -> bool:
@@ -107,7 +110,7 @@ def check_defense_spec(spec: Any, where: str = "defense") -> None:
         raise ConfigError(
             f"{where} names an unknown defense {target!r}; accepted: {', '.join(defense_factories())}"
         )
-    if target == "defenses.chain":
+    if target == "heistlab.defenses.chain":
         members = spec.get("members")
         if not members or isinstance(members, str | Mapping):
             raise ConfigError(

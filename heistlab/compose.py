@@ -20,11 +20,10 @@ import numpy as np
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-import defenses
-from defenses import DefenderData, Defense, chain
-from heistlab import data, external_data, external_victims, models, protection, training, victims
+from heistlab import data, defenses, external_data, external_victims, models, protection, training, victims
 from heistlab.api import PredictionAPI
 from heistlab.checks import building
+from heistlab.defenses import DefenderData, Defense, chain
 from heistlab.models import build_model
 
 
@@ -99,9 +98,10 @@ def defender_data(cfg: DictConfig, splits: data.Splits) -> DefenderData:
 def build_defense(spec: DictConfig, defender: DefenderData) -> Defense:
     """Instantiates the defense config, handing ``defender`` to factories that declare that argument.
 
-    ``_target_: defenses.chain`` with a ``members`` list builds each member the same way and chains them.
+    ``_target_: heistlab.defenses.chain`` with a ``members`` list builds each member the same way and chains
+    them.
     """
-    if spec._target_ == "defenses.chain":
+    if spec._target_ == "heistlab.defenses.chain":
         if not spec.get("members"):
             raise ValueError("defense chain needs a non-empty `members` list of defense configs")
         return chain(*(build_defense(member, defender) for member in spec.members))

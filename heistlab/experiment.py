@@ -21,8 +21,6 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from attacks.base import Attack, AttackResult, Surrogate
-from defenses import Defense, Evidence
 from heistlab import (
     checks,
     data,
@@ -34,6 +32,7 @@ from heistlab import (
     victims,
 )
 from heistlab.api import PredictionAPI, QueryRefused
+from heistlab.attacks.base import Attack, AttackResult, Surrogate
 from heistlab.checks import ConfigError, building
 from heistlab.compose import (
     build_api,
@@ -44,6 +43,7 @@ from heistlab.compose import (
     load_victim,
     train_config_from,
 )
+from heistlab.defenses import Defense, Evidence
 from heistlab.progress import counter, counting_oracle, phase
 
 COMPILE_EVENTS = (
@@ -130,7 +130,7 @@ def evidence_for(cfg, splits, victim, stolen_model, stolen_params, attackers, be
 
 def run_evasion_stage(cfg, splits, victim, api, stolen_model, stolen_params, evasion) -> dict:
     """Adversarial examples against the victim by ``evasion`` (built from the ``evasion`` config)."""
-    from attacks.evasion import EvasionStage, run_evasion
+    from heistlab.attacks.evasion import EvasionStage, run_evasion
 
     stage = EvasionStage(
         api=api,
@@ -182,7 +182,7 @@ def describe_victim(spec: DictConfig) -> str:
 def build_evasion(cfg: DictConfig):
     """The configured evasion attack (None without one), built before any training: bad settings, or a
     score-based evasion behind a labels-only API, are refused up front."""
-    from attacks.evasion import SCORE
+    from heistlab.attacks.evasion import SCORE
 
     if not cfg.evasion.get("_target_"):
         return None
@@ -325,7 +325,7 @@ def assess(cfg: DictConfig, prepared: Prepared, api, oracle, attack_result: Atta
         benign = stream_benign_clients(cfg, api, splits.test)
     evaders = ()
     if prepared.evasion is not None:
-        from attacks.evasion import EVADER
+        from heistlab.attacks.evasion import EVADER
 
         with phase(f"evasion: {cfg.evasion._target_}") as ready:
             evaded = run_evasion_stage(

@@ -10,9 +10,9 @@ import pytest
 from flax import serialization
 from onnx import TensorProto, helper, numpy_helper
 
-from defenses import identity
 from heistlab import external_victims, training
 from heistlab.api import PredictionAPI, QueryRefused
+from heistlab.defenses import identity
 from heistlab.external_victims import VictimOutputError, VictimShapeError
 from heistlab.models import MLP
 from heistlab.victims import Classifier

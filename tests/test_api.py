@@ -7,8 +7,8 @@ import hashlib
 import jax
 import numpy as np
 import pytest
+from heistlab.defenses import identity, label_only
 
-from defenses import identity, label_only
 from heistlab.api import InvalidQuery, PredictionAPI, QueryRefused
 
 
@@ -108,7 +108,7 @@ def test_oracle_handle_exposes_queries_and_budget_only(api, digits_splits):
 
 def counting_admission(delay_per_row: float, refuse_client: str | None = None):
     """An admission defense: each row costs ``delay_per_row`` simulated seconds; one client is refused."""
-    from defenses import Verdict
+    from heistlab.defenses import Verdict
 
     def admit(state, request):
         if request.client == refuse_client:

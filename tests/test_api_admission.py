@@ -8,9 +8,17 @@ import math
 import jax
 import numpy as np
 import pytest
+from heistlab.defenses import (
+    budget,
+    chain,
+    feature_squeezing,
+    label_only,
+    prada,
+    progressive_delay,
+    rate_limit,
+)
+from heistlab.defenses.feature_squeezing import median_smooth, reduce_bit_depth
 
-from defenses import budget, chain, feature_squeezing, label_only, prada, progressive_delay, rate_limit
-from defenses.feature_squeezing import median_smooth, reduce_bit_depth
 from heistlab.api import PredictionAPI, QueryRefused
 
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-
-from attacks import (
+from heistlab.attacks import (
     activethief,
     cloudleak,
     dfme,
@@ -21,7 +20,8 @@ from attacks import (
     knockoff,
     maze,
 )
-from attacks.base import fit_transfer_set
+from heistlab.attacks.base import fit_transfer_set
+
 from heistlab.api import Oracle, QueryRefused
 
 ATTACKS = {

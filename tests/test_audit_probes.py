@@ -16,8 +16,8 @@ from collections.abc import Callable
 import httpx
 import numpy as np
 import pytest
+from heistlab.defenses import rounding
 
-from defenses import rounding
 from heistlab.audit import probes
 from heistlab.audit.ledger import QueryLedger
 from heistlab.serving.app import create_app

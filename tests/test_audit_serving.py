@@ -10,9 +10,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from heistlab.defenses import rounding
 from hydra import compose, initialize_config_dir
 
-from defenses import rounding
 from heistlab.audit import probes
 from heistlab.audit.battery import run_audit
 from heistlab.audit.ledger import QueryLedger

@@ -6,9 +6,9 @@ import json
 
 import pandas as pd
 import pytest
+from heistlab.experiments import benchmarks as benchmarks_command
 from hydra import compose, initialize_config_dir
 
-from experiments import benchmarks as benchmarks_command
 from heistlab import benchmarks
 from tests.test_configs import CONFIGS
 
@@ -30,7 +30,10 @@ def test_markdown_reports_measured_cells_from_results(tmp_path):
         folder = tmp_path / "runs" / "lee2019" / str(job)
         folder.mkdir(parents=True)
         record = {
-            "config": {"defense": {"_target_": "defenses.reverse_sigmoid", "beta": beta}, "seed": seed},
+            "config": {
+                "defense": {"_target_": "heistlab.defenses.reverse_sigmoid", "beta": beta},
+                "seed": seed,
+            },
             "metrics": {"fidelity_test": fidelity, "served_accuracy": 0.98},
             "seed": seed,
             "status": "complete",
@@ -53,7 +56,10 @@ def write_lee2019_runs(runs, fidelities=(0.9, 0.8, 0.5), failed=False):
     cells = [(0.0, 0), (0.0, 1), (0.7, 0)]
     for job, ((beta, seed), fidelity) in enumerate(zip(cells, fidelities, strict=True)):
         record = {
-            "config": {"defense": {"_target_": "defenses.reverse_sigmoid", "beta": beta}, "seed": seed},
+            "config": {
+                "defense": {"_target_": "heistlab.defenses.reverse_sigmoid", "beta": beta},
+                "seed": seed,
+            },
             "metrics": {"fidelity_test": fidelity, "served_accuracy": 0.98, "wall_seconds": 2.0},
             "seed": seed,
             "status": "complete",
@@ -67,7 +73,10 @@ def write_lee2019_runs(runs, fidelities=(0.9, 0.8, 0.5), failed=False):
 def write_tramer2016_runs(runs, fidelity_at_2_decimals):
     for job, decimals in enumerate((7, 2)):
         record = {
-            "config": {"defense": {"_target_": "defenses.rounding", "decimals": decimals}, "seed": 0},
+            "config": {
+                "defense": {"_target_": "heistlab.defenses.rounding", "decimals": decimals},
+                "seed": 0,
+            },
             "metrics": {"fidelity_uniform": 1.0 if decimals == 7 else fidelity_at_2_decimals},
             "seed": 0,
             "status": "complete",

@@ -17,9 +17,9 @@ import hydra._internal.core_plugins.basic_launcher
 import hydra._internal.hydra
 import hydra.core.utils
 import pytest
+from heistlab.experiments import run
 
 import heistlab.experiment
-from experiments import run
 from heistlab import checks
 from heistlab.checks import ConfigError
 from tests.test_configs import composed
@@ -80,8 +80,9 @@ def refused_line(arguments: list[str], tmp_path: Path, monkeypatch, capsys) -> s
         (["defense=top_k", "defense.k=11"], ["k=11 exceeds the 10 classes", "accepted: 1 to 10"]),
         (["defense=edm", "defense.members=1"], ["defense: edm: members must be an int >= 2, got 1"]),
         (
-            ["defense=chain", "defense.members=[{_target_: defenses.rounding}, {_target_: defenses.edm}]"],
-            ["defense.members[1] is defenses.edm", "would discard", "the chain's first member"],
+            ["defense=chain",
+             "defense.members=[{_target_: heistlab.defenses.rounding}, {_target_: heistlab.defenses.edm}]"],
+            ["defense.members[1] is heistlab.defenses.edm", "would discard", "the chain's first member"],
         ),
         (
             ["attack=cloudleak", "attack.budget=50"],
@@ -94,13 +95,14 @@ def refused_line(arguments: list[str], tmp_path: Path, monkeypatch, capsys) -> s
             ["attack.budget=1000000000000 needs about", "GiB", "available", "accepted: attack.budget up to"],
         ),
         (
-            ["defense=chain", "defense.members=[{_target_: defenses.firewall}]"],
-            ["defense.members[0] names an unknown defense 'defenses.firewall'", "defenses.rounding",
-             "defenses.top_k"],
+            ["defense=chain", "defense.members=[{_target_: heistlab.defenses.firewall}]"],
+            ["defense.members[0] names an unknown defense 'heistlab.defenses.firewall'",
+             "heistlab.defenses.rounding", "heistlab.defenses.top_k"],
         ),
         (
             ["defense=chain", "defense.members=[rounding, top_k]"],
-            ["defense.members[0] is 'rounding'", "not names", "{_target_: defenses.rounding, decimals: 2}"],
+            ["defense.members[0] is 'rounding'", "not names",
+             "{_target_: heistlab.defenses.rounding, decimals: 2}"],
         ),
         (["api=http"], ["api=http needs api.key_file", "experiments.keys create"]),
         (
@@ -192,7 +194,8 @@ def test_an_allowed_mismatch_runs_and_is_recorded(tmp_path, cache_dir):
 
 
 def test_a_matching_victim_needs_no_opt_in():
-    from attacks import equation_solving, functional_equivalence
+    from heistlab.attacks import equation_solving, functional_equivalence
+
     from heistlab.models import MLP, SoftmaxRegression
 
     assert checks.check_victim_family(equation_solving(), SoftmaxRegression(10), "x", False) is None

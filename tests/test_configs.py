@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from heistlab.attacks import Attack
+from heistlab.defenses import Defense
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException, MissingConfigException
 from hydra.utils import instantiate
 
-from attacks import Attack
-from defenses import Defense
 from heistlab import loggers
 from heistlab.compose import build_defense, build_model_from, build_splits, defender_data, train_config_from
 from heistlab.experiment import build_attack

@@ -11,10 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hydra.errors import InstantiationException
-from omegaconf import OmegaConf
-
-from defenses import (
+from heistlab.defenses import (
     DefenderData,
     Defense,
     QueryContext,
@@ -35,6 +32,9 @@ from defenses import (
     rounding,
     top_k,
 )
+from hydra.errors import InstantiationException
+from omegaconf import OmegaConf
+
 from heistlab.compose import build_defense
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "defense"

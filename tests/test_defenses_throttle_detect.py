@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from heistlab.defenses import Evidence
+from heistlab.defenses.prada import calibrate_delta
 
-from defenses import Evidence
-from defenses.prada import calibrate_delta
 from heistlab.compose import build_defense, build_splits, defender_data
 from heistlab.experiment import execute, stream_benign_clients
 from tests.test_configs import composed

@@ -15,13 +15,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
-from rich.console import Console
-
-import defenses
-from attacks import Surrogate, jbda
-from attacks.evasion import (
+from heistlab.attacks import Surrogate, jbda
+from heistlab.attacks.evasion import (
     EVADER,
     KINDS,
     Evasion,
@@ -32,8 +27,12 @@ from attacks.evasion import (
     run_evasion,
     square,
 )
-from experiments.run import metrics_table
-from heistlab import training
+from heistlab.experiments.run import metrics_table
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from rich.console import Console
+
+from heistlab import defenses, training
 from heistlab.api import Oracle, PredictionAPI
 from heistlab.compose import build_model_from, build_splits, load_victim, train_config_from
 from heistlab.experiment import prepare, run_experiment

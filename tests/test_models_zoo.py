@@ -6,9 +6,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from heistlab.attacks import dfme
+from heistlab.attacks.base import Surrogate
 
-from attacks import dfme
-from attacks.base import Surrogate
 from heistlab import data, seeds, training
 from heistlab.models import ResNet
 from heistlab.results import read_results

@@ -92,7 +92,7 @@ def test_the_documented_example_sweep_composes():
     }
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         targets = {compose(config_name="config", overrides=list(job)).defense._target_ for job in jobs}
-    assert targets == {"defenses.identity", "defenses.rounding"}
+    assert targets == {"heistlab.defenses.identity", "heistlab.defenses.rounding"}
     assert "hydra.sweep.dir=multirun/rounding" in firsts
 
 

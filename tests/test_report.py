@@ -13,13 +13,14 @@ import pytest
 
 matplotlib.use("Agg")
 
-from experiments import report as report_command
+from heistlab.experiments import report as report_command
+
 from heistlab import report
 from heistlab.results import read_results, write_results
 from tests.test_sweep import interrupted_then_resumed_sweep
 
 HALF_WRITTEN = '{"config": {"attack": '
-TARGETS = {"none": "defenses.identity", "rounding": "defenses.rounding"}
+TARGETS = {"none": "heistlab.defenses.identity", "rounding": "heistlab.defenses.rounding"}
 
 
 def write_run(
@@ -27,7 +28,7 @@ def write_run(
 ) -> None:
     target = TARGETS[defense]
     config = {
-        "attack": {"_target_": "attacks.knockoff", "budget": budget},
+        "attack": {"_target_": "heistlab.attacks.knockoff", "budget": budget},
         "defense": {"_target_": target, **({"decimals": 1} if defense == "rounding" else {})},
         "api": {"budget": budget},
         "seed": seed,
@@ -155,7 +156,10 @@ def test_budget_plot_draws_one_curve_per_defense_through_the_cell_means(hand_mad
 
 
 def test_flatten_names_groups_by_hydra_choice_or_target():
-    config = {"defense": {"_target_": "defenses.identity"}, "victim": {"options": {"hidden": [64, 32]}}}
+    config = {
+        "defense": {"_target_": "heistlab.defenses.identity"},
+        "victim": {"options": {"hidden": [64, 32]}},
+    }
     assert report.flatten(config, {"defense": "none"}) == {
         "defense": "none",
         "victim.options.hidden": "[64, 32]",
@@ -217,7 +221,7 @@ def test_a_group_swept_as_whole_configs_is_named_by_their_targets(tmp_path):
     # tramer2016 sets the defense group to null and sweeps whole defense configs in its place: Hydra
     # records the choice as null, which names no option, so each run is named by its target instead.
     for job, (target, extra) in enumerate(
-        [("defenses.identity", {}), ("defenses.rounding", {"decimals": 2})]
+        [("heistlab.defenses.identity", {}), ("heistlab.defenses.rounding", {"decimals": 2})]
     ):
         folder = tmp_path / str(job)
         config = {"defense": {"_target_": target, **extra}, "seed": 0}

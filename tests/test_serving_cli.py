@@ -15,10 +15,10 @@ import httpx
 import jax
 import numpy as np
 import pytest
+from heistlab.defenses import rounding
+from heistlab.experiments import keys
 from hydra import compose, initialize_config_dir
 
-from defenses import rounding
-from experiments import keys
 from heistlab.api import PredictionAPI
 from heistlab.compose import build_splits, load_victim
 from heistlab.serving.app import app_from_config

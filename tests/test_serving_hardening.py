@@ -18,8 +18,8 @@ from typing import NamedTuple
 import httpx
 import numpy as np
 import pytest
+from heistlab.defenses import rounding
 
-from defenses import rounding
 from heistlab.serving.app import create_app, unparsed_request_auditor
 from heistlab.serving.audit import AuditLog
 from heistlab.serving.auth import Authenticator, Credential, KeyStore, create_key

@@ -11,10 +11,10 @@ import jax
 import msgpack
 import numpy as np
 import pytest
+from heistlab.defenses import Defense, QueryContext, chain, gaussian_noise, prada, rounding
+from heistlab.defenses.dawn import DawnState, WatermarkRecord
+from heistlab.defenses.prada import ClientTrace, PradaState
 
-from defenses import Defense, QueryContext, chain, gaussian_noise, prada, rounding
-from defenses.dawn import DawnState, WatermarkRecord
-from defenses.prada import ClientTrace, PradaState
 from heistlab.api import PredictionAPI
 from heistlab.serving.audit import AuditLog
 from heistlab.serving.service import build_core, online_evidence

@@ -1,12 +1,20 @@
 """Evasion attacks: adversarial inputs crafted on the stolen surrogate, or found through the API itself."""
 
-from attacks.evasion.adaptive import adaptive_hopskipjump, adaptive_square
-from attacks.evasion.base import DECISION, KINDS, SCORE, TRANSFER, Evasion, EvasionStage, SearchResult
-from attacks.evasion.fgsm import fgsm
-from attacks.evasion.hopskipjump import hopskipjump
-from attacks.evasion.pgd import pgd
-from attacks.evasion.runner import EVADER, run_evasion
-from attacks.evasion.square import square
+from heistlab.attacks.evasion.adaptive import adaptive_hopskipjump, adaptive_square
+from heistlab.attacks.evasion.base import (
+    DECISION,
+    KINDS,
+    SCORE,
+    TRANSFER,
+    Evasion,
+    EvasionStage,
+    SearchResult,
+)
+from heistlab.attacks.evasion.fgsm import fgsm
+from heistlab.attacks.evasion.hopskipjump import hopskipjump
+from heistlab.attacks.evasion.pgd import pgd
+from heistlab.attacks.evasion.runner import EVADER, run_evasion
+from heistlab.attacks.evasion.square import square
 
 __all__ = [
     "DECISION",

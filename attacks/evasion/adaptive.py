@@ -44,8 +44,7 @@ import math
 
 import jax
 import numpy as np
-
-from attacks.evasion.base import (
+from heistlab.attacks.evasion.base import (
     DECISION,
     SCORE,
     Evasion,
@@ -57,8 +56,9 @@ from attacks.evasion.base import (
     numpy_rng,
     top1,
 )
-from attacks.evasion.hopskipjump import Decisions, hopskipjump_search
-from attacks.evasion.square import margin_loss, propose, square_side, window_fraction
+from heistlab.attacks.evasion.hopskipjump import Decisions, hopskipjump_search
+from heistlab.attacks.evasion.square import margin_loss, propose, square_side, window_fraction
+
 from heistlab.api import Oracle, QueryRefused
 
 # An answered proposal shrinks the scale by growth ** SHRINK_POWER, a refused one grows it by growth: the

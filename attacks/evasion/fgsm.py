@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import functools
 
-from attacks.evasion.base import TRANSFER, Evasion, check_count, check_norm, check_positive
-from attacks.evasion.pgd import projected_gradient_descent
+from heistlab.attacks.evasion.base import TRANSFER, Evasion, check_count, check_norm, check_positive
+from heistlab.attacks.evasion.pgd import projected_gradient_descent
 
 
 def fgsm(epsilon: float = 0.3, norm: str = "linf", count: int = 1000, query_batch: int = 256) -> Evasion:

@@ -1,8 +1,7 @@
 import jax
 import numpy as np
 import pytest
-
-from attacks.evasion import TRANSFER, fgsm, pgd
+from heistlab.attacks.evasion import TRANSFER, fgsm, pgd
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])

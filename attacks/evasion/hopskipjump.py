@@ -21,8 +21,7 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
-
-from attacks.evasion.base import (
+from heistlab.attacks.evasion.base import (
     DECISION,
     Evasion,
     OutOfBudget,
@@ -35,6 +34,7 @@ from attacks.evasion.base import (
     perturbation_norms,
     top1,
 )
+
 from heistlab.api import Oracle, QueryRefused
 
 # The initial blend's binary search stops at this precision (the reference code's 0.001).

@@ -1,11 +1,10 @@
 import jax
 import numpy as np
 import pytest
-
-from attacks.evasion import DECISION, hopskipjump
-from attacks.evasion.base import perturbation_norms
-from attacks.evasion.conftest import LinearRule
-from attacks.evasion.hopskipjump import Decisions, boundary_search, gradient_direction, project
+from heistlab.attacks.evasion import DECISION, hopskipjump
+from heistlab.attacks.evasion.base import perturbation_norms
+from heistlab.attacks.evasion.conftest import LinearRule
+from heistlab.attacks.evasion.hopskipjump import Decisions, boundary_search, gradient_direction, project
 
 # d = 64 pixels: theta = 1 / 64 ** 1.5 = 1 / 512 for L2 (gamma 1).
 THETA = 1 / 512

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-
-from attacks.base import query_in_batches
-from attacks.evasion.base import (
+from heistlab.attacks.base import query_in_batches
+from heistlab.attacks.evasion.base import (
     KINDS,
     TRANSFER,
     Evasion,
@@ -30,6 +29,7 @@ from attacks.evasion.base import (
     perturbation_norms,
     top1,
 )
+
 from heistlab.api import Oracle
 from heistlab.training import predict_labels
 

@@ -19,8 +19,7 @@ import functools
 
 import jax
 import numpy as np
-
-from attacks.evasion.base import (
+from heistlab.attacks.evasion.base import (
     SCORE,
     Evasion,
     OutOfBudget,
@@ -30,6 +29,7 @@ from attacks.evasion.base import (
     check_positive,
     numpy_rng,
 )
+
 from heistlab.api import Oracle, QueryRefused
 
 SMALLEST_SCORE = float(np.finfo(np.float32).tiny)

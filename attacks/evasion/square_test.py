@@ -1,11 +1,10 @@
 import jax
 import numpy as np
 import pytest
-
-from attacks.evasion import SCORE, square
-from attacks.evasion.base import perturbation_norms
-from attacks.evasion.conftest import LinearRule
-from attacks.evasion.square import margin_loss, propose, square_side, window_fraction
+from heistlab.attacks.evasion import SCORE, square
+from heistlab.attacks.evasion.base import perturbation_norms
+from heistlab.attacks.evasion.conftest import LinearRule
+from heistlab.attacks.evasion.square import margin_loss, propose, square_side, window_fraction
 
 
 def test_margin_loss_by_hand():

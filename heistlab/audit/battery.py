@@ -34,8 +34,8 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from attacks.base import Attack, Surrogate
-from attacks.evasion.base import Evasion
+from heistlab.attacks.base import Attack, Surrogate
+from heistlab.attacks.evasion.base import Evasion
 from heistlab.audit import probes
 from heistlab.audit.evasion import evasion_member
 from heistlab.audit.extraction import (

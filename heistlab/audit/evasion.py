@@ -19,8 +19,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from attacks.evasion import EvasionStage, run_evasion
-from attacks.evasion.base import Evasion
+from heistlab.attacks.evasion import EvasionStage, run_evasion
+from heistlab.attacks.evasion.base import Evasion
 from heistlab.audit.extraction import Exposure, Stolen, Thresholds
 from heistlab.audit.findings import Finding, finding, held, untested
 from heistlab.audit.ledger import LedgerAPI, QueryLedger

@@ -25,8 +25,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from attacks.base import Attack, Surrogate
 from heistlab import metrics
+from heistlab.attacks.base import Attack, Surrogate
 from heistlab.audit.findings import Finding, finding, held, untested
 from heistlab.audit.ledger import QueryLedger, Transcript, budgeted_oracle
 from heistlab.training import predict_labels, train_classifier

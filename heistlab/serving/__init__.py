@@ -16,13 +16,15 @@ Modules are imported on use, so the key tools load without JAX.
 
 import importlib.util
 
-SERVER_PACKAGES = ("fastapi", "uvicorn")
+SERVER_PACKAGES = ("fastapi", "uvicorn", "prometheus_client")
 
 
 def require_server_packages(packages: tuple[str, ...] = SERVER_PACKAGES) -> None:
-    """Stops with the pip command to run when the ``serve`` extra (FastAPI, uvicorn) is not installed."""
+    """Stops with the pip command to run when the ``serve`` extra (FastAPI, uvicorn, prometheus-client) is
+    not installed."""
     missing = [name for name in packages if importlib.util.find_spec(name) is None]
     if missing:
         raise SystemExit(
-            f"the prediction server needs {', '.join(missing)} (the serve extra): pip install 'heistlab[serve]'"
+            f"the prediction server needs {', '.join(missing)} (the serve extra): "
+            "pip install 'heistlab[serve]'"
         )

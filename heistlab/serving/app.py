@@ -766,7 +766,7 @@ def puzzle_book_for(core: ServingCore, several_workers: bool) -> PuzzleBook | No
     """Hashcash puzzles at the difficulty the chain's proof-of-work sets per key (None: the chain has none).
 
     Puzzles are kept in this process's memory, so a proof-of-work server runs one worker."""
-    from defenses.proof_of_work import next_bits
+    from heistlab.defenses.proof_of_work import next_bits
 
     if next_bits(core.api.defense_state()[0], "") is None:
         return None

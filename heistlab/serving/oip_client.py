@@ -440,7 +440,7 @@ def api_from_config(
 
 def check_undefended(defense_target: str) -> None:
     """``api=oip`` attacks an endpoint as deployed: its defenses run on the server, none can be added here."""
-    if defense_target != "defenses.identity":
+    if defense_target != "heistlab.defenses.identity":
         raise ValueError(
             f"api=oip attacks the endpoint as it is deployed, so its defenses are the server's own; "
             f"defense must be none, got {defense_target!r}"

@@ -30,8 +30,8 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from defenses.base import Defense, Evidence, Request, State
 from heistlab.api import PredictionAPI, QueryRefused
+from heistlab.defenses.base import Defense, Evidence, Request, State
 from heistlab.serving.audit import AuditLog
 from heistlab.serving.shared import SharedAdmission
 from heistlab.serving.shared_defense import DefenseStateStore, ServingState

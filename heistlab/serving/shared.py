@@ -20,9 +20,9 @@ import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from defenses.base import Request, Verdict
-from defenses.budget import BudgetState
-from defenses.rate_limit import Bucket, BucketState
+from heistlab.defenses.base import Request, Verdict
+from heistlab.defenses.budget import BudgetState
+from heistlab.defenses.rate_limit import Bucket, BucketState
 from heistlab.serving.audit import immediate_transaction
 from heistlab.serving.throttle import real_clock_verdict, server_admission
 

@@ -42,7 +42,7 @@ from typing import Any, NamedTuple, TypeVar
 import msgpack
 import numpy as np
 
-from defenses.base import Defense, EmptyState, State
+from heistlab.defenses.base import Defense, EmptyState, State
 from heistlab.serving.audit import immediate_transaction
 
 SCHEMA = """

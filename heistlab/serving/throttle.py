@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 
-from defenses.base import Defense, State, Verdict, chain
-from defenses.budget import BudgetState, budget
-from defenses.rate_limit import rate_limit
+from heistlab.defenses.base import Defense, State, Verdict, chain
+from heistlab.defenses.budget import BudgetState, budget
+from heistlab.defenses.rate_limit import rate_limit
 
 RETRY_AFTER_CAP_S = 86_400
 
