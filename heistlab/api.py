@@ -19,14 +19,20 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from defenses import Defense, Evidence, QueryContext, Request
 from defenses.base import State
 from heistlab.training import capacity_for, pad_rows
-from heistlab.victims import Classifier
+from heistlab.victims import Classifier, Victim
 
 OUTPUT_KINDS = ("probabilities", "top_k", "labels")
+# The largest batch the fused program serves in one call (the victim's own prediction chunk); larger
+# batches take the victim's chunked path.
+FUSED_MAX_ROWS = 4096
+# The victim's smallest padded batch (``training.predict_proba`` pads to at least this many rows).
+VICTIM_MIN_ROWS = 8
 
 
 class InvalidQuery(ValueError):
@@ -103,6 +109,7 @@ class PredictionAPI:
         self._clock: dict[str, float] = defaultdict(float)
         self._state = defense.init()
         self._batches = 0
+        self._program = serving_program(victim, defense) if isinstance(victim, Victim) else None
 
     def served(self, client: str) -> int:
         return self._served[client]
@@ -189,6 +196,8 @@ class PredictionAPI:
         return array.astype(np.float32, copy=False)
 
     def _serve(self, inputs: np.ndarray, client: str) -> np.ndarray:
+        if self._program is not None and len(inputs) <= FUSED_MAX_ROWS:
+            return self._serve_fused(inputs, client)
         raw_probs = None
         if self._preprocess is None:
             probs = self._victim.predict_proba(inputs)
@@ -202,6 +211,26 @@ class PredictionAPI:
             served, self._state = self._defense.apply(probs, self._state, context)
         else:
             served = self._apply_padded(probs, inputs, raw_probs, key)
+        return np.asarray(served)
+
+    def _serve_fused(self, inputs: np.ndarray, client: str) -> np.ndarray:
+        """Two compiled calls per batch, no host round trip between them: the victim (with preprocessing,
+        padding and the batch key) in one program, the jitted defense on its device arrays in the next.
+        They compute exactly what ``_serve``'s separate victim and defense calls compute: fusing the defense
+        into the victim's program would let XLA round its arithmetic differently."""
+        count = len(inputs)
+        padded = np.zeros((capacity_for(count, minimum=1), *inputs.shape[1:]), np.float32)
+        padded[:count] = inputs
+        batch = np.uint32(self._batches)
+        self._batches += 1
+        probs, raw_probs, key = self._program(self._victim.params, padded, np.int32(count), self._key, batch)
+        if not self._defense.host:
+            context = QueryContext(padded, key, raw_probs=raw_probs)
+            served, self._state = self._apply_defense(probs, self._state, context)
+            return np.asarray(served)[:count]
+        raw_probs = None if raw_probs is None else np.asarray(raw_probs)[:count]
+        context = QueryContext(inputs, key, client, self._clock[client], raw_probs)
+        served, self._state = self._defense.apply(np.asarray(probs)[:count], self._state, context)
         return np.asarray(served)
 
     def _apply_padded(self, probs, inputs, raw_probs, key) -> np.ndarray:
@@ -234,6 +263,37 @@ class PredictionAPI:
             for offset, digest in enumerate(digests)
         )
         (self._served if served else self._refused)[client] += len(digests)
+
+
+def serving_program(victim: Victim, defense: Defense) -> Callable:
+    """The compiled path from a padded batch to what the defense takes, one program per power-of-two bucket:
+    ``(probs, raw_probs, key)``.
+
+    It repeats ``training.predict_proba`` (the victim on at least ``VICTIM_MIN_ROWS`` zero-padded rows) and
+    ``PredictionAPI._apply_padded``'s padding (padding rows uniform distributions) and key (folded from the
+    API key and the batch count), so the defense sees exactly what the separate calls gave it.
+    """
+    model, preprocess = victim.model, defense.preprocess
+
+    def victim_probs(params, padded):
+        rows = padded.shape[0]
+        extra = max(VICTIM_MIN_ROWS, rows) - rows
+        victim_rows = jnp.pad(padded, [(0, extra)] + [(0, 0)] * (padded.ndim - 1))
+        return jax.nn.softmax(model.apply(params, victim_rows))[:rows]
+
+    def probabilities(params, padded, count):
+        real = (jnp.arange(padded.shape[0]) < count)[:, None]
+        uniform_outside = lambda probs: jnp.where(real, probs, jnp.float32(1.0) / probs.shape[-1])
+        probs = victim_probs(params, padded)
+        if preprocess is None:
+            return uniform_outside(probs), None
+        return uniform_outside(victim_probs(params, preprocess(padded))), uniform_outside(probs)
+
+    def program(params, padded, count, api_key, batch):
+        probs, raw_probs = probabilities(params, padded, count)
+        return probs, raw_probs, jax.random.fold_in(api_key, batch)
+
+    return jax.jit(program)
 
 
 def row_digests_or_blank(inputs) -> list[str]:
