@@ -61,8 +61,11 @@ class QueryRecord(NamedTuple):
 
 
 def row_digests(inputs: np.ndarray) -> list[str]:
-    rows = np.ascontiguousarray(inputs).reshape(len(inputs), -1)
-    return [hashlib.sha256(row.tobytes()).hexdigest() for row in rows]
+    """SHA-256 of each row's bytes, one hash call per row over one contiguous copy of the batch."""
+    batch = memoryview(np.ascontiguousarray(inputs).tobytes())
+    size = len(batch) // len(inputs) if len(inputs) else 0
+    sha256 = hashlib.sha256
+    return [sha256(batch[row * size : (row + 1) * size]).hexdigest() for row in range(len(inputs))]
 
 
 class PredictionAPI:
@@ -109,7 +112,13 @@ class PredictionAPI:
         self._clock: dict[str, float] = defaultdict(float)
         self._state = defense.init()
         self._batches = 0
-        self._program = serving_program(victim, defense) if isinstance(victim, Victim) else None
+        self._program = self._defense_program = None
+        typed_key = isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+        if isinstance(victim, Victim) and typed_key:
+            # Keys cross into the compiled programs as their raw data: cheaper to pass than key arrays.
+            self._key_data, self._key_impl = np.asarray(jax.random.key_data(key)), jax.random.key_impl(key)
+            self._program = serving_program(victim, defense, self._key_impl)
+            self._defense_program = defense_program(defense, self._key_impl)
 
     def served(self, client: str) -> int:
         return self._served[client]
@@ -146,21 +155,21 @@ class PredictionAPI:
         except InvalidQuery:
             self._record(client, row_digests_or_blank(inputs), served=False, reason="invalid")
             raise
-        digests = row_digests(inputs)
         remaining = self.remaining(client)
         if remaining is not None and len(inputs) > remaining:
-            self._record(client, digests, served=False, reason="budget")
+            self._record(client, row_digests(inputs), served=False, reason="budget")
             raise QueryRefused(client, len(inputs), remaining, f"budget of {self.budget} queries")
         if self._defense.admit is not None:
             request = Request(client, len(inputs), self._clock[client])
             verdict, self._state = self._defense.admit(self._state, request)
             if not verdict.admitted:
-                self._record(client, digests, served=False, reason=verdict.reason or "refused")
+                self._record(client, row_digests(inputs), served=False, reason=verdict.reason or "refused")
                 raise QueryRefused(client, len(inputs), remaining, verdict.reason, verdict.delay)
             self._clock[client] += verdict.delay
-        served = self._serve(inputs, client)
-        self._record(client, digests, served=True, reason="")
-        return self._client_view(served)
+        pending = self._serve(inputs, client)
+        # The rows are digested while the compiled programs run (JAX dispatches them asynchronously).
+        self._record(client, row_digests(inputs), served=True, reason="")
+        return self._client_view(np.asarray(pending)[: len(inputs)])
 
     def oracle(self, client: str = "attacker", identities: int = 1) -> Oracle:
         """The handle an attack gets: a client's view of the API, and nothing else.
@@ -195,7 +204,8 @@ class PredictionAPI:
             )
         return array.astype(np.float32, copy=False)
 
-    def _serve(self, inputs: np.ndarray, client: str) -> np.ndarray:
+    def _serve(self, inputs: np.ndarray, client: str) -> np.ndarray | jax.Array:
+        """The served probabilities: their first ``len(inputs)`` rows, maybe still being computed."""
         if self._program is not None and len(inputs) <= FUSED_MAX_ROWS:
             return self._serve_fused(inputs, client)
         raw_probs = None
@@ -213,7 +223,7 @@ class PredictionAPI:
             served = self._apply_padded(probs, inputs, raw_probs, key)
         return np.asarray(served)
 
-    def _serve_fused(self, inputs: np.ndarray, client: str) -> np.ndarray:
+    def _serve_fused(self, inputs: np.ndarray, client: str) -> np.ndarray | jax.Array:
         """Two compiled calls per batch, no host round trip between them: the victim (with preprocessing,
         padding and the batch key) in one program, the jitted defense on its device arrays in the next.
         They compute exactly what ``_serve``'s separate victim and defense calls compute: fusing the defense
@@ -223,12 +233,13 @@ class PredictionAPI:
         padded[:count] = inputs
         batch = np.uint32(self._batches)
         self._batches += 1
-        probs, raw_probs, key = self._program(self._victim.params, padded, np.int32(count), self._key, batch)
+        params, key_data = self._victim.params, self._key_data
+        probs, raw_probs, key_data = self._program(params, padded, np.int32(count), key_data, batch)
         if not self._defense.host:
-            context = QueryContext(padded, key, raw_probs=raw_probs)
-            served, self._state = self._apply_defense(probs, self._state, context)
-            return np.asarray(served)[:count]
+            served, self._state = self._defense_program(probs, self._state, padded, key_data, raw_probs)
+            return served
         raw_probs = None if raw_probs is None else np.asarray(raw_probs)[:count]
+        key = jax.random.wrap_key_data(np.asarray(key_data), impl=self._key_impl)
         context = QueryContext(inputs, key, client, self._clock[client], raw_probs)
         served, self._state = self._defense.apply(np.asarray(probs)[:count], self._state, context)
         return np.asarray(served)
@@ -265,9 +276,9 @@ class PredictionAPI:
         (self._served if served else self._refused)[client] += len(digests)
 
 
-def serving_program(victim: Victim, defense: Defense) -> Callable:
+def serving_program(victim: Victim, defense: Defense, key_impl) -> Callable:
     """The compiled path from a padded batch to what the defense takes, one program per power-of-two bucket:
-    ``(probs, raw_probs, key)``.
+    ``(probs, raw_probs, key_data)``.
 
     It repeats ``training.predict_proba`` (the victim on at least ``VICTIM_MIN_ROWS`` zero-padded rows) and
     ``PredictionAPI._apply_padded``'s padding (padding rows uniform distributions) and key (folded from the
@@ -289,9 +300,20 @@ def serving_program(victim: Victim, defense: Defense) -> Callable:
             return uniform_outside(probs), None
         return uniform_outside(victim_probs(params, preprocess(padded))), uniform_outside(probs)
 
-    def program(params, padded, count, api_key, batch):
+    def program(params, padded, count, api_key_data, batch):
         probs, raw_probs = probabilities(params, padded, count)
-        return probs, raw_probs, jax.random.fold_in(api_key, batch)
+        api_key = jax.random.wrap_key_data(api_key_data, impl=key_impl)
+        return probs, raw_probs, jax.random.key_data(jax.random.fold_in(api_key, batch))
+
+    return jax.jit(program)
+
+
+def defense_program(defense: Defense, key_impl) -> Callable:
+    """The jitted defense of ``PredictionAPI._apply_padded``, taking its batch key as raw key data."""
+
+    def program(probs, state, padded, key_data, raw_probs):
+        key = jax.random.wrap_key_data(key_data, impl=key_impl)
+        return defense.apply(probs, state, QueryContext(padded, key, raw_probs=raw_probs))
 
     return jax.jit(program)
 
