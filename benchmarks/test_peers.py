@@ -154,6 +154,13 @@ def test_art_evasion_throughput(benchmark, art_victim, splits, method, torch_thr
     )  # fmt: skip
 
 
+class AsFloat32(torch.nn.Module):
+    """ART's HopSkipJump hands the model float64 arrays; the twin computes in float32 as heistlab does."""
+
+    def forward(self, inputs):
+        return inputs.float()
+
+
 @pytest.fixture(scope="module")
 def art_twin(default_victim):
     """ART's ``PyTorchClassifier`` around a PyTorch MLP holding heistlab's victim weights (NCHW 1x8x8 input,
@@ -166,7 +173,7 @@ def art_twin(default_victim):
             linear.weight.copy_(torch.from_numpy(np.asarray(weights["kernel"]).T.copy()))
             linear.bias.copy_(torch.from_numpy(np.asarray(weights["bias"]).copy()))
         layers += [linear] if index == len(dense) - 1 else [linear, torch.nn.ReLU()]
-    model = torch.nn.Sequential(torch.nn.Flatten(), *layers)
+    model = torch.nn.Sequential(AsFloat32(), torch.nn.Flatten(), *layers)
     classifier = art_knockoff.mlp_classifier(seed=0, model=model)
     classifier._input_shape = (1, 8, 8)
     return classifier
