@@ -13,9 +13,10 @@ wait simulated seconds before a batch is served, so "how long would stealing tak
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import jax
@@ -58,6 +59,57 @@ class QueryRecord(NamedTuple):
     input_digest: str
     served: bool
     reason: str
+
+
+class QueryLog(Sequence):
+    """Every query row's ``QueryRecord``, in order, stored as one entry per batch.
+
+    A batch's rows share client, outcome and consecutive sequence numbers, so the log keeps those once and
+    the row digests as a list; records are built when read. It reads like a list of ``QueryRecord`` (index,
+    slice, iterate, compare with a list) and ``clear()`` empties it.
+    """
+
+    def __init__(self):
+        self._batches: list[tuple[str, int, list[str], bool, str]] = []
+        self._ends: list[int] = []
+
+    def add(self, client: str, first_sequence: int, digests: list[str], served: bool, reason: str) -> None:
+        if digests:
+            self._batches.append((client, first_sequence, digests, served, reason))
+            self._ends.append(len(self) + len(digests))
+
+    def clear(self) -> None:
+        self._batches.clear()
+        self._ends.clear()
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[position] for position in range(*index.indices(len(self)))]
+        position = index + len(self) if index < 0 else index
+        if not 0 <= position < len(self):
+            raise IndexError(f"query log index {index} out of range for {len(self)} records")
+        batch = bisect.bisect_right(self._ends, position)
+        client, first, digests, served, reason = self._batches[batch]
+        offset = position - (self._ends[batch] - len(digests))
+        return QueryRecord(client, first + offset, digests[offset], served, reason)
+
+    def __iter__(self) -> Iterator[QueryRecord]:
+        for client, first, digests, served, reason in self._batches:
+            for offset, digest in enumerate(digests):
+                yield QueryRecord(client, first + offset, digest, served, reason)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, QueryLog | list | tuple):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"QueryLog({list(self)!r})"
 
 
 def row_digests(inputs: np.ndarray) -> list[str]:
@@ -106,7 +158,7 @@ class PredictionAPI:
         self.input_range, self.max_batch = input_range, max_batch
         self.input_shape = tuple(victim.input_shape)
         self.num_classes = int(victim.num_classes)
-        self.records: list[QueryRecord] = []
+        self.records = QueryLog()
         self._served: dict[str, int] = defaultdict(int)
         self._refused: dict[str, int] = defaultdict(int)
         self._clock: dict[str, float] = defaultdict(float)
@@ -268,11 +320,7 @@ class PredictionAPI:
         return probs
 
     def _record(self, client: str, digests: list[str], served: bool, reason: str) -> None:
-        start = self._served[client] + self._refused[client]
-        self.records.extend(
-            QueryRecord(client, start + offset, digest, served, reason)
-            for offset, digest in enumerate(digests)
-        )
+        self.records.add(client, self._served[client] + self._refused[client], digests, served, reason)
         (self._served if served else self._refused)[client] += len(digests)
 
 

@@ -4,12 +4,14 @@ external victims and batches over ``FUSED_MAX_ROWS``)."""
 
 from __future__ import annotations
 
+import hashlib
+
 import jax
 import numpy as np
 import pytest
 
 import defenses
-from heistlab.api import PredictionAPI, QueryRefused
+from heistlab.api import PredictionAPI, QueryRecord, QueryRefused
 
 DAWN_KEY_ENV = "HEISTLAB_FAST_PATH_TEST_DAWN_KEY"
 DEFENSES = {
@@ -83,3 +85,25 @@ def test_fused_program_serves_exactly_what_the_separate_programs_serve(
     assert [fused.simulated_seconds(c) for c in ("alice", "bob")] == [
         separate.simulated_seconds(c) for c in ("alice", "bob")
     ]
+
+
+def test_query_log_reads_as_the_list_of_one_record_per_row(small_victim, digits_splits):
+    api = PredictionAPI(small_victim, defenses.identity(), key=jax.random.key(0), budget=6)
+    x = digits_splits.test.x[:9]
+    api.query(x[:4], client="alice")
+    with pytest.raises(QueryRefused):
+        api.query(x[4:7], client="alice")
+    api.query(x[7:9], client="bob")
+    digest = lambda row: hashlib.sha256(np.ascontiguousarray(row).tobytes()).hexdigest()
+    expected = [QueryRecord("alice", index, digest(x[index]), True, "") for index in range(4)]
+    expected += [QueryRecord("alice", index, digest(x[index]), False, "budget") for index in range(4, 7)]
+    expected += [QueryRecord("bob", index, digest(x[7 + index]), True, "") for index in range(2)]
+    assert api.records == expected and list(api.records) == expected and len(api.records) == 9
+    assert [api.records[index] for index in range(-9, 9)] == expected + expected
+    assert api.records[2:8:3] == expected[2:8:3] and api.records[-3] == expected[-3]
+    with pytest.raises(IndexError):
+        api.records[9]
+    api.records.clear()
+    assert len(api.records) == 0 and list(api.records) == []
+    api.query(x[:1], client="bob")
+    assert api.records == [QueryRecord("bob", 2, digest(x[0]), True, "")]
