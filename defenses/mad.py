@@ -100,8 +100,10 @@ def mad(
                 f"{defender.num_classes} classes, got inputs {input_shape} and {classes} classes"
             )
         proxy = random_proxy(math.prod(input_shape), classes, hidden, seed)
-        gram = last_layer_gram(proxy, context.inputs)
-        target = oracle(probs, gram, score)
+        if preserve_argmax and classes <= EXHAUSTIVE_MAX_CLASSES:
+            target = best_class_set_target(probs, *last_layer_factors(proxy, context.inputs), objective)
+        else:
+            target = oracle(probs, last_layer_gram(proxy, context.inputs), score)
         return mix_within_l1_ball(probs, target, epsilon).astype(probs.dtype)
 
     return stateless(transform)
@@ -144,6 +146,56 @@ def last_layer_gram(proxy: ProxyLayers, inputs: jax.Array) -> jax.Array:
     identity = jnp.eye(probs.shape[-1], dtype=probs.dtype)
     spread = jnp.sum(probs**2, axis=-1)[:, None, None]
     return scale * (identity - probs[:, :, None] - probs[:, None, :] + spread)
+
+
+def last_layer_factors(proxy: ProxyLayers, inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(||h||^2 + 1, p)`` per input: ``G G^T`` of ``last_layer_gram`` is ``scale (I - p 1^T - 1 p^T +
+    ||p||^2 1 1^T)``, so ``u^T G G^T v`` needs only dot products of ``u`` and ``v`` with ``p`` and ``1``."""
+    features, probs = proxy_features_and_probs(proxy, inputs)
+    return jnp.sum(features**2, axis=-1) + 1.0, probs
+
+
+def best_class_set_target(
+    probs: jax.Array, scale: jax.Array, proxy_probs: jax.Array, objective: str
+) -> jax.Array:
+    """``argmax_preserving_target`` over every class set, for the last-layer ``G G^T`` given by its factors.
+
+    A candidate is ``c = w / sum(w)`` with ``w`` a 0/1 class set joined with the top class, which weighs
+    ``1 + ARGMAX_MARGIN``. Each candidate's objective is computed from the dot products ``w . v`` (one
+    ``(batch, classes) x (classes, sets)`` product per vector ``v``) instead of ``c^T G G^T c`` over
+    ``(batch, sets, classes, classes)``: the same value up to float rounding, about ``classes`` times less
+    work, and no ``(batch, sets, classes)`` candidate array. Near-ties resolve as ``first_near_max`` does.
+    """
+    classes = probs.shape[-1]
+    masks = jnp.asarray(every_class_set(classes), probs.dtype)
+    top_class = jnp.argmax(probs, axis=-1)
+    top = jax.nn.one_hot(top_class, classes, dtype=probs.dtype)
+    adds_top = 1.0 - masks.T[top_class]  # (batch, sets): 1 where the set lacks the top class
+    total = jnp.sum(masks, axis=-1)[None] + adds_top + ARGMAX_MARGIN
+
+    def candidates_dot(vectors):  # (batch, sets): c . v for every candidate c
+        at_top = jnp.take_along_axis(vectors, top_class[:, None], axis=-1)
+        return (vectors @ masks.T + (adds_top + ARGMAX_MARGIN) * at_top) / total
+
+    def gram_form(u_dot_v, p_dot_u, sum_u, p_dot_v, sum_v):  # u^T G G^T v
+        spread = jnp.sum(proxy_probs**2, axis=-1, keepdims=True)
+        return scale[:, None] * (u_dot_v - p_dot_u * sum_v - sum_u * p_dot_v + spread * sum_u * sum_v)
+
+    own_squares = (total - ARGMAX_MARGIN - 1.0 + (1.0 + ARGMAX_MARGIN) ** 2) / total**2
+    proxy_dot = candidates_dot(proxy_probs)
+    probs_sum = jnp.sum(probs, axis=-1, keepdims=True)
+    probs_proxy = jnp.sum(probs * proxy_probs, axis=-1, keepdims=True)
+    cross = gram_form(candidates_dot(probs), proxy_dot, 1.0, probs_proxy, probs_sum)
+    own = gram_form(own_squares, proxy_dot, 1.0, proxy_dot, 1.0)
+    probs_square = jnp.sum(probs**2, axis=-1, keepdims=True)
+    reference = gram_form(probs_square, probs_proxy, probs_sum, probs_proxy, probs_sum)
+    if objective == "distance":
+        values = own - 2.0 * cross + reference
+    else:
+        tiny = jnp.finfo(probs.dtype).tiny
+        values = 2.0 - 2.0 * cross / jnp.sqrt(jnp.maximum(own * reference, tiny))
+    chosen = masks[first_near_max(values)]
+    return _candidates(jnp.maximum(chosen, top)[:, None, :], top)[:, 0]
 
 
 def proxy_features_and_probs(proxy: ProxyLayers, inputs: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -9,7 +9,9 @@ from heistlab.defenses.mad import (
     ARGMAX_MARGIN,
     angular_objective,
     argmax_preserving_target,
+    best_class_set_target,
     distance_objective,
+    last_layer_factors,
     last_layer_gram,
     mad,
     mad_argmax,
@@ -173,3 +175,27 @@ def test_rejects_bad_parameters(kwargs, message):
 def test_argmax_variant_names_itself_in_errors():
     with pytest.raises(ValueError, match="mad_argmax: epsilon must be"):
         mad_argmax(-1.0)
+
+
+@pytest.mark.parametrize("objective", ["distance", "angular"])
+@pytest.mark.parametrize("epsilon", [0.4, 1.7])
+def test_class_set_search_from_gram_factors_equals_the_search_over_the_gram(objective, epsilon):
+    """The served answers equal the generic oracle's on the explicit ``(batch, classes, classes)`` gram."""
+    classes, rows = 10, 600
+    inputs = jax.random.uniform(jax.random.key(7), (rows, 8, 8, 1))
+    probs = jnp.asarray(
+        np.concatenate([random_rows(8, rows // 2, classes, 0.1), random_rows(9, rows // 2, classes, 2.0)])
+    )
+    proxy = random_proxy(64, classes, (256, 256), seed=0)
+    score = {"distance": distance_objective, "angular": angular_objective}[objective]
+
+    @jax.jit
+    def over_the_gram(probs, inputs):
+        target = argmax_preserving_target(probs, last_layer_gram(proxy, inputs), score)
+        return target, mix_within_l1_ball(probs, target, epsilon)
+
+    target, expected = over_the_gram(probs, inputs)
+    served = serve(mad_argmax(epsilon, objective=objective), probs, inputs)
+    chosen = jax.jit(lambda p, x: best_class_set_target(p, *last_layer_factors(proxy, x), objective))
+    np.testing.assert_array_equal(chosen(probs, inputs), target)
+    np.testing.assert_array_equal(served, expected)

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from heistlab.defenses.base import DefenderData, Evidence, QueryContext, Request
 from heistlab.defenses.label_only import label_only
-from heistlab.defenses.prada import calibrate_delta, empty_trace, observe_batch, prada
+from heistlab.defenses.prada import Alarm, ClientTrace, calibrate_delta, empty_trace, observe_batch, prada
 from heistlab.defenses.rate_limit import rate_limit
+from scipy import stats
 
 from heistlab import data
 
@@ -215,3 +216,70 @@ def test_apply_leaves_the_old_state_untouched(digits_splits):
 def test_bad_arguments_are_named(arguments, message):
     with pytest.raises(ValueError, match=message):
         prada(**arguments)
+
+
+def row_by_row_observe(trace, rows, labels, delta, check_every, min_distances, counts, client):
+    """The detector as a plain row-by-row scan (the implementation before distances were batched): each row's
+    distance to its whole class set, Shapiro-Wilk through scipy's public entry point."""
+    growing_sets = dict(trace.growing_sets)
+    set_distances = {label: list(values) for label, values in trace.set_distances.items()}
+    thresholds = dict(trace.thresholds)
+    distances = {label: list(values) for label, values in trace.distances.items()}
+    queries, min_w, alarm, alarm_row = trace.queries, trace.min_shapiro_w, trace.alarm, None
+    for index, (row, label) in enumerate(zip(rows, labels.tolist(), strict=True)):
+        queries += 1
+        if label not in growing_sets:
+            growing_sets[label], set_distances[label], thresholds[label] = row[None], [0.0], 0.0
+            distances.setdefault(label, [])
+        else:
+            nearest = float(np.sqrt(np.min(np.sum((growing_sets[label] - row) ** 2, axis=1))))
+            distances[label].append(nearest)
+            if nearest > thresholds[label]:
+                growing_sets[label] = np.concatenate([growing_sets[label], row[None]])
+                set_distances[label].append(nearest)
+                spread = np.asarray(set_distances[label])
+                thresholds[label] = max(thresholds[label], float(spread.mean() - spread.std()))
+        if queries % check_every == 0:
+            pooled = [values for values in distances.values() if len(values) >= 10]
+            if not pooled:
+                continue
+            values = np.concatenate(pooled)
+            kept = values[np.abs(values - values.mean()) < 3.0 * values.std()]
+            if len(kept) <= min_distances or np.ptp(kept) == 0:
+                continue
+            w = float(stats.shapiro(kept).statistic)
+            min_w = min(min_w, w)
+            if alarm is None and w < delta:
+                alarm, alarm_row = Alarm(queries, w, {**counts, client: queries}), index
+    sets = {label: tuple(values) for label, values in set_distances.items()}
+    recorded = {label: tuple(values) for label, values in distances.items()}
+    new = ClientTrace(growing_sets, sets, thresholds, recorded, queries, min_w, alarm)
+    return new, alarm_row
+
+
+def assert_same_trace(got, expected):
+    assert list(got.growing_sets) == list(expected.growing_sets)
+    for label, members in expected.growing_sets.items():
+        np.testing.assert_array_equal(got.growing_sets[label], members)
+    assert got.set_distances == expected.set_distances and got.distances == expected.distances
+    assert list(got.distances) == list(expected.distances)
+    assert got.thresholds == expected.thresholds
+    assert got[4:] == expected[4:]
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64, 1000])
+@pytest.mark.parametrize("kind", ["natural", "synthetic"])
+def test_batched_distances_equal_the_row_by_row_scan(digits_splits, kind, batch):
+    if kind == "natural":
+        inputs, labels = digits_splits.test.x, digits_splits.test.y
+    else:
+        inputs, labels = synthetic_stream(digits_splits)
+    rows = np.asarray(inputs, np.float64).reshape(len(inputs), -1)
+    fast = slow = empty_trace()
+    for start in range(0, len(rows), batch):
+        chunk, chunk_labels = rows[start : start + batch], np.asarray(labels[start : start + batch])
+        fast, fast_row = observe_batch(fast, chunk, chunk_labels, 0.85, 10, 100, {"other": 3}, "c")
+        slow, slow_row = row_by_row_observe(slow, chunk, chunk_labels, 0.85, 10, 100, {"other": 3}, "c")
+        assert fast_row == slow_row
+        assert_same_trace(fast, slow)
+    assert (fast.alarm is not None) == (kind == "synthetic")

@@ -13,20 +13,27 @@ wait simulated seconds before a batch is served, so "how long would stealing tak
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from heistlab.defenses import Defense, Evidence, QueryContext, Request
 from heistlab.defenses.base import State
 from heistlab.training import capacity_for, pad_rows
-from heistlab.victims import Classifier
+from heistlab.victims import Classifier, Victim
 
 OUTPUT_KINDS = ("probabilities", "top_k", "labels")
+# The largest batch the fused program serves in one call (the victim's own prediction chunk); larger
+# batches take the victim's chunked path.
+FUSED_MAX_ROWS = 4096
+# The victim's smallest padded batch (``training.predict_proba`` pads to at least this many rows).
+VICTIM_MIN_ROWS = 8
 
 
 class InvalidQuery(ValueError):
@@ -54,9 +61,63 @@ class QueryRecord(NamedTuple):
     reason: str
 
 
+class QueryLog(Sequence):
+    """Every query row's ``QueryRecord``, in order, stored as one entry per batch.
+
+    A batch's rows share client, outcome and consecutive sequence numbers, so the log keeps those once and
+    the row digests as a list; records are built when read. It reads like a list of ``QueryRecord`` (index,
+    slice, iterate, compare with a list) and ``clear()`` empties it.
+    """
+
+    def __init__(self):
+        self._batches: list[tuple[str, int, list[str], bool, str]] = []
+        self._ends: list[int] = []
+
+    def add(self, client: str, first_sequence: int, digests: list[str], served: bool, reason: str) -> None:
+        if digests:
+            self._batches.append((client, first_sequence, digests, served, reason))
+            self._ends.append(len(self) + len(digests))
+
+    def clear(self) -> None:
+        self._batches.clear()
+        self._ends.clear()
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[position] for position in range(*index.indices(len(self)))]
+        position = index + len(self) if index < 0 else index
+        if not 0 <= position < len(self):
+            raise IndexError(f"query log index {index} out of range for {len(self)} records")
+        batch = bisect.bisect_right(self._ends, position)
+        client, first, digests, served, reason = self._batches[batch]
+        offset = position - (self._ends[batch] - len(digests))
+        return QueryRecord(client, first + offset, digests[offset], served, reason)
+
+    def __iter__(self) -> Iterator[QueryRecord]:
+        for client, first, digests, served, reason in self._batches:
+            for offset, digest in enumerate(digests):
+                yield QueryRecord(client, first + offset, digest, served, reason)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, QueryLog | list | tuple):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"QueryLog({list(self)!r})"
+
+
 def row_digests(inputs: np.ndarray) -> list[str]:
-    rows = np.ascontiguousarray(inputs).reshape(len(inputs), -1)
-    return [hashlib.sha256(row.tobytes()).hexdigest() for row in rows]
+    """SHA-256 of each row's bytes, one hash call per row over one contiguous copy of the batch."""
+    batch = memoryview(np.ascontiguousarray(inputs).tobytes())
+    size = len(batch) // len(inputs) if len(inputs) else 0
+    sha256 = hashlib.sha256
+    return [sha256(batch[row * size : (row + 1) * size]).hexdigest() for row in range(len(inputs))]
 
 
 class PredictionAPI:
@@ -97,12 +158,19 @@ class PredictionAPI:
         self.input_range, self.max_batch = input_range, max_batch
         self.input_shape = tuple(victim.input_shape)
         self.num_classes = int(victim.num_classes)
-        self.records: list[QueryRecord] = []
+        self.records = QueryLog()
         self._served: dict[str, int] = defaultdict(int)
         self._refused: dict[str, int] = defaultdict(int)
         self._clock: dict[str, float] = defaultdict(float)
         self._state = defense.init()
         self._batches = 0
+        self._program = self._defense_program = None
+        typed_key = isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+        if isinstance(victim, Victim) and typed_key:
+            # Keys cross into the compiled programs as their raw data: cheaper to pass than key arrays.
+            self._key_data, self._key_impl = np.asarray(jax.random.key_data(key)), jax.random.key_impl(key)
+            self._program = serving_program(victim, defense, self._key_impl)
+            self._defense_program = defense_program(defense, self._key_impl)
 
     def served(self, client: str) -> int:
         return self._served[client]
@@ -139,21 +207,21 @@ class PredictionAPI:
         except InvalidQuery:
             self._record(client, row_digests_or_blank(inputs), served=False, reason="invalid")
             raise
-        digests = row_digests(inputs)
         remaining = self.remaining(client)
         if remaining is not None and len(inputs) > remaining:
-            self._record(client, digests, served=False, reason="budget")
+            self._record(client, row_digests(inputs), served=False, reason="budget")
             raise QueryRefused(client, len(inputs), remaining, f"budget of {self.budget} queries")
         if self._defense.admit is not None:
             request = Request(client, len(inputs), self._clock[client], inputs)
             verdict, self._state = self._defense.admit(self._state, request)
             if not verdict.admitted:
-                self._record(client, digests, served=False, reason=verdict.reason or "refused")
+                self._record(client, row_digests(inputs), served=False, reason=verdict.reason or "refused")
                 raise QueryRefused(client, len(inputs), remaining, verdict.reason, verdict.delay)
             self._clock[client] += verdict.delay
-        served = self._serve(inputs, client)
-        self._record(client, digests, served=True, reason="")
-        return self._client_view(served)
+        pending = self._serve(inputs, client)
+        # The rows are digested while the compiled programs run (JAX dispatches them asynchronously).
+        self._record(client, row_digests(inputs), served=True, reason="")
+        return self._client_view(np.asarray(pending)[: len(inputs)])
 
     def oracle(self, client: str = "attacker", identities: int = 1) -> Oracle:
         """The handle an attack gets: a client's view of the API, and nothing else.
@@ -188,7 +256,10 @@ class PredictionAPI:
             )
         return array.astype(np.float32, copy=False)
 
-    def _serve(self, inputs: np.ndarray, client: str) -> np.ndarray:
+    def _serve(self, inputs: np.ndarray, client: str) -> np.ndarray | jax.Array:
+        """The served probabilities: their first ``len(inputs)`` rows, maybe still being computed."""
+        if self._program is not None and len(inputs) <= FUSED_MAX_ROWS:
+            return self._serve_fused(inputs, client)
         raw_probs = None
         if self._preprocess is None:
             probs = self._victim.predict_proba(inputs)
@@ -202,6 +273,27 @@ class PredictionAPI:
             served, self._state = self._defense.apply(probs, self._state, context)
         else:
             served = self._apply_padded(probs, inputs, raw_probs, key)
+        return np.asarray(served)
+
+    def _serve_fused(self, inputs: np.ndarray, client: str) -> np.ndarray | jax.Array:
+        """Two compiled calls per batch, no host round trip between them: the victim (with preprocessing,
+        padding and the batch key) in one program, the jitted defense on its device arrays in the next.
+        They compute exactly what ``_serve``'s separate victim and defense calls compute: fusing the defense
+        into the victim's program would let XLA round its arithmetic differently."""
+        count = len(inputs)
+        padded = np.zeros((capacity_for(count, minimum=1), *inputs.shape[1:]), np.float32)
+        padded[:count] = inputs
+        batch = np.uint32(self._batches)
+        self._batches += 1
+        params, key_data = self._victim.params, self._key_data
+        probs, raw_probs, key_data = self._program(params, padded, np.int32(count), key_data, batch)
+        if not self._defense.host:
+            served, self._state = self._defense_program(probs, self._state, padded, key_data, raw_probs)
+            return served
+        raw_probs = None if raw_probs is None else np.asarray(raw_probs)[:count]
+        key = jax.random.wrap_key_data(np.asarray(key_data), impl=self._key_impl)
+        context = QueryContext(inputs, key, client, self._clock[client], raw_probs)
+        served, self._state = self._defense.apply(np.asarray(probs)[:count], self._state, context)
         return np.asarray(served)
 
     def _apply_padded(self, probs, inputs, raw_probs, key) -> np.ndarray:
@@ -228,12 +320,50 @@ class PredictionAPI:
         return probs
 
     def _record(self, client: str, digests: list[str], served: bool, reason: str) -> None:
-        start = self._served[client] + self._refused[client]
-        self.records.extend(
-            QueryRecord(client, start + offset, digest, served, reason)
-            for offset, digest in enumerate(digests)
-        )
+        self.records.add(client, self._served[client] + self._refused[client], digests, served, reason)
         (self._served if served else self._refused)[client] += len(digests)
+
+
+def serving_program(victim: Victim, defense: Defense, key_impl) -> Callable:
+    """The compiled path from a padded batch to what the defense takes, one program per power-of-two bucket:
+    ``(probs, raw_probs, key_data)``.
+
+    It repeats ``training.predict_proba`` (the victim on at least ``VICTIM_MIN_ROWS`` zero-padded rows) and
+    ``PredictionAPI._apply_padded``'s padding (padding rows uniform distributions) and key (folded from the
+    API key and the batch count), so the defense sees exactly what the separate calls gave it.
+    """
+    model, preprocess = victim.model, defense.preprocess
+
+    def victim_probs(params, padded):
+        rows = padded.shape[0]
+        extra = max(VICTIM_MIN_ROWS, rows) - rows
+        victim_rows = jnp.pad(padded, [(0, extra)] + [(0, 0)] * (padded.ndim - 1))
+        return jax.nn.softmax(model.apply(params, victim_rows))[:rows]
+
+    def probabilities(params, padded, count):
+        real = (jnp.arange(padded.shape[0]) < count)[:, None]
+        uniform_outside = lambda probs: jnp.where(real, probs, jnp.float32(1.0) / probs.shape[-1])
+        probs = victim_probs(params, padded)
+        if preprocess is None:
+            return uniform_outside(probs), None
+        return uniform_outside(victim_probs(params, preprocess(padded))), uniform_outside(probs)
+
+    def program(params, padded, count, api_key_data, batch):
+        probs, raw_probs = probabilities(params, padded, count)
+        api_key = jax.random.wrap_key_data(api_key_data, impl=key_impl)
+        return probs, raw_probs, jax.random.key_data(jax.random.fold_in(api_key, batch))
+
+    return jax.jit(program)
+
+
+def defense_program(defense: Defense, key_impl) -> Callable:
+    """The jitted defense of ``PredictionAPI._apply_padded``, taking its batch key as raw key data."""
+
+    def program(probs, state, padded, key_data, raw_probs):
+        key = jax.random.wrap_key_data(key_data, impl=key_impl)
+        return defense.apply(probs, state, QueryContext(padded, key, raw_probs=raw_probs))
+
+    return jax.jit(program)
 
 
 def row_digests_or_blank(inputs) -> list[str]:
