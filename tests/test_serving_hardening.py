@@ -8,6 +8,7 @@ One server per module, started in a thread on a free port of 127.0.0.1, stopped 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import socket
 import ssl
@@ -18,6 +19,7 @@ from typing import NamedTuple
 import httpx
 import numpy as np
 import pytest
+import uvicorn
 from heistlab.defenses import rounding
 
 from heistlab.serving.app import create_app, unparsed_request_auditor
@@ -340,3 +342,65 @@ def test_schemathesis_finds_no_disagreement_between_the_schema_and_the_server(as
     assert all(status < 500 for status in statuses) and len(statuses) >= 11 * 2 * 2
     assert any(400 <= status < 500 for status in statuses) and 200 in statuses
     assert audit.count() >= len(statuses)
+
+
+class RecordingTransport(asyncio.Transport):
+    """What the protocol writes, and whether it closed the connection (no socket involved)."""
+
+    def __init__(self):
+        super().__init__()
+        self.written, self.closed = b"", False
+
+    def get_extra_info(self, name, default=None):
+        return {"peername": ("127.0.0.1", 50000), "sockname": ("127.0.0.1", 8443)}.get(name, default)
+
+    def write(self, data):
+        self.written += data
+
+    def close(self):
+        self.closed = True
+
+    def is_closing(self):
+        return self.closed
+
+    def pause_reading(self):
+        pass
+
+    def resume_reading(self):
+        pass
+
+
+async def _nothing(scope, receive, send):
+    return None
+
+
+def received_in_one_read(request: bytes) -> tuple[RecordingTransport, list[str]]:
+    """Hands ``request`` to the server's HTTP protocol as one read, as a busy server's socket can."""
+    from uvicorn.server import ServerState
+
+    from heistlab.serving.server import reporting_h11
+
+    async def exchange():
+        config = uvicorn.Config(_nothing, lifespan="off", h11_max_incomplete_event_size=MAX_HEADER_BYTES)
+        config.load()
+        reported: list[str] = []
+        protocol = reporting_h11(reported.append)(config=config, server_state=ServerState(), app_state={})
+        transport = RecordingTransport()
+        protocol.connection_made(transport)
+        protocol.data_received(request)
+        await asyncio.sleep(0)
+        return transport, reported
+
+    return asyncio.run(exchange())
+
+
+def test_a_header_block_over_the_bound_is_refused_even_when_it_arrives_in_one_read():
+    """h11 bounds only incomplete heads; a whole 70 KB head in one read is still refused, and reported."""
+    head = b"GET /v1/info HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: " + b"a" * 70_000 + b"\r\n\r\n"
+    transport, reported = received_in_one_read(head)
+    assert transport.written.startswith(b"HTTP/1.1 400") and transport.closed
+    assert len(reported) == 1 and str(MAX_HEADER_BYTES) in reported[0]
+    body = b"x" * 100_000  # a large body after a small head, in the same read, is not a large head
+    request = b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n" + body
+    transport, reported = received_in_one_read(request)
+    assert not transport.written.startswith(b"HTTP/1.1 400") and reported == []

@@ -6,9 +6,9 @@ rate limit shared through SQLite). TLS 1.2 is the minimum protocol version (Pyth
 contexts); TLS 1.2 offers only ECDHE key exchange with AES-GCM or ChaCha20-Poly1305 (``AEAD_TLS12_CIPHERS``;
 no CBC suite, no static RSA), and TLS 1.3's suites are AEAD by construction.
 
-HTTP/1.1 is parsed by h11 (chosen explicitly, so installing httptools changes nothing). h11 refuses a
-request before the app sees it when its request line and headers pass ``MAX_HEADER_BYTES`` (16 KiB) or are
-malformed; uvicorn then answers 400 and closes the connection. ``on_rejected`` is told of each such request,
+HTTP/1.1 is parsed by h11 (chosen explicitly, so installing httptools changes nothing). A request whose line
+and headers pass ``MAX_HEADER_BYTES`` (16 KiB, counted however the bytes arrive) or are malformed is refused
+before the app sees it; uvicorn then answers 400 and closes the connection. ``on_rejected`` is told of each such request,
 so that the audit log keeps a row for it too.
 """
 
@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -62,7 +63,7 @@ def uvicorn_config(
         ssl_certfile=str(certfile),
         ssl_keyfile=str(keyfile),
         ssl_ciphers=AEAD_TLS12_CIPHERS,
-        http=H11Protocol if on_rejected is None else reporting_h11(on_rejected),
+        http=reporting_h11(on_rejected),
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         log_level=log_level,
         access_log=access_log,
@@ -72,19 +73,38 @@ def uvicorn_config(
     )
 
 
-def reporting_h11(on_rejected: Callable[[str], None]) -> type[H11Protocol]:
-    """uvicorn's h11 protocol, calling ``on_rejected`` before it answers 400 to a request h11 refused."""
+def reporting_h11(on_rejected: Callable[[str], None] | None) -> type[H11Protocol]:
+    """uvicorn's h11 protocol that bounds each request's line and headers to ``MAX_HEADER_BYTES`` however they
+    arrive, and calls ``on_rejected`` (if given) before it answers 400 to a request it refused.
+
+    h11's own bound (``h11_max_incomplete_event_size``) applies only while a request head is incomplete: a
+    70 KB header block that reaches the server in one read would pass it whole, so the head's length is also
+    counted here, before h11 parses it.
+    """
 
     class ReportingH11Protocol(H11Protocol):
+        head = b""  # the current request's line and headers received so far, while incomplete
+
+        def data_received(self, data: bytes) -> None:
+            if self.conn.their_state is h11.IDLE:
+                seen = self.head + data
+                end = seen.find(b"\r\n\r\n")
+                if (len(seen) if end < 0 else end + 4) > MAX_HEADER_BYTES:
+                    self.send_400_response("Request line and headers too large")
+                    return
+                self.head = seen if end < 0 else b""
+            super().data_received(data)
+
         def send_400_response(self, msg: str) -> None:
             peer = f" from {self.client[0]}" if self.client else ""
-            try:
-                on_rejected(
-                    f"refused by the HTTP parser{peer}: malformed request line or headers, or more than "
-                    f"{MAX_HEADER_BYTES} bytes of them"
-                )
-            except Exception:  # the answer still goes out; the server log says what was lost
-                log.exception("a request refused by the HTTP parser%s could not be recorded", peer)
+            if on_rejected is not None:
+                try:
+                    on_rejected(
+                        f"refused by the HTTP parser{peer}: malformed request line or headers, or more than "
+                        f"{MAX_HEADER_BYTES} bytes of them"
+                    )
+                except Exception:  # the answer still goes out; the server log says what was lost
+                    log.exception("a request refused by the HTTP parser%s could not be recorded", peer)
             super().send_400_response(msg)
 
     return ReportingH11Protocol
