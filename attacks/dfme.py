@@ -64,6 +64,20 @@ def disagreement(student_logits: jax.Array, targets: jax.Array, soft: bool) -> j
 
 
 @functools.lru_cache(maxsize=16)
+def generator_ascent(generator: nn.Module, optimizer: optax.GradientTransformation):
+    """The generator's compiled step: it ascends the attack's loss L on its outputs, descending on -L with the
+    estimated dL/d(input) (forward differences through the victim) chained back through G."""
+
+    @jax.jit
+    def step(generator_params, opt_state, z, input_gradient):
+        _, pullback = jax.vjp(lambda params: generator.apply(params, z), generator_params)
+        (gradient,) = pullback(-input_gradient)
+        updates, opt_state = optimizer.update(gradient, opt_state, generator_params)
+        return optax.apply_updates(generator_params, updates), opt_state
+
+    return step
+
+
 def _programs(student: nn.Module, generator: Generator, student_lr: float, generator_lr: float, soft: bool):
     """Jitted pieces of one DFME iteration, compiled once per models and settings."""
     student_optimizer, generator_optimizer = optax.adam(student_lr), optax.adam(generator_lr)
@@ -76,13 +90,7 @@ def _programs(student: nn.Module, generator: Generator, student_lr: float, gener
     def student_losses(student_params, inputs, targets):
         return disagreement(student.apply(student_params, inputs), targets, soft)
 
-    @jax.jit
-    def generator_step(generator_params, opt_state, z, input_gradient):
-        # The generator ascends the disagreement: descend on -L with the estimated dL/da chained through G.
-        _, pullback = jax.vjp(lambda params: generator.apply(params, z), generator_params)
-        (gradient,) = pullback(-input_gradient)
-        updates, opt_state = generator_optimizer.update(gradient, opt_state, generator_params)
-        return optax.apply_updates(generator_params, updates), opt_state
+    generator_step = generator_ascent(generator, generator_optimizer)
 
     @jax.jit
     def student_step(student_params, opt_state, inputs, targets, weights):

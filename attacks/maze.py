@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from heistlab.attacks.base import Attack, AttackResult, Surrogate, affordable, check_budget, query_in_batches
-from heistlab.attacks.dfme import Generator, forward_difference_gradient, random_directions
+from heistlab.attacks.dfme import Generator, forward_difference_gradient, generator_ascent, random_directions
 
 from heistlab.api import Oracle
 from heistlab.training import init_params
@@ -71,13 +71,7 @@ def _programs(clone: nn.Module, generator: Generator, clone_lr: float, generator
     def losses(clone_params, inputs, victim_log_probs):
         return kl_to_victim(clone.apply(clone_params, inputs), victim_log_probs)
 
-    @jax.jit
-    def generator_step(generator_params, opt_state, z, input_gradient):
-        # The generator ascends the KL: descend on -L with the estimated dL/da chained through G.
-        _, pullback = jax.vjp(lambda params: generator.apply(params, z), generator_params)
-        (gradient,) = pullback(-input_gradient)
-        updates, opt_state = generator_optimizer.update(gradient, opt_state, generator_params)
-        return optax.apply_updates(generator_params, updates), opt_state
+    generator_step = generator_ascent(generator, generator_optimizer)  # ascends the KL
 
     @jax.jit
     def clone_step(clone_params, opt_state, inputs, victim_log_probs, weights):
