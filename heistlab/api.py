@@ -14,6 +14,7 @@ wait simulated seconds before a batch is served, so "how long would stealing tak
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -326,13 +327,17 @@ class PredictionAPI:
 
 def serving_program(victim: Victim, defense: Defense, key_impl) -> Callable:
     """The compiled path from a padded batch to what the defense takes, one program per power-of-two bucket:
-    ``(probs, raw_probs, key_data)``.
+    ``(probs, raw_probs, key_data)``. APIs around the same model share it (a sweep compiles it once).
 
     It repeats ``training.predict_proba`` (the victim on at least ``VICTIM_MIN_ROWS`` zero-padded rows) and
     ``PredictionAPI._apply_padded``'s padding (padding rows uniform distributions) and key (folded from the
     API key and the batch count), so the defense sees exactly what the separate calls gave it.
     """
-    model, preprocess = victim.model, defense.preprocess
+    return _serving_program(victim.model, defense.preprocess, key_impl)
+
+
+@functools.lru_cache(maxsize=32)
+def _serving_program(model, preprocess, key_impl) -> Callable:
 
     def victim_probs(params, padded):
         rows = padded.shape[0]
@@ -359,11 +364,11 @@ def serving_program(victim: Victim, defense: Defense, key_impl) -> Callable:
 def defense_program(defense: Defense, key_impl) -> Callable:
     """The jitted defense of ``PredictionAPI._apply_padded``, taking its batch key as raw key data."""
 
-    def program(probs, state, padded, key_data, raw_probs):
+    def defense_apply(probs, state, padded, key_data, raw_probs):
         key = jax.random.wrap_key_data(key_data, impl=key_impl)
         return defense.apply(probs, state, QueryContext(padded, key, raw_probs=raw_probs))
 
-    return jax.jit(program)
+    return jax.jit(defense_apply)
 
 
 def row_digests_or_blank(inputs) -> list[str]:
