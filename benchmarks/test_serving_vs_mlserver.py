@@ -6,7 +6,8 @@ MLServer 1.7.1: its scikit-learn runtime serving an ``MLPClassifier`` of the sam
 plain HTTP on loopback, with no authentication, quota or audit (``parallel_workers`` 0, as
 ``tests/test_oip_mlserver.py`` starts it). Each client holds one keep-alive connection and sends its requests
 one after another (a closed loop); reported: requests/s, p50 and p99 latency and the load average, and the
-ratio of heistlab's requests/s to MLServer's at each client count.
+ratio of heistlab's requests/s to MLServer's at each client count, and each server's CPU time per request
+(user + system of its main process; the load generator shares the machine).
 
     python -m pytest benchmarks/test_serving_vs_mlserver.py -q -s
 
@@ -29,7 +30,7 @@ import numpy as np
 import pytest
 from heistlab.experiments import keys
 
-from benchmarks.test_serving_benchmark import free_port, start_server, wait_until_up
+from benchmarks.test_serving_benchmark import cpu_seconds, free_port, start_server, wait_until_up
 from heistlab import data
 from heistlab.serving.client import read_credentials
 from heistlab.serving.tls import client_context
@@ -113,6 +114,13 @@ def closed_loop(clients: list[Callable[[], Callable[[np.ndarray], int]]], rows: 
     }
 
 
+def with_server_cpu(pid: int, clients: list, rows: list[np.ndarray]) -> dict:
+    """``closed_loop``'s figures and the server's CPU milliseconds (user + system) per request."""
+    before = cpu_seconds(pid)
+    found = closed_loop(clients, rows)
+    return {**found, "server_cpu_ms_per_request": (cpu_seconds(pid) - before) * 1000 / found["requests"]}
+
+
 def heistlab_client(url: str, ca_file: Path, credential) -> Callable[[], Callable[[np.ndarray], int]]:
     def session() -> Callable[[np.ndarray], int]:
         http = httpx.Client(base_url=url, verify=client_context(ca_file), timeout=60)
@@ -168,11 +176,10 @@ def test_serving_beside_mlserver(benchmark, tmp_path):
         closed_loop([heistlab_client(url, ca_file, credentials[0])], rows[:5])  # warm-up
         closed_loop([mlserver_client(their_url)], rows[:5])
         for count, requests in REQUESTS_PER_CLIENT.items():
-            found[f"mlserver_{count}"] = closed_loop([mlserver_client(their_url)] * count, rows[:requests])
-            found[f"heistlab_{count}"] = closed_loop(
-                [heistlab_client(url, ca_file, credential) for credential in credentials[:count]],
-                rows[:requests],
-            )
+            their_clients = [mlserver_client(their_url)] * count
+            our_clients = [heistlab_client(url, ca_file, credential) for credential in credentials[:count]]
+            found[f"mlserver_{count}"] = with_server_cpu(theirs.pid, their_clients, rows[:requests])
+            found[f"heistlab_{count}"] = with_server_cpu(ours.pid, our_clients, rows[:requests])
     finally:
         ours.send_signal(signal.SIGINT)
         os.killpg(theirs.pid, signal.SIGTERM)
@@ -188,9 +195,11 @@ def test_serving_beside_mlserver(benchmark, tmp_path):
         print(
             f"\n{count} clients x {requests} batch-1 requests: "
             f"heistlab (HTTPS, keys, quota, rate limit, audit) {ours_found['requests_per_s']:.0f} req/s, "
-            f"p50 {ours_found['p50_ms']:.1f} ms, p99 {ours_found['p99_ms']:.1f} ms; "
+            f"p50 {ours_found['p50_ms']:.1f} ms, p99 {ours_found['p99_ms']:.1f} ms, "
+            f"server CPU {ours_found['server_cpu_ms_per_request']:.2f} ms/request; "
             f"MLServer sklearn (HTTP, no security) {theirs_found['requests_per_s']:.0f} req/s, "
-            f"p50 {theirs_found['p50_ms']:.1f} ms, p99 {theirs_found['p99_ms']:.1f} ms; "
+            f"p50 {theirs_found['p50_ms']:.1f} ms, p99 {theirs_found['p99_ms']:.1f} ms, "
+            f"server CPU {theirs_found['server_cpu_ms_per_request']:.2f} ms/request; "
             f"ratio {ours_found['requests_per_s'] / theirs_found['requests_per_s']:.2f}; "
             f"load {ours_found['load_1min']:.1f}"
         )
