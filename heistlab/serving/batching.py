@@ -41,6 +41,7 @@ class Coalescer(Generic[Call, Answer]):
         self._serve_in_turn, self.max_batch = serve_in_turn, max_batch
         self._waiting: list[tuple[Call, asyncio.Future]] = []
         self._serving = False
+        self._server: asyncio.Task | None = None
         self.batches = self.calls = 0
 
     async def submit(self, call: Call) -> Answer:
@@ -49,7 +50,9 @@ class Coalescer(Generic[Call, Answer]):
         self._waiting.append((call, answer))
         if not self._serving:
             self._serving = True
-            asyncio.get_running_loop().create_task(self._serve_waiting())
+            self._server = asyncio.get_running_loop().create_task(
+                self._serve_waiting()
+            )  # kept: not collected
         return await answer
 
     async def _serve_waiting(self) -> None:
