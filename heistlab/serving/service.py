@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -46,6 +46,14 @@ class RaisedAlarm(NamedTuple):
     name: str
     value: object
     report: dict
+
+
+class Call(NamedTuple):
+    """One prediction request as ``ServingCore.predict`` takes it."""
+
+    key_id: str
+    inputs: np.ndarray
+    output: str
 
 
 class Served(NamedTuple):
@@ -194,6 +202,18 @@ class ServingCore:
             self._served[key_id] = self._served.get(key_id, 0) + rows
             self._after_answer(key_id)
             return Served(client_view(np.asarray(probs), output, self.top_k), output, self.remaining(key_id))
+
+    def serve_in_turn(self, calls: Sequence[Call]) -> list[Served | Exception]:
+        """Serves ``calls`` one after another in the order given, each exactly as ``predict`` serves it alone
+        (its own admission, budget, defense-state update and refusal); one outcome per call, its answer or
+        the exception it raised. What ``heistlab.serving.batching.Coalescer`` runs for a batch."""
+        outcomes: list[Served | Exception] = []
+        for call in calls:
+            try:
+                outcomes.append(self.predict(call.key_id, call.inputs, call.output))
+            except Exception as error:
+                outcomes.append(error)
+        return outcomes
 
     def _predict_shared(self, key_id: str, inputs: np.ndarray, output: str) -> Served:
         """``predict`` with the admission committed first in the workers' store, refunded on failure, and the
