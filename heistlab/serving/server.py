@@ -8,8 +8,8 @@ no CBC suite, no static RSA), and TLS 1.3's suites are AEAD by construction.
 
 HTTP/1.1 is parsed by h11 (chosen explicitly, so installing httptools changes nothing). A request whose line
 and headers pass ``MAX_HEADER_BYTES`` (16 KiB, counted however the bytes arrive) or are malformed is refused
-before the app sees it; uvicorn then answers 400 and closes the connection. ``on_rejected`` is told of each such request,
-so that the audit log keeps a row for it too.
+before the app sees it; uvicorn then answers 400 and closes the connection. ``on_rejected`` is told of each
+such request, so that the audit log keeps a row for it too.
 """
 
 from __future__ import annotations
