@@ -158,8 +158,8 @@ def keyed_tags(secret: bytes, inputs: np.ndarray) -> list[bytes]:
     """HMAC-SHA256 under ``secret`` of each row's ``input_bytes``, the batch converted to float32 once."""
     view = memoryview(np.ascontiguousarray(inputs, np.float32).tobytes())
     width = len(view) // len(inputs) if len(inputs) else 0
-    rows = range(0, len(view), width) if width else range(0)
-    return [hmac.digest(secret, view[start : start + width], "sha256") for start in rows]
+    starts = range(0, len(inputs) * width, width) if width else [0] * len(inputs)
+    return [hmac.digest(secret, view[start : start + width], "sha256") for start in starts]
 
 
 def filter_values(tags: list[bytes]) -> np.ndarray:
