@@ -88,13 +88,13 @@ def dawn(rate: float = 0.005, key_env: str | None = DEFAULT_KEY_ENV, key_file: s
             raise ValueError(f"dawn: needs at least 2 classes to serve a wrong label, got {classes}")
         inputs = np.asarray(context.inputs)
         records = []
-        for row, (answer, query) in enumerate(zip(served, inputs, strict=True)):
-            tag = hmac.new(secret, input_bytes(query), hashlib.sha256).digest()
-            if int.from_bytes(tag[:2], "big") < threshold:
-                label = watermark_label(tag, int(np.argmax(answer)), classes)
-                served[row] = np.eye(classes, dtype=served.dtype)[label]
-                digest = hashlib.sha256(input_bytes(query)).hexdigest()
-                records.append(WatermarkRecord(context.client, digest, query.copy(), label))
+        tags = keyed_tags(secret, inputs)
+        for row in np.flatnonzero(filter_values(tags) < threshold).tolist():
+            tag = tags[row]
+            label = watermark_label(tag, int(np.argmax(served[row])), classes)
+            served[row] = np.eye(classes, dtype=served.dtype)[label]
+            digest = hashlib.sha256(input_bytes(inputs[row])).hexdigest()
+            records.append(WatermarkRecord(context.client, digest, inputs[row].copy(), label))
         answered = {**state.answered, context.client: state.answered.get(context.client, 0) + len(served)}
         return served, DawnState(state.records + tuple(records), answered, classes)
 
@@ -152,6 +152,21 @@ def load_key(key_env: str | None, key_file: str | None, owner: str = "dawn") -> 
 def input_bytes(query: np.ndarray) -> bytes:
     """The bytes the filter hashes: the input as contiguous float32 (what the prediction API serves)."""
     return np.ascontiguousarray(query, np.float32).tobytes()
+
+
+def keyed_tags(secret: bytes, inputs: np.ndarray) -> list[bytes]:
+    """HMAC-SHA256 under ``secret`` of each row's ``input_bytes``, the batch converted to float32 once."""
+    view = memoryview(np.ascontiguousarray(inputs, np.float32).tobytes())
+    width = len(view) // len(inputs) if len(inputs) else 0
+    starts = range(0, len(inputs) * width, width) if width else [0] * len(inputs)
+    return [hmac.digest(secret, view[start : start + width], "sha256") for start in starts]
+
+
+def filter_values(tags: list[bytes]) -> np.ndarray:
+    """Each tag's first two bytes as a big-endian number: a row is watermarked when it is below the rate's
+    share of ``2**FILTER_BITS``."""
+    leading = np.frombuffer(b"".join(tag[:2] for tag in tags), np.uint8).reshape(-1, 2).astype(np.int64)
+    return leading[:, 0] * 256 + leading[:, 1]
 
 
 def watermark_label(tag: bytes, top_class: int, classes: int) -> int:

@@ -242,3 +242,29 @@ def test_composes_in_a_chain_on_the_host(keyed):
     )
     np.testing.assert_array_equal(served[marked].max(axis=-1), 1.0)
     assert np.all((served[~marked] > 0).sum(axis=-1) == 3)
+
+
+def served_row_by_row(probs, inputs, rate, client):
+    """The filter one row at a time (the implementation before the batch was hashed in one pass)."""
+    served, records = np.array(probs, copy=True), []
+    for row, query in enumerate(inputs):
+        tag = hmac.new(KEY.encode(), input_bytes(query), hashlib.sha256).digest()
+        if int.from_bytes(tag[:2], "big") < 2**16 * rate:
+            label = watermark_label(tag, int(np.argmax(served[row])), CLASSES)
+            served[row] = np.eye(CLASSES, dtype=served.dtype)[label]
+            records.append((client, hashlib.sha256(input_bytes(query)).hexdigest(), label))
+    return served, records
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint8])
+@pytest.mark.parametrize("count", [0, 1, 300])
+def test_batched_hashing_serves_and_records_as_the_row_by_row_filter(keyed, dtype, count):
+    inputs, probs = queries(count, seed=count)
+    inputs = (inputs * 255).astype(dtype)
+    defense = dawn(rate=0.2)
+    served, state = ask(defense, defense.init(), inputs, probs, client="c")
+    expected, records = served_row_by_row(probs, inputs, 0.2, "c")
+    np.testing.assert_array_equal(served, expected)
+    assert [(record.client, record.digest, record.label) for record in state.records] == records
+    assert all(record.input.dtype == inputs.dtype for record in state.records)
+    assert count < 300 or records  # the seeded stream exercises the watermark path

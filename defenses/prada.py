@@ -266,8 +266,9 @@ def observe_batch(
     position = np.empty(len(labels), np.int64)
     for indices in members.values():
         position[indices] = np.arange(len(indices))
-    before = squared_distances_to_sets(trace.growing_sets, rows, members)
-    within = np.full(len(labels), np.inf)
+    before = squared_distances_to_sets(trace.growing_sets, rows, members).tolist()
+    class_rows = {label: rows[indices] for label, indices in members.items()}
+    within = {label: np.full(len(indices), np.inf) for label, indices in members.items()}
     joined = {label: [] for label in members}
     growing_sets = dict(trace.growing_sets)
     set_distances = {label: Buffer(values, len(rows)) for label, values in trace.set_distances.items()}
@@ -280,16 +281,16 @@ def observe_batch(
             joined[label].append(index)
             set_distances[label], thresholds[label] = Buffer((0.0,), len(rows)), 0.0
             distances.setdefault(label, Buffer((), len(rows)))
-            _lower_later_rows(within, rows, members[label], position[index])
+            _lower_later_rows(within[label], class_rows[label], position[index])
         else:
-            nearest = math.sqrt(min(before[index], within[index]))
+            nearest = math.sqrt(min(before[index], float(within[label][position[index]])))
             distances[label].append(nearest)
             if nearest > thresholds[label]:
                 joined[label].append(index)
                 set_distances[label].append(nearest)
-                spread = set_distances[label].values()
-                thresholds[label] = max(thresholds[label], float(spread.mean() - spread.std()))
-                _lower_later_rows(within, rows, members[label], position[index])
+                mean, std = _mean_and_std(set_distances[label].values())
+                thresholds[label] = max(thresholds[label], mean - std)
+                _lower_later_rows(within[label], class_rows[label], position[index])
         if queries % check_every == 0:
             w = shapiro_w({label: values.values() for label, values in distances.items()}, min_distances)
             if w is not None:
@@ -333,13 +334,21 @@ def squared_distances_to_sets(
     return nearest
 
 
-def _lower_later_rows(within: np.ndarray, rows: np.ndarray, same_class: np.ndarray, position: int) -> None:
-    """A row joined its class set: the later rows of that class take their squared distance to it into
-    account."""
-    later = same_class[position + 1 :]
+def _lower_later_rows(within: np.ndarray, class_rows: np.ndarray, position: int) -> None:
+    """A row of a class joined its set: the later rows of that class (``class_rows`` in batch order, their
+    running squared distances ``within``) take their squared distance to it into account."""
+    later = class_rows[position + 1 :]
     if len(later):
-        joined = rows[same_class[position]]
-        within[later] = np.minimum(within[later], np.sum((joined - rows[later]) ** 2, axis=1))
+        distances = np.sum((class_rows[position] - later) ** 2, axis=1)
+        np.minimum(within[position + 1 :], distances, out=within[position + 1 :])
+
+
+def _mean_and_std(values: np.ndarray) -> tuple[float, float]:
+    """``values.mean()`` and ``values.std()``, bit for bit (the same sums numpy takes), without the wrappers'
+    per-call cost."""
+    mean = np.add.reduce(values) / len(values)
+    centred = values - mean
+    return float(mean), math.sqrt(np.add.reduce(centred * centred) / len(values))
 
 
 class Buffer:
@@ -366,6 +375,7 @@ class Buffer:
 # scipy's axis and NaN-policy wrapper around the test costs four times the test on these samples, which are
 # already 1-D finite float64 arrays; the function it wraps computes the same W.
 _shapiro = getattr(stats.shapiro, "__wrapped__", stats.shapiro)
+SHAPIRO_WARNS_ABOVE = 5000  # samples; scipy's p-value warning, irrelevant to W, is silenced only past it
 
 
 def shapiro_w(distances: Mapping[int, np.ndarray], min_distances: int) -> float | None:
@@ -374,9 +384,12 @@ def shapiro_w(distances: Mapping[int, np.ndarray], min_distances: int) -> float 
     if not pooled:
         return None
     values = np.concatenate(pooled)
-    kept = values[np.abs(values - values.mean()) < OUTLIER_SIGMAS * values.std()]
-    if len(kept) <= min_distances or np.ptp(kept) == 0:
+    mean, std = _mean_and_std(values)
+    kept = values[np.abs(values - mean) < OUTLIER_SIGMAS * std]
+    if len(kept) <= min_distances or kept.max() == kept.min():
         return None
+    if len(kept) <= SHAPIRO_WARNS_ABOVE:
+        return float(_shapiro(kept).statistic)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # scipy's p-value warning past 5000 samples; W is fine
         return float(_shapiro(kept).statistic)
