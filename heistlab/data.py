@@ -9,6 +9,7 @@ uniform noise.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 from typing import NamedTuple
@@ -65,9 +66,20 @@ def load_digits() -> Dataset:
     Read straight from the wheel's ``digits.csv.gz`` (64 pixel values in 0..16, then the label per row), the
     file ``sklearn.datasets.load_digits`` reads.
     """
-    table = np.loadtxt(digits_file(), delimiter=",", dtype=np.float32)
+    path = digits_file()
+    stat = path.stat()
+    table = _parsed_csv(str(path), stat.st_mtime_ns, stat.st_size)
     x = (table[:, :64] / 16.0).reshape(-1, 8, 8, 1)
     return Dataset(x=x, y=table[:, 64].astype(np.int32), num_classes=10, name="digits")
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed_csv(path: str, mtime_ns: int, size: int) -> np.ndarray:
+    """A CSV file of numbers, parsed once per process for each version of the file (its time and size); the
+    array is read-only, and callers build new arrays from it."""
+    table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+    table.flags.writeable = False
+    return table
 
 
 def make_synthetic(

@@ -192,9 +192,11 @@ def build_evasion(cfg: DictConfig):
     return evasion
 
 
+@functools.lru_cache(maxsize=64)
 def check_model_takes(model, input_shape: tuple[int, ...]) -> None:
     """Traces the model's initialisation on the data's input shape (no computation): a model that cannot
-    take those inputs (``victim=lenet5`` on 8x8 digits) raises here, before anything is trained."""
+    take those inputs (``victim=lenet5`` on 8x8 digits) raises here, before anything is trained. A model
+    and shape that passed are not traced again in this process (a failure is not remembered)."""
     jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_shape), jnp.float32))
 
 

@@ -14,6 +14,7 @@ checks guard against mistakes only: whoever can write the cache can rewrite a ma
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -78,11 +79,20 @@ class Victim(NamedTuple):
     @property
     def num_classes(self) -> int:
         """The width of the model's output, traced (not computed) on one input of ``input_shape``."""
-        probe = jax.ShapeDtypeStruct((1, *self.input_shape), jnp.float32)
-        return int(jax.eval_shape(self.model.apply, self.params, probe).shape[-1])
+        leaves, tree = jax.tree_util.tree_flatten(self.params)
+        shapes = tuple(jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype) for leaf in leaves)
+        return _output_width(self.model, tree, shapes, tuple(self.input_shape))
 
     def predict_proba(self, inputs: np.ndarray) -> np.ndarray:
         return training.predict_proba(self.model, self.params, inputs)
+
+
+@functools.lru_cache(maxsize=64)
+def _output_width(model: nn.Module, tree, shapes: tuple, input_shape: tuple[int, ...]) -> int:
+    """The output width of ``model`` with parameters of these shapes, traced once per process."""
+    params = jax.tree_util.tree_unflatten(tree, shapes)
+    probe = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    return int(jax.eval_shape(model.apply, params, probe).shape[-1])
 
 
 def config_digest(config: dict) -> str:
