@@ -88,8 +88,7 @@ def roofline(entries: list[Entry]) -> Entry | None:
 
 
 def targets_section(entries: list[Entry]) -> list[list[str]]:
-    rows = []
-    rows += experiment_targets(entries)
+    rows = experiment_targets(entries)
     peak = roofline(entries)
     mlp = [entry for entry in select(entries, kind="training", family="mlp") if "peer" not in entry.info]
     best_mlp = max(mlp, key=lambda entry: entry.gflops, default=None)
