@@ -28,6 +28,7 @@ ones, the very signature of a synthetic-query attack, and are alarmed.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Mapping
@@ -456,17 +457,40 @@ class Buffer:
 # scipy's axis and NaN-policy wrapper around the test costs four times the test on these samples, which are
 # already 1-D finite float64 arrays; the function it wraps computes the same W.
 _shapiro = getattr(stats.shapiro, "__wrapped__", stats.shapiro)
-SHAPIRO_WARNS_ABOVE = 5000  # samples; scipy's p-value warning, irrelevant to W, is silenced only past it
+try:  # the routine scipy's shapiro calls (Royston's AS R94), whose coefficients can then be kept per size
+    from scipy.stats._ansari_swilk_statistics import swilk as _swilk
+except ImportError:  # pragma: no cover - another scipy layout: the public test computes the same W
+    _swilk = None
 
 
 def pooled_shapiro_w(values: np.ndarray, min_distances: int) -> float | None:
     """W of pooled distances after 3-sigma outlier removal; None while too few remain to test."""
     mean, std = _mean_and_std(values)
     kept = values[np.abs(values - mean) < OUTLIER_SIGMAS * std]
-    if len(kept) <= min_distances or kept.max() == kept.min():
+    if len(kept) <= min_distances:
         return None
-    if len(kept) <= SHAPIRO_WARNS_ABOVE:
-        return float(_shapiro(kept).statistic)
+    if _swilk is None:
+        return _public_shapiro_w(kept)
+    ordered = np.sort(kept)
+    if ordered[0] == ordered[-1]:
+        return None
+    ordered -= kept[len(kept) // 2]  # as scipy's shapiro centres the sorted sample
+    w, _, _ = _swilk(ordered, shapiro_coefficients(len(kept)), 1)
+    return float(w)
+
+
+@functools.lru_cache(maxsize=1024)
+def shapiro_coefficients(size: int) -> np.ndarray:
+    """Royston's coefficients for a sample of ``size``, as scipy's shapiro computes them on every call (they
+    depend on the size alone; the test reuses them, which gives the same W bit for bit)."""
+    coefficients = np.zeros(size // 2)
+    _swilk(np.arange(size, dtype=np.float64), coefficients, 0)
+    return coefficients
+
+
+def _public_shapiro_w(kept: np.ndarray) -> float | None:
+    if kept.max() == kept.min():
+        return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # scipy's p-value warning past 5000 samples; W is fine
         return float(_shapiro(kept).statistic)
