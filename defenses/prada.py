@@ -360,12 +360,25 @@ def scan_class(
 def distinct_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The distinct rows (equal bytes) in order of first occurrence, the positions of those first occurrences
     and, for each row, the index of its distinct row."""
-    keys = np.ascontiguousarray(rows).view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1])))[:, 0]
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    words = np.ascontiguousarray(rows, np.float64).view(np.uint64)
+    _, first, inverse = np.unique(
+        words @ _hash_weights(words.shape[1]), return_index=True, return_inverse=True
+    )
+    inverse = inverse.reshape(-1)
+    if not np.array_equal(words[first][inverse], words):  # two distinct rows hashed alike: compare bytes
+        keys = words.view(np.dtype((np.void, words.itemsize * words.shape[1])))[:, 0]
+        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        inverse = inverse.reshape(-1)
     order = np.argsort(first)
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
-    return rows[first[order]], first[order], rank[inverse.reshape(-1)]
+    return rows[first[order]], first[order], rank[inverse]
+
+
+@functools.lru_cache(maxsize=8)
+def _hash_weights(width: int) -> np.ndarray:
+    """Odd 64-bit multipliers: a row's hash is the wrapping sum of its words times these."""
+    return np.random.default_rng(width).integers(0, 2**63, width, dtype=np.uint64) * 2 + 1
 
 
 def _row_distances(first, occurrence, first_distances, join_positions, snapshots, repeated) -> np.ndarray:
@@ -465,8 +478,10 @@ except ImportError:  # pragma: no cover - another scipy layout: the public test 
 
 def pooled_shapiro_w(values: np.ndarray, min_distances: int) -> float | None:
     """W of pooled distances after 3-sigma outlier removal; None while too few remain to test."""
-    mean, std = _mean_and_std(values)
-    kept = values[np.abs(values - mean) < OUTLIER_SIGMAS * std]
+    mean = np.add.reduce(values) / len(values)
+    centred = values - mean  # _mean_and_std's steps, the centred values kept for the outliers' test
+    std = math.sqrt(np.add.reduce(centred * centred) / len(values))
+    kept = values[np.abs(centred) < OUTLIER_SIGMAS * std]
     if len(kept) <= min_distances:
         return None
     if _swilk is None:
