@@ -422,18 +422,16 @@ def pooled_checks(
     """``(row, W)`` for each test in the batch that had enough distances: at every ``check_every``-th query,
     the distances each class had recorded by then, pooled in the classes' order."""
     checks = np.arange((-trace.queries - 1) % check_every, rows, check_every)
-    pools, sizes = [], []
-    for label, values in distances.items():
+    pools = [np.asarray(values, np.float64) for values in distances.values()]
+    sizes = np.zeros((len(checks), len(pools)), np.int64)  # each class's distances at each test
+    for column, (label, values) in enumerate(distances.items()):
         batch_rows = recorded_at.get(label, np.empty(0, np.int64))
-        pools.append(np.asarray(values, np.float64))
-        sizes.append((len(values) - len(batch_rows) + np.searchsorted(batch_rows, checks, "right")).tolist())
-    for index, sizes_then in zip(checks.tolist(), zip(*sizes, strict=True), strict=True):
-        pooled = [
-            pool[:size] for pool, size in zip(pools, sizes_then, strict=True) if size >= MIN_CLASS_DISTANCES
-        ]
-        if sum(len(pool) for pool in pooled) <= min_distances:
-            continue  # too few distances for the test even before outliers go
-        w = pooled_shapiro_w(np.concatenate(pooled), min_distances)
+        sizes[:, column] = len(values) - len(batch_rows) + np.searchsorted(batch_rows, checks, "right")
+    sizes[sizes < MIN_CLASS_DISTANCES] = 0
+    testable = sizes.sum(axis=1) > min_distances  # else too few distances even before outliers go
+    for index, sizes_then in zip(checks[testable].tolist(), sizes[testable].tolist(), strict=True):
+        pooled = np.concatenate([pool[:size] for pool, size in zip(pools, sizes_then, strict=True) if size])
+        w = pooled_shapiro_w(pooled, min_distances)
         if w is not None:
             yield index, w
 
