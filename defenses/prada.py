@@ -341,7 +341,7 @@ def scan_class(
             set_values.append(distance)
             mean, std = _mean_and_std(set_values.values())
             threshold = max(threshold, mean - std)
-        later = np.sum((values[value] - values[low:]) ** 2, axis=1)
+        later = np.add.reduce((values[value] - values[low:]) ** 2, axis=1)
         np.minimum(nearest[low:], later, out=nearest[low:])
         joins.append(value)
         if len(repeated):
