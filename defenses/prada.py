@@ -272,9 +272,9 @@ def observe_batch(
             set_distances.get(label, ()),
             thresholds.get(label, 0.0),
         )
-        old = growing_sets.get(label)
-        joined = rows[indices[scan.joined]]
-        growing_sets[label] = joined if old is None else np.concatenate([old, joined])
+        if len(scan.joined):
+            joined, old = rows[indices[scan.joined]], growing_sets.get(label)
+            growing_sets[label] = joined if old is None else np.concatenate([old, joined])
         set_distances[label], thresholds[label] = scan.set_distances, scan.threshold
         distances[label] = distances.get(label, ()) + tuple(scan.distances.tolist())
         recorded_at[label] = indices[scan.recorded]
@@ -415,13 +415,13 @@ def pooled_checks(
     trace: ClientTrace,
     distances: Mapping[int, tuple[float, ...]],
     recorded_at: Mapping[int, np.ndarray],
-    rows: int,
+    batch_size: int,
     check_every: int,
     min_distances: int,
 ):
     """``(row, W)`` for each test in the batch that had enough distances: at every ``check_every``-th query,
     the distances each class had recorded by then, pooled in the classes' order."""
-    checks = np.arange((-trace.queries - 1) % check_every, rows, check_every)
+    checks = np.arange((-trace.queries - 1) % check_every, batch_size, check_every)
     pools = [np.asarray(values, np.float64) for values in distances.values()]
     sizes = np.zeros((len(checks), len(pools)), np.int64)  # each class's distances at each test
     for column, (label, values) in enumerate(distances.items()):
@@ -484,11 +484,12 @@ def pooled_shapiro_w(values: np.ndarray, min_distances: int) -> float | None:
         return None
     if _swilk is None:
         return _public_shapiro_w(kept)
-    ordered = np.sort(kept)
-    if ordered[0] == ordered[-1]:
+    middle = kept[len(kept) // 2]  # scipy's shapiro centres the sorted sample on this, taken before sorting
+    kept.sort()
+    if kept[0] == kept[-1]:
         return None
-    ordered -= kept[len(kept) // 2]  # as scipy's shapiro centres the sorted sample
-    w, _, _ = _swilk(ordered, shapiro_coefficients(len(kept)), 1)
+    kept -= middle
+    w, _, _ = _swilk(kept, shapiro_coefficients(len(kept)), 1)
     return float(w)
 
 
