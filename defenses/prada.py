@@ -330,6 +330,9 @@ def scan_class(
     snapshots = [nearest[repeated]]  # the repeated rows' running minima after 0, 1, 2, ... joins
     set_values = Buffer(set_distances, len(values) + 1)
     joins, first_distances = [], np.full(len(values), np.nan)
+    pairwise = None
+    if len(values) ** 2 * values.shape[1] <= PAIRWISE_ELEMENTS:  # few distinct rows: all pairs at once
+        pairwise = np.add.reduce((values[:, None, :] - values[None, :, :]) ** 2, axis=2)
     for value, low in enumerate(reach.tolist()):
         if known is None and value == 0:
             set_values, threshold = Buffer((0.0,), len(values)), 0.0
@@ -341,7 +344,10 @@ def scan_class(
             set_values.append(distance)
             mean, std = _mean_and_std(set_values.values())
             threshold = max(threshold, mean - std)
-        later = np.add.reduce((values[value] - values[low:]) ** 2, axis=1)
+        if pairwise is None:
+            later = np.add.reduce((values[value] - values[low:]) ** 2, axis=1)
+        else:
+            later = pairwise[value, low:]
         np.minimum(nearest[low:], later, out=nearest[low:])
         joins.append(value)
         if len(repeated):
@@ -399,6 +405,9 @@ def _row_distances(first, occurrence, first_distances, join_positions, snapshots
 
 # Rows whose differences to a class set are taken together: bounds the (rows, set, features) block's size.
 DISTANCE_BLOCK_ELEMENTS = 1 << 22
+# Up to this many (distinct rows)^2 x features, a class's distinct rows' distances to each other are taken
+# at once rather than from each joining row to the later ones (the same sums, in the same order).
+PAIRWISE_ELEMENTS = 1 << 20
 
 
 def squared_distances_to_set(known: np.ndarray, rows: np.ndarray) -> np.ndarray:

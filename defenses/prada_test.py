@@ -296,6 +296,29 @@ def test_batched_distances_equal_the_row_by_row_scan(digits_splits, kind, batch)
         assert (fast.alarm is not None) == (kind == "synthetic")
 
 
+@pytest.mark.parametrize("kind", ["natural", "resampled"])
+def test_rows_joining_one_by_one_give_the_distances_of_all_pairs_at_once(digits_splits, kind, monkeypatch):
+    if kind == "natural":
+        inputs, labels = digits_splits.test.x, digits_splits.test.y
+    else:
+        order = np.random.default_rng(1).integers(0, 200, 700)
+        inputs, labels = digits_splits.test.x[order], digits_splits.test.y[order]
+    rows = np.asarray(inputs, np.float64).reshape(len(inputs), -1)
+    all_pairs = slow = empty_trace()
+    monkeypatch.setattr(prada_module, "PAIRWISE_ELEMENTS", 0)
+    one_by_one = empty_trace()
+    for start in range(0, len(rows), 100):
+        chunk, chunk_labels = rows[start : start + 100], np.asarray(labels[start : start + 100])
+        one_by_one, _ = observe_batch(one_by_one, chunk, chunk_labels, 0.85, 10, 100, {}, "c")
+        slow, _ = row_by_row_observe(slow, chunk, chunk_labels, 0.85, 10, 100, {}, "c")
+    monkeypatch.undo()
+    for start in range(0, len(rows), 100):
+        chunk, chunk_labels = rows[start : start + 100], np.asarray(labels[start : start + 100])
+        all_pairs, _ = observe_batch(all_pairs, chunk, chunk_labels, 0.85, 10, 100, {}, "c")
+    assert_same_trace(one_by_one, slow)
+    assert_same_trace(all_pairs, slow)
+
+
 def test_distinct_rows_compare_bytes_when_hashes_collide(monkeypatch):
     rows = np.random.default_rng(0).random((50, 8))[np.random.default_rng(1).integers(0, 20, 200)]
     rows[3] = -0.0  # equal to 0.0 in value, not in bytes: a distinct row, as the detector's sums allow
