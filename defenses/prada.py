@@ -327,7 +327,8 @@ def scan_class(
     reach = np.searchsorted(np.maximum.accumulate(last), first, side="right")
     nearest = np.full(len(values), np.inf) if known is None else squared_distances_to_set(known, values)
     repeated = np.flatnonzero(np.bincount(occurrence, minlength=len(values)) > 1)
-    snapshots = [nearest[repeated]]  # the repeated rows' running minima after 0, 1, 2, ... joins
+    # The repeated rows' running minima after 0, 1, 2, ... joins: (joins + 1) x repeated floats in all.
+    snapshots = [nearest[repeated]]
     set_values = Buffer(set_distances, len(values) + 1)
     joins, first_distances = [], np.full(len(values), np.nan)
     pairwise = None
@@ -505,7 +506,8 @@ def pooled_shapiro_w(values: np.ndarray, min_distances: int) -> float | None:
 @functools.lru_cache(maxsize=1024)
 def shapiro_coefficients(size: int) -> np.ndarray:
     """Royston's coefficients for a sample of ``size``, as scipy's shapiro computes them on every call (they
-    depend on the size alone; the test reuses them, which gives the same W bit for bit)."""
+    depend on the size alone; reused, they give the same W bit for bit). ``size // 2`` floats each: the
+    cache holds at most 1024 sizes, 8 MiB for samples of 2000."""
     coefficients = np.zeros(size // 2)
     _swilk(np.arange(size, dtype=np.float64), coefficients, 0)
     return coefficients
