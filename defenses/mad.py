@@ -160,22 +160,26 @@ def best_class_set_target(
 ) -> jax.Array:
     """``argmax_preserving_target`` over every class set, for the last-layer ``G G^T`` given by its factors.
 
-    A candidate is ``c = w / sum(w)`` with ``w`` a 0/1 class set joined with the top class, which weighs
-    ``1 + ARGMAX_MARGIN``. Each candidate's objective is computed from the dot products ``w . v`` (one
-    ``(batch, classes) x (classes, sets)`` product per vector ``v``) instead of ``c^T G G^T c`` over
+    A set with or without the top class gives the same candidate, ``c = w / sum(w)`` with ``w`` 1 on the
+    set's other classes and ``1 + ARGMAX_MARGIN`` on the top class, so only the ``2 ** (classes - 1)`` sets
+    of the other classes are scored, in the order of their lowest-indexed equivalents among all sets (ties
+    resolve as there). Each candidate's objective is computed from the dot products ``w . v`` (one
+    ``(batch, classes - 1) x (classes - 1, sets)`` product per vector ``v``) instead of ``c^T G G^T c`` over
     ``(batch, sets, classes, classes)``: the same value up to float rounding, about ``classes`` times less
     work, and no ``(batch, sets, classes)`` candidate array. Near-ties resolve as ``first_near_max`` does.
     """
     classes = probs.shape[-1]
-    masks = jnp.asarray(every_class_set(classes), probs.dtype)
+    masks = jnp.asarray(every_class_set(classes - 1), probs.dtype)  # sets of the other classes
     top_class = jnp.argmax(probs, axis=-1)
     top = jax.nn.one_hot(top_class, classes, dtype=probs.dtype)
-    adds_top = 1.0 - masks.T[top_class]  # (batch, sets): 1 where the set lacks the top class
-    total = jnp.sum(masks, axis=-1)[None] + adds_top + ARGMAX_MARGIN
+    positions = jnp.arange(classes - 1)
+    others = positions + (positions >= top_class[:, None])  # (batch, classes - 1): all but the top class
+    total = jnp.sum(masks, axis=-1)[None] + 1.0 + ARGMAX_MARGIN
 
     def candidates_dot(vectors):  # (batch, sets): c . v for every candidate c
         at_top = jnp.take_along_axis(vectors, top_class[:, None], axis=-1)
-        return (vectors @ masks.T + (adds_top + ARGMAX_MARGIN) * at_top) / total
+        rest = jnp.take_along_axis(vectors, others, axis=-1)
+        return (rest @ masks.T + (1.0 + ARGMAX_MARGIN) * at_top) / total
 
     def gram_form(u_dot_v, p_dot_u, sum_u, p_dot_v, sum_v):  # u^T G G^T v
         spread = jnp.sum(proxy_probs**2, axis=-1, keepdims=True)
@@ -195,6 +199,8 @@ def best_class_set_target(
         tiny = jnp.finfo(probs.dtype).tiny
         values = 2.0 - 2.0 * cross / jnp.sqrt(jnp.maximum(own * reference, tiny))
     chosen = masks[first_near_max(values)]
+    rows = jnp.arange(probs.shape[0])[:, None]
+    chosen = jnp.zeros_like(probs).at[rows, others].set(chosen)
     return _candidates(jnp.maximum(chosen, top)[:, None, :], top)[:, 0]
 
 

@@ -199,3 +199,22 @@ def test_class_set_search_from_gram_factors_equals_the_search_over_the_gram(obje
     chosen = jax.jit(lambda p, x: best_class_set_target(p, *last_layer_factors(proxy, x), objective))
     np.testing.assert_array_equal(chosen(probs, inputs), target)
     np.testing.assert_array_equal(served, expected)
+
+
+@pytest.mark.parametrize("objective", ["distance", "angular"])
+def test_class_set_search_equals_the_gram_search_on_peaked_and_uniform_answers(objective):
+    """Victim-like answers, from nearly flat to one-hot, and exactly uniform ones (the API's padding rows):
+    scoring only the sets of the non-top classes picks the target the search over all sets picks."""
+    classes, rows = 10, 512
+    temperature = np.repeat([0.3, 3.0, 10.0, 30.0], rows // 4)[:, None]
+    logits = np.random.default_rng(3).normal(size=(rows, classes)) * temperature
+    probs = np.array(jax.nn.softmax(logits), np.float32)
+    probs[:16] = 1.0 / classes
+    inputs = jax.random.uniform(jax.random.key(5), (rows, 8, 8, 1))
+    proxy = random_proxy(64, classes, (256, 256), seed=0)
+    score = {"distance": distance_objective, "angular": angular_objective}[objective]
+    expected = jax.jit(lambda p, x: argmax_preserving_target(p, last_layer_gram(proxy, x), score))(
+        probs, inputs
+    )
+    chosen = jax.jit(lambda p, x: best_class_set_target(p, *last_layer_factors(proxy, x), objective))
+    np.testing.assert_array_equal(chosen(probs, inputs), expected)

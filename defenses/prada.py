@@ -28,6 +28,7 @@ ones, the very signature of a synthetic-query attack, and are alarmed.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Mapping
@@ -256,91 +257,193 @@ def observe_batch(
 ) -> tuple[ClientTrace, int | None]:
     """Runs the detector over a batch as if row by row; returns the new trace and the alarm-raising row.
 
-    Each row's squared distance to its class set as it stood before the batch is computed for all rows at
-    once; a row that joins a set during the batch then lowers the running minimum of the later rows of its
-    class. A row's distance is the square root of the smaller of the two: the same minimum over the same
-    set, summed in the same order, as a row-by-row scan computes.
+    Classes are independent until the test pools them, so each class's rows are scanned on their own
+    (``scan_class``), then the test runs at every ``check_every``-th query on the distances recorded by then.
+    Every distance, threshold and ``W`` is the one a row-by-row scan computes, bit for bit.
     """
-    labels = labels.tolist()
-    members = {label: np.flatnonzero(np.asarray(labels) == label) for label in dict.fromkeys(labels)}
-    position = np.empty(len(labels), np.int64)
-    for indices in members.values():
-        position[indices] = np.arange(len(indices))
-    before = squared_distances_to_sets(trace.growing_sets, rows, members).tolist()
-    class_rows = {label: rows[indices] for label, indices in members.items()}
-    within = {label: np.full(len(indices), np.inf) for label, indices in members.items()}
-    joined = {label: [] for label in members}
-    growing_sets = dict(trace.growing_sets)
-    set_distances = {label: Buffer(values, len(rows)) for label, values in trace.set_distances.items()}
-    thresholds = dict(trace.thresholds)
-    distances = {label: Buffer(values, len(rows)) for label, values in trace.distances.items()}
-    queries, min_w, alarm, alarm_row = trace.queries, trace.min_shapiro_w, trace.alarm, None
-    for index, label in enumerate(labels):
-        queries += 1
-        if label not in growing_sets and not joined[label]:
-            joined[label].append(index)
-            set_distances[label], thresholds[label] = Buffer((0.0,), len(rows)), 0.0
-            distances.setdefault(label, Buffer((), len(rows)))
-            _lower_later_rows(within[label], class_rows[label], position[index])
-        else:
-            nearest = math.sqrt(min(before[index], float(within[label][position[index]])))
-            distances[label].append(nearest)
-            if nearest > thresholds[label]:
-                joined[label].append(index)
-                set_distances[label].append(nearest)
-                mean, std = _mean_and_std(set_distances[label].values())
-                thresholds[label] = max(thresholds[label], mean - std)
-                _lower_later_rows(within[label], class_rows[label], position[index])
-        if queries % check_every == 0:
-            w = shapiro_w({label: values.values() for label, values in distances.items()}, min_distances)
-            if w is not None:
-                min_w = min(min_w, w)
-                if alarm is None and w < delta:
-                    alarm, alarm_row = Alarm(queries, w, {**counts, client: queries}), index
-    for label, indices in joined.items():
-        if indices:
-            old = growing_sets.get(label)
-            growing_sets[label] = rows[indices] if old is None else np.concatenate([old, rows[indices]])
+    members = {label: np.flatnonzero(labels == label) for label in dict.fromkeys(labels.tolist())}
+    growing_sets, thresholds = dict(trace.growing_sets), dict(trace.thresholds)
+    set_distances, distances = dict(trace.set_distances), dict(trace.distances)
+    recorded_at = {}
+    for label, indices in members.items():
+        scan = scan_class(
+            rows[indices],
+            growing_sets.get(label),
+            set_distances.get(label, ()),
+            thresholds.get(label, 0.0),
+        )
+        if len(scan.joined):
+            joined, old = rows[indices[scan.joined]], growing_sets.get(label)
+            growing_sets[label] = joined if old is None else np.concatenate([old, joined])
+        set_distances[label], thresholds[label] = scan.set_distances, scan.threshold
+        distances[label] = distances.get(label, ()) + tuple(scan.distances.tolist())
+        recorded_at[label] = indices[scan.recorded]
+    min_w, alarm, alarm_row = trace.min_shapiro_w, trace.alarm, None
+    for index, w in pooled_checks(trace, distances, recorded_at, len(rows), check_every, min_distances):
+        min_w = min(min_w, w)
+        if alarm is None and w < delta:
+            queries = trace.queries + index + 1
+            alarm, alarm_row = Alarm(queries, w, {**counts, client: queries}), index
     new_trace = ClientTrace(
         growing_sets=growing_sets,
-        set_distances={label: values.as_tuple() for label, values in set_distances.items()},
+        set_distances=set_distances,
         thresholds=thresholds,
-        distances={label: values.as_tuple() for label, values in distances.items()},
-        queries=queries,
+        distances=distances,
+        queries=trace.queries + len(rows),
         min_shapiro_w=min_w,
         alarm=alarm,
     )
     return new_trace, alarm_row
 
 
+class ClassScan(NamedTuple):
+    """One class's rows of a batch, scanned: the rows that joined its set (positions among the class's rows,
+    in order), the distance recorded for each row but a class's very first, and the set's distances and
+    threshold after the batch."""
+
+    joined: np.ndarray
+    recorded: np.ndarray
+    distances: np.ndarray
+    set_distances: tuple[float, ...]
+    threshold: float
+
+
+def scan_class(
+    class_rows: np.ndarray, known: np.ndarray | None, set_distances: tuple[float, ...], threshold: float
+) -> ClassScan:
+    """The detector's pass over one class's rows in order, ``known`` its set before them (None: none yet).
+
+    Rows are taken as distinct values: an exact repeat of an earlier row never joins the set (its distance is
+    0 if that row joined, else at most that row's, which the threshold, never falling, already reached), so
+    only first occurrences are scanned one by one. When one joins, its squared distances to the distinct rows
+    still to come lower their running minima; a repeat's distance is its distinct row's running minimum as
+    it stood when the repeat came. Each is the minimum over the same squared distances, summed in the same
+    order, that a row-by-row scan takes, so every distance is bit for bit the same.
+    """
+    values, first, occurrence = distinct_rows(class_rows)
+    last = np.zeros(len(values), np.int64)
+    np.maximum.at(last, occurrence, np.arange(len(class_rows)))
+    # The distinct rows from reach[k] on include every one seen after distinct row k first came.
+    reach = np.searchsorted(np.maximum.accumulate(last), first, side="right")
+    nearest = np.full(len(values), np.inf) if known is None else squared_distances_to_set(known, values)
+    repeated = np.flatnonzero(np.bincount(occurrence, minlength=len(values)) > 1)
+    # The repeated rows' running minima after 0, 1, 2, ... joins: (joins + 1) x repeated floats in all.
+    snapshots = [nearest[repeated]]
+    set_values = Buffer(set_distances, len(values) + 1)
+    joins, first_distances = [], np.full(len(values), np.nan)
+    pairwise = None
+    if len(values) ** 2 * values.shape[1] <= PAIRWISE_ELEMENTS:  # few distinct rows: all pairs at once
+        pairwise = np.add.reduce((values[:, None, :] - values[None, :, :]) ** 2, axis=2)
+    for value, low in enumerate(reach.tolist()):
+        if known is None and value == 0:
+            set_values, threshold = Buffer((0.0,), len(values)), 0.0
+        else:
+            distance = math.sqrt(nearest[value])
+            first_distances[value] = distance
+            if not distance > threshold:
+                continue
+            set_values.append(distance)
+            mean, std = _mean_and_std(set_values.values())
+            threshold = max(threshold, mean - std)
+        if pairwise is None:
+            later = np.add.reduce((values[value] - values[low:]) ** 2, axis=1)
+        else:
+            later = pairwise[value, low:]
+        np.minimum(nearest[low:], later, out=nearest[low:])
+        joins.append(value)
+        if len(repeated):
+            snapshots.append(nearest[repeated])
+    row_distances = _row_distances(first, occurrence, first_distances, first[joins], snapshots, repeated)
+    recorded = np.arange(1 if known is None else 0, len(class_rows))
+    return ClassScan(
+        joined=first[joins],
+        recorded=recorded,
+        distances=row_distances[recorded],
+        set_distances=set_values.as_tuple(),
+        threshold=threshold,
+    )
+
+
+def distinct_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct rows (equal bytes) in order of first occurrence, the positions of those first occurrences
+    and, for each row, the index of its distinct row."""
+    words = np.ascontiguousarray(rows, np.float64).view(np.uint64)
+    _, first, inverse = np.unique(
+        words @ _hash_weights(words.shape[1]), return_index=True, return_inverse=True
+    )
+    inverse = inverse.reshape(-1)
+    if not np.array_equal(words[first][inverse], words):  # two distinct rows hashed alike: compare bytes
+        keys = words.view(np.dtype((np.void, words.itemsize * words.shape[1])))[:, 0]
+        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        inverse = inverse.reshape(-1)
+    order = np.argsort(first)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return rows[first[order]], first[order], rank[inverse]
+
+
+@functools.lru_cache(maxsize=8)
+def _hash_weights(width: int) -> np.ndarray:
+    """Odd 64-bit multipliers: a row's hash is the wrapping sum of its words times these."""
+    return np.random.default_rng(width).integers(0, 2**63, width, dtype=np.uint64) * 2 + 1
+
+
+def _row_distances(first, occurrence, first_distances, join_positions, snapshots, repeated) -> np.ndarray:
+    """Every row's distance: a first occurrence's as scanned; a repeat's from its distinct row's running
+    minimum after the joins that came before it."""
+    distances = np.empty(len(occurrence))
+    distances[first] = first_distances
+    is_repeat = np.ones(len(occurrence), bool)
+    is_repeat[first] = False
+    repeats = np.flatnonzero(is_repeat)
+    if len(repeats):
+        column = np.empty(len(first_distances), np.int64)
+        column[repeated] = np.arange(len(repeated))
+        joins_before = np.searchsorted(join_positions, repeats)
+        distances[repeats] = np.sqrt(np.stack(snapshots)[joins_before, column[occurrence[repeats]]])
+    return distances
+
+
 # Rows whose differences to a class set are taken together: bounds the (rows, set, features) block's size.
 DISTANCE_BLOCK_ELEMENTS = 1 << 22
+# Up to this many (distinct rows)^2 x features, a class's distinct rows' distances to each other are taken
+# at once rather than from each joining row to the later ones (the same sums, in the same order).
+PAIRWISE_ELEMENTS = 1 << 20
 
 
-def squared_distances_to_sets(
-    growing_sets: Mapping[int, np.ndarray], rows: np.ndarray, members: Mapping[int, np.ndarray]
-) -> np.ndarray:
-    """Each row's smallest squared L2 distance to its class's set (``inf`` where the class has none yet)."""
-    nearest = np.full(len(rows), np.inf)
-    for label, indices in members.items():
-        if label not in growing_sets:
-            continue
-        known = growing_sets[label]
-        block = max(1, DISTANCE_BLOCK_ELEMENTS // known.size)
-        for start in range(0, len(indices), block):
-            chosen = indices[start : start + block]
-            differences = known[None, :, :] - rows[chosen][:, None, :]
-            nearest[chosen] = np.min(np.sum(differences**2, axis=2), axis=1)
+def squared_distances_to_set(known: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Each row's smallest squared L2 distance to the rows of ``known``."""
+    nearest = np.empty(len(rows))
+    block = max(1, DISTANCE_BLOCK_ELEMENTS // max(1, known.size))
+    for start in range(0, len(rows), block):
+        differences = known[None, :, :] - rows[start : start + block][:, None, :]
+        nearest[start : start + block] = np.min(np.sum(differences**2, axis=2), axis=1)
     return nearest
 
 
-def _lower_later_rows(within: np.ndarray, class_rows: np.ndarray, position: int) -> None:
-    """A row of a class joined its set: the later rows of that class (``class_rows`` in batch order, their
-    running squared distances ``within``) take their squared distance to it into account."""
-    later = class_rows[position + 1 :]
-    if len(later):
-        distances = np.sum((class_rows[position] - later) ** 2, axis=1)
-        np.minimum(within[position + 1 :], distances, out=within[position + 1 :])
+def pooled_checks(
+    trace: ClientTrace,
+    distances: Mapping[int, tuple[float, ...]],
+    recorded_at: Mapping[int, np.ndarray],
+    batch_size: int,
+    check_every: int,
+    min_distances: int,
+):
+    """``(row, W)`` for each test in the batch that had enough distances: at every ``check_every``-th query,
+    the distances each class had recorded by then, pooled in the classes' order."""
+    checks = np.arange((-trace.queries - 1) % check_every, batch_size, check_every)
+    pools = [np.asarray(values, np.float64) for values in distances.values()]
+    sizes = np.zeros((len(checks), len(pools)), np.int64)  # each class's distances at each test
+    for column, (label, values) in enumerate(distances.items()):
+        batch_rows = recorded_at.get(label, np.empty(0, np.int64))
+        sizes[:, column] = len(values) - len(batch_rows) + np.searchsorted(batch_rows, checks, "right")
+    sizes[sizes < MIN_CLASS_DISTANCES] = 0
+    testable = sizes.sum(axis=1) > min_distances  # else too few distances even before outliers go
+    for index, sizes_then in zip(checks[testable].tolist(), sizes[testable].tolist(), strict=True):
+        pooled = np.concatenate([pool[:size] for pool, size in zip(pools, sizes_then, strict=True) if size])
+        w = pooled_shapiro_w(pooled, min_distances)
+        if w is not None:
+            yield index, w
 
 
 def _mean_and_std(values: np.ndarray) -> tuple[float, float]:
@@ -375,21 +478,44 @@ class Buffer:
 # scipy's axis and NaN-policy wrapper around the test costs four times the test on these samples, which are
 # already 1-D finite float64 arrays; the function it wraps computes the same W.
 _shapiro = getattr(stats.shapiro, "__wrapped__", stats.shapiro)
-SHAPIRO_WARNS_ABOVE = 5000  # samples; scipy's p-value warning, irrelevant to W, is silenced only past it
+try:  # the routine scipy's shapiro calls (Royston's AS R94), whose coefficients can then be kept per size
+    from scipy.stats._ansari_swilk_statistics import swilk as _swilk
+except ImportError:  # pragma: no cover - another scipy layout: the public test computes the same W
+    _swilk = None
 
 
-def shapiro_w(distances: Mapping[int, np.ndarray], min_distances: int) -> float | None:
-    """W of the pooled distances after 3-sigma outlier removal; None while too few remain to test."""
-    pooled = [values for values in distances.values() if len(values) >= MIN_CLASS_DISTANCES]
-    if not pooled:
+def pooled_shapiro_w(values: np.ndarray, min_distances: int) -> float | None:
+    """W of pooled distances after 3-sigma outlier removal; None while too few remain to test."""
+    mean = np.add.reduce(values) / len(values)
+    centred = values - mean  # _mean_and_std's steps, the centred values kept for the outliers' test
+    std = math.sqrt(np.add.reduce(centred * centred) / len(values))
+    kept = values[np.abs(centred) < OUTLIER_SIGMAS * std]
+    if len(kept) <= min_distances:
         return None
-    values = np.concatenate(pooled)
-    mean, std = _mean_and_std(values)
-    kept = values[np.abs(values - mean) < OUTLIER_SIGMAS * std]
-    if len(kept) <= min_distances or kept.max() == kept.min():
+    if _swilk is None:
+        return _public_shapiro_w(kept)
+    middle = kept[len(kept) // 2]  # scipy's shapiro centres the sorted sample on this, taken before sorting
+    kept.sort()
+    if kept[0] == kept[-1]:
         return None
-    if len(kept) <= SHAPIRO_WARNS_ABOVE:
-        return float(_shapiro(kept).statistic)
+    kept -= middle
+    w, _, _ = _swilk(kept, shapiro_coefficients(len(kept)), 1)
+    return float(w)
+
+
+@functools.lru_cache(maxsize=1024)
+def shapiro_coefficients(size: int) -> np.ndarray:
+    """Royston's coefficients for a sample of ``size``, as scipy's shapiro computes them on every call (they
+    depend on the size alone; reused, they give the same W bit for bit). ``size // 2`` floats each: the
+    cache holds at most 1024 sizes, 8 MiB for samples of 2000."""
+    coefficients = np.zeros(size // 2)
+    _swilk(np.arange(size, dtype=np.float64), coefficients, 0)
+    return coefficients
+
+
+def _public_shapiro_w(kept: np.ndarray) -> float | None:
+    if kept.max() == kept.min():
+        return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # scipy's p-value warning past 5000 samples; W is fine
         return float(_shapiro(kept).statistic)

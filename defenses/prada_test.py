@@ -1,4 +1,6 @@
+import importlib
 import math
+import warnings
 
 import jax
 import numpy as np
@@ -10,6 +12,8 @@ from heistlab.defenses.rate_limit import rate_limit
 from scipy import stats
 
 from heistlab import data
+
+prada_module = importlib.import_module("heistlab.defenses.prada")
 
 CLASSES = 10
 KEY = jax.random.key(0)
@@ -268,13 +272,16 @@ def assert_same_trace(got, expected):
 
 
 @pytest.mark.parametrize("batch", [1, 7, 64, 1000])
-@pytest.mark.parametrize("kind", ["natural", "synthetic", "repeated"])
+@pytest.mark.parametrize("kind", ["natural", "synthetic", "repeated", "resampled"])
 def test_batched_distances_equal_the_row_by_row_scan(digits_splits, kind, batch):
     if kind == "natural":
         inputs, labels = digits_splits.test.x, digits_splits.test.y
     elif kind == "repeated":  # exact duplicates: zero distances and ties at every threshold
         inputs = np.resize(digits_splits.test.x, (1000, *digits_splits.test.x.shape[1:]))
         labels = np.resize(digits_splits.test.y, 1000)
+    elif kind == "resampled":  # repeats at random times, some of inputs that never joined their set
+        order = np.random.default_rng(0).integers(0, 120, 600)
+        inputs, labels = digits_splits.test.x[order], digits_splits.test.y[order]
     else:
         inputs, labels = synthetic_stream(digits_splits)
     rows = np.asarray(inputs, np.float64).reshape(len(inputs), -1)
@@ -285,5 +292,59 @@ def test_batched_distances_equal_the_row_by_row_scan(digits_splits, kind, batch)
         slow, slow_row = row_by_row_observe(slow, chunk, chunk_labels, 0.85, 10, 100, {"other": 3}, "c")
         assert fast_row == slow_row
         assert_same_trace(fast, slow)
-    if kind != "repeated":
+    if kind in ("natural", "synthetic"):
         assert (fast.alarm is not None) == (kind == "synthetic")
+
+
+@pytest.mark.parametrize("kind", ["natural", "resampled"])
+def test_rows_joining_one_by_one_give_the_distances_of_all_pairs_at_once(digits_splits, kind, monkeypatch):
+    if kind == "natural":
+        inputs, labels = digits_splits.test.x, digits_splits.test.y
+    else:
+        order = np.random.default_rng(1).integers(0, 200, 700)
+        inputs, labels = digits_splits.test.x[order], digits_splits.test.y[order]
+    rows = np.asarray(inputs, np.float64).reshape(len(inputs), -1)
+    all_pairs = slow = empty_trace()
+    monkeypatch.setattr(prada_module, "PAIRWISE_ELEMENTS", 0)
+    one_by_one = empty_trace()
+    for start in range(0, len(rows), 100):
+        chunk, chunk_labels = rows[start : start + 100], np.asarray(labels[start : start + 100])
+        one_by_one, _ = observe_batch(one_by_one, chunk, chunk_labels, 0.85, 10, 100, {}, "c")
+        slow, _ = row_by_row_observe(slow, chunk, chunk_labels, 0.85, 10, 100, {}, "c")
+    monkeypatch.undo()
+    for start in range(0, len(rows), 100):
+        chunk, chunk_labels = rows[start : start + 100], np.asarray(labels[start : start + 100])
+        all_pairs, _ = observe_batch(all_pairs, chunk, chunk_labels, 0.85, 10, 100, {}, "c")
+    assert_same_trace(one_by_one, slow)
+    assert_same_trace(all_pairs, slow)
+
+
+def test_distinct_rows_compare_bytes_when_hashes_collide(monkeypatch):
+    rows = np.random.default_rng(0).random((50, 8))[np.random.default_rng(1).integers(0, 20, 200)]
+    rows[3] = -0.0  # equal to 0.0 in value, not in bytes: a distinct row, as the detector's sums allow
+    expected = prada_module.distinct_rows(rows)
+    monkeypatch.setattr(prada_module, "_hash_weights", lambda width: np.zeros(width, np.uint64))
+    for got, want in zip(prada_module.distinct_rows(rows), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    values, first, occurrence = expected
+    np.testing.assert_array_equal(values[occurrence], rows)
+    assert first.tolist() == sorted(first.tolist()) and np.array_equal(values, rows[first])
+
+
+@pytest.mark.parametrize("size", [101, 150, 999, 2048, 5001])
+@pytest.mark.parametrize("routine", ["swilk", "public"])
+def test_pooled_w_is_scipys_shapiro_w_bit_for_bit(size, routine, monkeypatch):
+    if routine == "public":  # a scipy without the private routine: its public test
+        monkeypatch.setattr(prada_module, "_swilk", None)
+    rng = np.random.default_rng(size)
+    values = np.abs(rng.normal(size=size)) ** 2
+    values[rng.random(size) < 0.4] = 0.0  # ties, as repeated queries give
+    mean, std = values.mean(), values.std()
+    kept = values[np.abs(values - mean) < 3.0 * std]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # scipy's p-value warning past 5000 samples
+        expected = float(stats.shapiro(kept).statistic)
+    assert prada_module.pooled_shapiro_w(values, 50) == expected
+    assert prada_module.pooled_shapiro_w(values, 50) == expected  # again, from the kept coefficients
+    assert prada_module.pooled_shapiro_w(values, len(kept)) is None
+    assert prada_module.pooled_shapiro_w(np.zeros(size), 50) is None
