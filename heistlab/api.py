@@ -288,12 +288,8 @@ class PredictionAPI:
         into the victim's program would let XLA round its arithmetic differently. A host defense runs when
         the returned function is called, so that the caller can work while the victim's program runs."""
         count = len(inputs)
-        capacity = capacity_for(count, minimum=1)
-        if count == capacity:
-            padded = np.ascontiguousarray(inputs)
-        else:
-            padded = np.zeros((capacity, *inputs.shape[1:]), np.float32)
-            padded[:count] = inputs
+        padded = np.zeros((capacity_for(count, minimum=1), *inputs.shape[1:]), np.float32)
+        padded[:count] = inputs
         batch = np.uint32(self._batches)
         self._batches += 1
         params, key_data = self._victim.params, self._key_data
