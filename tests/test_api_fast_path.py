@@ -31,6 +31,7 @@ DEFENSES = {
     "budget": lambda: defenses.budget(per_client=40, total=120),
     "rate_limit": lambda: defenses.rate_limit(10.0, 64),
     "prada": lambda: defenses.prada(0.85, action="refuse", check_every=2, min_distances=3),
+    "proof_of_work": lambda: defenses.proof_of_work(),
 }
 # Row counts that cross the padding rules: below the victim's 8-row minimum, at and past powers of two.
 BATCHES = (1, 2, 5, 8, 9, 130, 3, 1, 64, 7)
