@@ -6,7 +6,14 @@ import jax
 import numpy as np
 import pytest
 from heistlab.defenses.base import Evidence, QueryContext, chain
-from heistlab.defenses.dawn import DEFAULT_KEY_ENV, dawn, input_bytes, watermark_label
+from heistlab.defenses.dawn import (
+    DEFAULT_KEY_ENV,
+    dawn,
+    input_bytes,
+    keyed_tags,
+    rows_as_bytes,
+    watermark_label,
+)
 from heistlab.defenses.top_k import top_k
 from scipy import stats
 
@@ -244,14 +251,15 @@ def test_composes_in_a_chain_on_the_host(keyed):
     assert np.all((served[~marked] > 0).sum(axis=-1) == 3)
 
 
-def served_row_by_row(probs, inputs, rate, client):
+def served_row_by_row(probs, inputs, rate, client, key=None):
     """The filter one row at a time (the implementation before the batch was hashed in one pass)."""
     served, records = np.array(probs, copy=True), []
+    classes, key = served.shape[-1], key or KEY.encode()
     for row, query in enumerate(inputs):
-        tag = hmac.new(KEY.encode(), input_bytes(query), hashlib.sha256).digest()
+        tag = hmac.new(key, input_bytes(query), hashlib.sha256).digest()
         if int.from_bytes(tag[:2], "big") < 2**16 * rate:
-            label = watermark_label(tag, int(np.argmax(served[row])), CLASSES)
-            served[row] = np.eye(CLASSES, dtype=served.dtype)[label]
+            label = watermark_label(tag, int(np.argmax(served[row])), classes)
+            served[row] = np.eye(classes, dtype=served.dtype)[label]
             records.append((client, hashlib.sha256(input_bytes(query)).hexdigest(), label))
     return served, records
 
@@ -268,3 +276,44 @@ def test_batched_hashing_serves_and_records_as_the_row_by_row_filter(keyed, dtyp
     assert [(record.client, record.digest, record.label) for record in state.records] == records
     assert all(record.input.dtype == inputs.dtype for record in state.records)
     assert count < 300 or records  # the seeded stream exercises the watermark path
+
+
+@pytest.mark.parametrize("key_length", [0, 1, 32, 63, 64, 65, 200])
+def test_keyed_tags_are_hmac_sha256_for_keys_shorter_equal_and_longer_than_a_block(key_length):
+    key = bytes(np.random.default_rng(key_length).integers(0, 256, key_length, dtype=np.uint8))
+    inputs, _ = queries(40, seed=key_length)
+    inputs = np.concatenate([inputs, inputs[:5], inputs[3:4]])  # repeated rows get repeated tags
+    expected = [hmac.digest(key, input_bytes(row), "sha256") for row in inputs]
+    assert keyed_tags(key, rows_as_bytes(inputs)) == expected
+    messages = [b"", b"abc"]
+    assert keyed_tags(key, messages) == [hmac.digest(key, message, "sha256") for message in messages]
+
+
+def test_rows_as_bytes_are_each_rows_input_bytes():
+    inputs = (queries(7)[0] * 255).astype(np.uint8)[:, ::2]  # not contiguous, not float32
+    assert [bytes(row) for row in rows_as_bytes(inputs)] == [input_bytes(row) for row in inputs]
+    assert rows_as_bytes(np.zeros((0, 3), np.float32)) == []
+    assert [bytes(row) for row in rows_as_bytes(np.zeros((3, 0), np.float32))] == [b"", b"", b""]
+
+
+@pytest.mark.parametrize("classes", [2, 3, 10, 100])
+@pytest.mark.parametrize("rate", [0.3, 1.0])
+def test_serves_and_records_as_the_row_by_row_filter_on_repeats_and_ties(monkeypatch, classes, rate):
+    key = b"k" * 70  # longer than SHA-256's block: hashed first
+    monkeypatch.setenv(DEFAULT_KEY_ENV, key.decode())
+    rng = np.random.default_rng(classes)
+    inputs = rng.uniform(size=(500, 4, 4, 1)).astype(np.float32)
+    inputs = inputs[rng.integers(0, 200, 500)]  # most rows repeated, in no order
+    probs = rng.dirichlet(np.ones(classes), 500).astype(np.float32)
+    probs[::7] = 1.0 / classes  # ties: the first top class wins, as np.argmax per row
+    defense = dawn(rate=rate)
+    served, state = ask(defense, defense.init(), inputs, probs, client="c")
+    again, state = ask(defense, state, inputs, probs, client="c")
+    expected, records = served_row_by_row(probs, inputs, rate, "c", key)
+    np.testing.assert_array_equal(served, expected)
+    np.testing.assert_array_equal(again, expected)
+    assert served.dtype == expected.dtype
+    assert [(record.client, record.digest, record.label) for record in state.records] == records + records
+    marked = [row for row in range(500) if not np.array_equal(expected[row], probs[row])]
+    for record, row in zip(state.records[: len(marked)], marked, strict=True):
+        np.testing.assert_array_equal(record.input, inputs[row])

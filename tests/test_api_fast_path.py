@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from heistlab import defenses
-from heistlab.api import PredictionAPI, QueryRecord, QueryRefused
+from heistlab.api import FUSED_MAX_ROWS, PredictionAPI, QueryRecord, QueryRefused
 
 DAWN_KEY_ENV = "HEISTLAB_FAST_PATH_TEST_DAWN_KEY"
 DEFENSES = {
@@ -26,10 +26,12 @@ DEFENSES = {
     "mad": lambda: defenses.mad(0.9, objective="angular"),
     "mad_argmax": lambda: defenses.mad_argmax(1.7, objective="angular"),
     "feature_squeezing": lambda: defenses.feature_squeezing(4, 1, 0.05),
+    "feature_squeezing_median": lambda: defenses.feature_squeezing(3, 2, 0.5),
     "dawn": lambda: defenses.dawn(0.25, key_env=DAWN_KEY_ENV),
     "budget": lambda: defenses.budget(per_client=40, total=120),
     "rate_limit": lambda: defenses.rate_limit(10.0, 64),
     "prada": lambda: defenses.prada(0.85, action="refuse", check_every=2, min_distances=3),
+    "proof_of_work": lambda: defenses.proof_of_work(),
 }
 # Row counts that cross the padding rules: below the victim's 8-row minimum, at and past powers of two.
 BATCHES = (1, 2, 5, 8, 9, 130, 3, 1, 64, 7)
@@ -75,6 +77,26 @@ def test_fused_program_serves_exactly_what_the_separate_programs_serve(
         else:
             assert got.dtype == expected.dtype
             np.testing.assert_array_equal(got, expected)
+    assert_same_records_and_states(fused, separate)
+
+
+@pytest.mark.parametrize("name", ["identity", "feature_squeezing", "feature_squeezing_median", "dawn"])
+def test_a_full_bucket_is_served_exactly_as_the_separate_programs_serve_it(
+    name, small_victim, digits_splits, monkeypatch
+):
+    monkeypatch.setenv(DAWN_KEY_ENV, "the same watermark key for both APIs")
+    inputs = np.resize(digits_splits.test.x, (FUSED_MAX_ROWS, *digits_splits.input_shape))
+    fused = PredictionAPI(small_victim, DEFENSES[name](), key=jax.random.key(3))
+    separate = PredictionAPI(small_victim, DEFENSES[name](), key=jax.random.key(3))
+    separate._program = None
+    for client in ("alice", "bob", "alice"):
+        got, expected = fused.query(inputs, client), separate.query(inputs, client)
+        assert got.dtype == expected.dtype
+        np.testing.assert_array_equal(got, expected)
+    assert_same_records_and_states(fused, separate)
+
+
+def assert_same_records_and_states(fused: PredictionAPI, separate: PredictionAPI) -> None:
     assert fused.records == separate.records
     fused_state, fused_batches = fused.defense_state()
     separate_state, separate_batches = separate.defense_state()
