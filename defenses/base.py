@@ -143,9 +143,17 @@ def stateless(transform: Callable[[jax.Array, QueryContext], jax.Array]) -> Defe
     return Defense(init=EmptyState, apply=apply)
 
 
+def _unchanged(probs: jax.Array, context: QueryContext) -> jax.Array:
+    return probs
+
+
+_IDENTITY = stateless(_unchanged)
+
+
 def identity() -> Defense:
-    """The undefended baseline: serves the victim's probabilities unchanged."""
-    return stateless(lambda probs, context: probs)
+    """The undefended baseline: serves the victim's probabilities unchanged. Every call returns the same
+    defense (it holds no state), so the APIs around it share one compiled defense program."""
+    return _IDENTITY
 
 
 def chain(*defenses: Defense) -> Defense:

@@ -376,11 +376,17 @@ def _serving_program(model, preprocess, key_impl) -> Callable:
 
 
 def defense_program(defense: Defense, key_impl) -> Callable:
-    """The jitted defense of ``PredictionAPI._apply_padded``, taking its batch key as raw key data."""
+    """The jitted defense of ``PredictionAPI._apply_padded``, taking its batch key as raw key data. APIs
+    around the same ``defense.apply`` (the attack's and the evaluation's in one run) share it."""
+    return _defense_program(defense.apply, key_impl)
+
+
+@functools.lru_cache(maxsize=32)
+def _defense_program(apply: Callable, key_impl) -> Callable:
 
     def defense_apply(probs, state, padded, key_data, raw_probs):
         key = jax.random.wrap_key_data(key_data, impl=key_impl)
-        return defense.apply(probs, state, QueryContext(padded, key, raw_probs=raw_probs))
+        return apply(probs, state, QueryContext(padded, key, raw_probs=raw_probs))
 
     return jax.jit(defense_apply)
 
