@@ -37,7 +37,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, NamedTuple
 from urllib.parse import parse_qs, unquote_plus
@@ -47,6 +47,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPBearer
+from starlette.datastructures import URL, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from heistlab.api import InvalidQuery, QueryRefused
@@ -212,6 +213,71 @@ def unparsed_request_auditor(audit: AuditLog) -> Callable[[str], None]:
     return record
 
 
+class AuditEveryRequest:
+    """ASGI middleware that gives every HTTP request an id and one audit row, committed before its answer.
+
+    The handlers fill in the request's audit notes (``request.state.audit``); the row is written when the
+    answer's status is known, and the answer (with ``SECURITY_HEADERS`` and ``X-Request-ID``) is sent only
+    once ``record`` has committed it. A handler's unexpected exception is answered 500 with a generic
+    message and the request id, and recorded as such.
+
+    record: commits one ``AuditEntry`` (awaitable; the server groups concurrent rows into one commit).
+    monitor: observes each audited request (``ServerMetrics.after_request``).
+    """
+
+    def __init__(self, app, record: Callable[[AuditEntry], Awaitable[None]], monitor: ServerMetrics):
+        self.app, self.record, self.monitor = app, record, monitor
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = secrets.token_hex(8)
+        note = {"key_id": None, "role": None, "digest": None, "rows": 0, "served": False}
+        state = scope.setdefault("state", {})
+        state["request_id"], state["audit"] = request_id, note
+        started, clock = time.time(), time.perf_counter()
+        answered = False
+
+        async def audited_send(message) -> None:
+            nonlocal answered
+            if message["type"] == "http.response.start":
+                answered = True
+                entry = self._entry(scope, request_id, started, note, message["status"])
+                await self.record(entry)
+                self.monitor.after_request(entry, time.perf_counter() - clock)
+                headers = MutableHeaders(scope=message)
+                headers.update(SECURITY_HEADERS)
+                headers["X-Request-ID"] = request_id
+            await send(message)
+
+        try:
+            await self.app(scope, receive, audited_send)
+        except Exception:
+            if answered:
+                raise
+            log.exception("request %s (%s %s) failed", request_id, scope["method"], URL(scope=scope).path)
+            note["reason"] = "internal error"
+            failure = error_response(500, "internal_error", "internal server error", request_id)
+            await failure(scope, receive, audited_send)
+
+    @staticmethod
+    def _entry(scope, request_id: str, started: float, note: dict, status: int) -> AuditEntry:
+        return AuditEntry(
+            request_id=request_id,
+            time=started,
+            key_id=note["key_id"],
+            role=note["role"],
+            method=scope["method"],
+            path=URL(scope=scope).path[:200],
+            input_digest=note["digest"],
+            rows=note["rows"],
+            outcome=outcome_for(status, note["served"]),
+            status=status,
+            reason=str(note.get("reason", ""))[:500],
+        )
+
+
 def check_insecure_options(open_routes, open_role: str) -> tuple[tuple[str, ...], Role]:
     """Validates the insecure options, naming the bad value and what is accepted."""
     routes = tuple(open_routes or ())
@@ -298,43 +364,7 @@ def create_app(
         request_log=logging.getLogger(request_log) if request_log else None,
     )
 
-    @app.middleware("http")
-    async def audit_every_request(request: Request, call_next):
-        request_id = secrets.token_hex(8)
-        request.state.request_id = request_id
-        request.state.audit = note = {
-            "key_id": None,
-            "role": None,
-            "digest": None,
-            "rows": 0,
-            "served": False,
-        }
-        started, clock = time.time(), time.perf_counter()
-        try:
-            response = await call_next(request)
-        except Exception:
-            log.exception("request %s (%s %s) failed", request_id, request.method, request.url.path)
-            note["reason"] = "internal error"
-            response = error_response(500, "internal_error", "internal server error", request_id)
-        status = response.status_code
-        entry = AuditEntry(
-            request_id=request_id,
-            time=started,
-            key_id=note["key_id"],
-            role=note["role"],
-            method=request.method,
-            path=request.url.path[:200],
-            input_digest=note["digest"],
-            rows=note["rows"],
-            outcome=outcome_for(status, note["served"]),
-            status=status,
-            reason=str(note.get("reason", ""))[:500],
-        )
-        await run_in_threadpool(audit.record, entry)
-        monitor.after_request(entry, time.perf_counter() - clock)
-        response.headers.update(SECURITY_HEADERS)
-        response.headers["X-Request-ID"] = request_id
-        return response
+    app.add_middleware(AuditEveryRequest, record=Coalescer(audit.record_in_turn).submit, monitor=monitor)
 
     def refused(request: Request, status: int, code: str, message: str, **kwargs) -> JSONResponse:
         _note(request)["reason"] = message
