@@ -31,7 +31,7 @@ def logged(root: logging.Logger, background: bool) -> tuple[str, str, set[str]]:
     handler.setFormatter(logging.Formatter(FORMAT))
     errors.setLevel(logging.ERROR)
     root.handlers = [handler, errors]
-    requests, serving = logging.getLogger("heistlab.serving.requests"), logging.getLogger("heistlab.serving")
+    requests, serving = (logging.getLogger(f"background_test.{name}") for name in ("requests", "errors"))
     with logging_in_background() if background else contextlib.nullcontext():
         for index in range(50):
             requests.info('{"event": "request", "index": %d}', index)
