@@ -33,6 +33,7 @@ to requests without credentials, as the client ``anonymous`` with role ``insecur
 import asyncio
 import base64
 import binascii
+import inspect
 import logging
 import math
 import secrets
@@ -107,6 +108,14 @@ SECURITY_HEADERS = {
 }
 ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 413, 415, 422, 429, 500)}
 TOKEN_ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 413, 500)}
+# FastAPI's own OpenTelemetry (recent FastAPI) is off: it looks the process-wide providers up on every
+# request, and heistlab sets none up, so it recorded nothing. The server's monitoring is its audit log,
+# /metrics and the JSON request log.
+WITHOUT_NATIVE_TELEMETRY = (
+    {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters
+    else {}
+)
 # Routes an insecure deployment may open to anonymous clients (never /oauth/token or the admin routes).
 OPENABLE_ROUTES = ("/v1/info", "/v1/predict")
 ANONYMOUS = "anonymous"
@@ -351,6 +360,7 @@ def create_app(
         description=__doc__,
         docs_url=None,
         redoc_url=None,
+        **WITHOUT_NATIVE_TELEMETRY,
     )
     bearer_scheme = HTTPBearer(auto_error=False, description="A token from POST /oauth/token")
     key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="'<key id>.<secret>'")
