@@ -37,6 +37,7 @@ import inspect
 import logging
 import math
 import secrets
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -224,6 +225,23 @@ def unparsed_request_auditor(audit: AuditLog) -> Callable[[str], None]:
     return record
 
 
+class RequestIds:
+    """Request ids as ``secrets.token_hex(8)`` makes them (16 hex digits from the OS's CSPRNG), with the
+    random bytes drawn ``block`` ids at a time: one system call per block rather than one per request."""
+
+    def __init__(self, block: int = 256):
+        self._block, self._pool, self._used = block, b"", 0
+        self._lock = threading.Lock()
+
+    def next(self) -> str:
+        with self._lock:
+            if self._used == len(self._pool):
+                self._pool, self._used = secrets.token_bytes(8 * self._block), 0
+            pool, start = self._pool, self._used
+            self._used += 8
+        return pool[start : start + 8].hex()
+
+
 class AuditEveryRequest:
     """ASGI middleware that gives every HTTP request an id and one audit row, committed before its answer.
 
@@ -238,12 +256,13 @@ class AuditEveryRequest:
 
     def __init__(self, app, record: Callable[[AuditEntry], Awaitable[None]], monitor: ServerMetrics):
         self.app, self.record, self.monitor = app, record, monitor
+        self.request_ids = RequestIds()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = secrets.token_hex(8)
+        request_id = self.request_ids.next()
         note = {"key_id": None, "role": None, "digest": None, "rows": 0, "served": False}
         state = scope.setdefault("state", {})
         state["request_id"], state["audit"] = request_id, note
