@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -31,24 +28,14 @@ import numpy as np
 import pytest
 from heistlab.experiments import keys
 
-from benchmarks.test_serving_benchmark import REPO, free_port, wait_until_up
+from benchmarks.serving import free_port, served
+from benchmarks.test_serving_benchmark import SERVE_LIMITS
 from heistlab import data
 from heistlab.serving.client import read_credentials
 from heistlab.serving.tls import client_context
 
 FLOOD_THREADS, REQUESTS, BATCH, SETTLE_S = 32, 200, 16, 3.0
 THROTTLES = {"default": [], "off": ["serve.failed_auth_burst=1000000000"]}
-
-
-def start_server(folder, port: int, extra: list[str]) -> subprocess.Popen:
-    command = [
-        sys.executable, "-m", "experiments.serve", f"serve.port={port}", "serve.quota=100000000",
-        "serve.rate=1000000", "serve.burst=4096", "serve.log_level=warning",
-        f"serve.key_store={folder / 'keys.json'}", f"serve.audit_db={folder / 'audit.sqlite'}",
-        f"serve.certfile={folder / 'cert.pem'}", f"serve.keyfile={folder / 'key.pem'}",
-        f"hydra.run.dir={folder / 'hydra'}", *extra,
-    ]  # fmt: skip
-    return subprocess.Popen(command, cwd=REPO, env={**os.environ, "CI": "true"}, stderr=subprocess.DEVNULL)
 
 
 def latencies_ms(http: httpx.Client, api_key: str, batches: list[np.ndarray]) -> list[float]:
@@ -135,18 +122,11 @@ def test_valid_client_latency_under_a_wrong_secret_flood(benchmark, tmp_path, th
     splits = data.make_splits(data.load_digits(), seed=0)
     rng = np.random.default_rng(0)
     batches = [splits.pool[rng.choice(len(splits.pool), BATCH, replace=False)] for _ in range(REQUESTS)]
-    port = free_port()
-    url, ca_file = f"https://127.0.0.1:{port}", tmp_path / "cert.pem"
-    server = start_server(tmp_path, port, THROTTLES[throttle])
-    try:
-        wait_until_up(server, url, ca_file)
-        found = benchmark.pedantic(measure, args=(url, ca_file, credential, batches), rounds=1, iterations=1)
-    finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+    ca_file = tmp_path / "cert.pem"
+    with served(tmp_path, free_port(), *SERVE_LIMITS, *THROTTLES[throttle]) as server:
+        found = benchmark.pedantic(
+            measure, args=(server.url, ca_file, credential, batches), rounds=1, iterations=1
+        )
     benchmark.extra_info.update(found)
     print(
         f"\nthrottle={throttle}: valid client p50 {found['p50_alone_ms']:.1f} ms alone, "

@@ -14,10 +14,6 @@ The victim is the default MLP (64-256-256-10) on digits, from the victim cache (
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -27,48 +23,15 @@ import numpy as np
 import pytest
 from heistlab.experiments import keys
 
+from benchmarks.serving import cpu_seconds, free_port, served
 from heistlab import data
 from heistlab.serving.client import read_credentials
 from heistlab.serving.tls import client_context
 
-REPO = Path(__file__).resolve().parent.parent
 CLIENTS, REQUESTS, BATCH = 8, 50, 16
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_server(folder: Path, defense: str, port: int) -> subprocess.Popen:
-    command = [
-        sys.executable, "-m", "experiments.serve", f"defense={defense}", f"serve.port={port}",
-        "serve.quota=100000000", "serve.rate=1000000", "serve.burst=4096", "serve.log_level=warning",
-        f"serve.key_store={folder / 'keys.json'}", f"serve.audit_db={folder / 'audit.sqlite'}",
-        f"serve.certfile={folder / 'cert.pem'}", f"serve.keyfile={folder / 'key.pem'}",
-        f"hydra.run.dir={folder / 'hydra'}",
-    ]  # fmt: skip
-    return subprocess.Popen(command, cwd=REPO, env={**os.environ, "CI": "true"}, stderr=subprocess.DEVNULL)
-
-
-def wait_until_up(server: subprocess.Popen, url: str, ca_file: Path, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    with httpx.Client(verify=client_context(ca_file), timeout=5) as probe:
-        while time.monotonic() < deadline:
-            assert server.poll() is None, "the server exited"
-            try:
-                if probe.get(f"{url}/healthz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.25)
-    raise TimeoutError(f"the server did not come up within {timeout_s} s")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds the process has used (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+SERVE_LIMITS = ("serve.quota=100000000", "serve.rate=1000000", "serve.burst=4096", "serve.log_level=warning")
 
 
 def closed_loop(url: str, ca_file: Path, credentials, batches: list[np.ndarray]) -> dict:
@@ -119,23 +82,16 @@ def test_serving_throughput_and_latency(benchmark, tmp_path, defense):
     splits = data.make_splits(data.load_digits(), seed=0)
     rng = np.random.default_rng(0)
     batches = [splits.pool[rng.choice(len(splits.pool), BATCH, replace=False)] for _ in range(REQUESTS)]
-    port = free_port()
-    url, ca_file = f"https://127.0.0.1:{port}", tmp_path / "cert.pem"
-    server = start_server(tmp_path, defense, port)
-    try:
-        wait_until_up(server, url, ca_file)
-        closed_loop(url, ca_file, credentials[:1], batches[:5])  # warm-up: compile the batch shape
-        cpu_before = cpu_seconds(server.pid)
+    ca_file = tmp_path / "cert.pem"
+    with served(tmp_path, free_port(), f"defense={defense}", *SERVE_LIMITS) as server:
+        closed_loop(server.url, ca_file, credentials[:1], batches[:5])  # warm-up: compile the batch shape
+        cpu_before = cpu_seconds(server.process.pid)
         found = benchmark.pedantic(
-            closed_loop, args=(url, ca_file, credentials, batches), rounds=1, iterations=1
+            closed_loop, args=(server.url, ca_file, credentials, batches), rounds=1, iterations=1
         )
-        found["server_cpu_ms_per_request"] = (cpu_seconds(server.pid) - cpu_before) * 1000 / found["requests"]
-    finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        found["server_cpu_ms_per_request"] = (
+            (cpu_seconds(server.process.pid) - cpu_before) * 1000 / found["requests"]
+        )
     benchmark.extra_info.update(found)
     print(
         f"\ndefense={defense}: {CLIENTS} clients x {REQUESTS} requests of {BATCH} rows over HTTPS: "

@@ -13,8 +13,6 @@ ratio (the goal: p50 within 2x of unloaded), and the big bodies answered per sec
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import threading
 import time
 
@@ -22,7 +20,8 @@ import httpx
 import numpy as np
 from heistlab.experiments import keys
 
-from benchmarks.test_serving_benchmark import free_port, start_server, wait_until_up
+from benchmarks.serving import free_port, served
+from benchmarks.test_serving_benchmark import SERVE_LIMITS
 from heistlab.serving.client import read_credentials
 from heistlab.serving.tls import client_context
 
@@ -85,22 +84,13 @@ def test_healthz_latency_while_four_clients_send_4mb_bodies(benchmark, tmp_path)
                "--out", str(tmp_path / "client.json")])  # fmt: skip
     credential = read_credentials(tmp_path / "client.json")[0]
     body = big_body(BODY_BYTES)
-    port = free_port()
-    url, ca_file = f"https://127.0.0.1:{port}", tmp_path / "cert.pem"
-    server = start_server(tmp_path, "none", port)
-    try:
-        wait_until_up(server, url, ca_file)
-        warm_up(url, ca_file, credential, body)
-        unloaded = healthz_latencies(url, ca_file, PROBES)
+    ca_file = tmp_path / "cert.pem"
+    with served(tmp_path, free_port(), "defense=none", *SERVE_LIMITS) as server:
+        warm_up(server.url, ca_file, credential, body)
+        unloaded = healthz_latencies(server.url, ca_file, PROBES)
         found = benchmark.pedantic(
-            under_big_bodies, args=(url, ca_file, credential, body), rounds=1, iterations=1
+            under_big_bodies, args=(server.url, ca_file, credential, body), rounds=1, iterations=1
         )
-    finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
     loaded = found.pop("loaded")
     result = {
         "body_bytes": len(body),

@@ -30,7 +30,8 @@ import numpy as np
 import pytest
 from heistlab.experiments import keys
 
-from benchmarks.test_serving_benchmark import cpu_seconds, free_port, start_server, wait_until_up
+from benchmarks.serving import cpu_seconds, free_port, served
+from benchmarks.test_serving_benchmark import SERVE_LIMITS
 from heistlab import data
 from heistlab.serving.client import read_credentials
 from heistlab.serving.tls import client_context
@@ -165,29 +166,25 @@ def test_serving_beside_mlserver(benchmark, tmp_path):
     splits = data.make_splits(data.load_digits(), seed=0)
     rng = np.random.default_rng(0)
     rows = list(splits.pool[rng.choice(len(splits.pool), max(REQUESTS_PER_CLIENT.values()), replace=False)])
-    port = free_port()
-    url, ca_file = f"https://127.0.0.1:{port}", tmp_path / "cert.pem"
-    ours = start_server(tmp_path, "none", port)
+    ca_file = tmp_path / "cert.pem"
     (tmp_path / "mlserver").mkdir()
-    theirs, their_url = start_mlserver(tmp_path / "mlserver")
     found = {}
-    try:
-        wait_until_up(ours, url, ca_file)
-        closed_loop([heistlab_client(url, ca_file, credentials[0])], rows[:5])  # warm-up
-        closed_loop([mlserver_client(their_url)], rows[:5])
-        for count, requests in REQUESTS_PER_CLIENT.items():
-            their_clients = [mlserver_client(their_url)] * count
-            our_clients = [heistlab_client(url, ca_file, credential) for credential in credentials[:count]]
-            found[f"mlserver_{count}"] = with_server_cpu(theirs.pid, their_clients, rows[:requests])
-            found[f"heistlab_{count}"] = with_server_cpu(ours.pid, our_clients, rows[:requests])
-    finally:
-        ours.send_signal(signal.SIGINT)
-        os.killpg(theirs.pid, signal.SIGTERM)
-        for process in (ours, theirs):
+    with served(tmp_path, free_port(), "defense=none", *SERVE_LIMITS) as ours:
+        theirs, their_url = start_mlserver(tmp_path / "mlserver")
+        try:
+            closed_loop([heistlab_client(ours.url, ca_file, credentials[0])], rows[:5])  # warm-up
+            closed_loop([mlserver_client(their_url)], rows[:5])
+            for count, requests in REQUESTS_PER_CLIENT.items():
+                their_clients = [mlserver_client(their_url)] * count
+                our_clients = [heistlab_client(ours.url, ca_file, key) for key in credentials[:count]]
+                found[f"mlserver_{count}"] = with_server_cpu(theirs.pid, their_clients, rows[:requests])
+                found[f"heistlab_{count}"] = with_server_cpu(ours.process.pid, our_clients, rows[:requests])
+        finally:
+            os.killpg(theirs.pid, signal.SIGTERM)
             try:
-                process.wait(timeout=30)
+                theirs.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                process.kill()
+                os.killpg(theirs.pid, signal.SIGKILL)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     benchmark.extra_info.update(found)
     for count, requests in REQUESTS_PER_CLIENT.items():

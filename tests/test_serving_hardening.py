@@ -243,6 +243,12 @@ def test_the_openapi_schema_states_what_the_server_enforces(live):
     assert no_secret.status_code == 400
     revoke = document["paths"]["/admin/keys/{key_id}/revoke"]["post"]["responses"]
     assert "404" in revoke
+    # The prediction routes authenticate in their handlers and state the same credentials as /v1/info.
+    info, paths = document["paths"]["/v1/info"]["get"], document["paths"]
+    assert info["security"] == [{"HTTPBearer": []}, {"APIKeyHeader": []}]
+    for operation in (paths["/v1/predict"]["post"], paths["/v2/models/{name}/infer"]["post"]):
+        assert operation["security"] == info["security"]
+    assert set(document["components"]["securitySchemes"]) == {"HTTPBearer", "APIKeyHeader"}
     unknown = live.http.post("/admin/keys/no-such-key/revoke", headers=key(live.admin))
     assert unknown.status_code == 404 and unknown.json()["error"] == "not_found"
 

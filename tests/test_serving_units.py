@@ -377,3 +377,24 @@ def test_a_slow_key_whose_allowance_is_spent_is_refused_unchecked(tmp_path, monk
     monkeypatch.undo()
     now[0] = 10.0
     assert authenticator.authenticate_secret(legacy).key_id == legacy.key_id
+
+
+def test_request_ids_are_token_hex_ids_drawn_a_block_at_a_time(monkeypatch):
+    from heistlab.serving import app
+
+    drawn = []
+
+    def token_bytes(count: int) -> bytes:
+        block = bytes((len(drawn) * 7 + index) % 256 for index in range(count))
+        drawn.append(block)
+        return block
+
+    monkeypatch.setattr(app.secrets, "token_bytes", token_bytes)
+    ids = app.RequestIds(block=4)
+    found = [ids.next() for _ in range(10)]
+    expected = [block[start : start + 8].hex() for block in drawn for start in range(0, len(block), 8)]
+    assert [len(block) for block in drawn] == [32, 32, 32] and found == expected[:10]
+    assert all(len(request_id) == 16 and int(request_id, 16) >= 0 for request_id in found)
+    real = app.RequestIds()
+    monkeypatch.undo()
+    assert len({real.next() for _ in range(2000)}) == 2000

@@ -33,11 +33,13 @@ to requests without credentials, as the client ``anonymous`` with role ``insecur
 import asyncio
 import base64
 import binascii
+import inspect
 import logging
 import math
 import secrets
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, NamedTuple
 from urllib.parse import parse_qs, unquote_plus
@@ -47,6 +49,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPBearer
+from starlette.datastructures import URL, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from heistlab.api import InvalidQuery, QueryRefused
@@ -106,9 +109,19 @@ SECURITY_HEADERS = {
 }
 ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 413, 415, 422, 429, 500)}
 TOKEN_ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 413, 500)}
+# FastAPI's own OpenTelemetry (recent FastAPI) is off: it looks the process-wide providers up on every
+# request, and heistlab sets none up, so it recorded nothing. The server's monitoring is its audit log,
+# /metrics and the JSON request log.
+WITHOUT_NATIVE_TELEMETRY = (
+    {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters
+    else {}
+)
 # Routes an insecure deployment may open to anonymous clients (never /oauth/token or the admin routes).
 OPENABLE_ROUTES = ("/v1/info", "/v1/predict")
 ANONYMOUS = "anonymous"
+# The OpenAPI security requirement of a route with ``documented_security``: a bearer token or an API key.
+SECURITY_REQUIREMENTS = [{"HTTPBearer": []}, {"APIKeyHeader": []}]
 
 
 class ServerSettings(NamedTuple):
@@ -212,6 +225,89 @@ def unparsed_request_auditor(audit: AuditLog) -> Callable[[str], None]:
     return record
 
 
+class RequestIds:
+    """Request ids as ``secrets.token_hex(8)`` makes them (16 hex digits from the OS's CSPRNG), with the
+    random bytes drawn ``block`` ids at a time: one system call per block rather than one per request."""
+
+    def __init__(self, block: int = 256):
+        self._block, self._pool, self._used = block, b"", 0
+        self._lock = threading.Lock()
+
+    def next(self) -> str:
+        with self._lock:
+            if self._used == len(self._pool):
+                self._pool, self._used = secrets.token_bytes(8 * self._block), 0
+            pool, start = self._pool, self._used
+            self._used += 8
+        return pool[start : start + 8].hex()
+
+
+class AuditEveryRequest:
+    """ASGI middleware that gives every HTTP request an id and one audit row, committed before its answer.
+
+    The handlers fill in the request's audit notes (``request.state.audit``); the row is written when the
+    answer's status is known, and the answer (with ``SECURITY_HEADERS`` and ``X-Request-ID``) is sent only
+    once ``record`` has committed it. A handler's unexpected exception is answered 500 with a generic
+    message and the request id, and recorded as such.
+
+    record: commits one ``AuditEntry`` (awaitable; the server groups concurrent rows into one commit).
+    monitor: observes each audited request (``ServerMetrics.after_request``).
+    """
+
+    def __init__(self, app, record: Callable[[AuditEntry], Awaitable[None]], monitor: ServerMetrics):
+        self.app, self.record, self.monitor = app, record, monitor
+        self.request_ids = RequestIds()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = self.request_ids.next()
+        note = {"key_id": None, "role": None, "digest": None, "rows": 0, "served": False}
+        state = scope.setdefault("state", {})
+        state["request_id"], state["audit"] = request_id, note
+        started, clock = time.time(), time.perf_counter()
+        answered = False
+
+        async def audited_send(message) -> None:
+            nonlocal answered
+            if message["type"] == "http.response.start":
+                answered = True
+                entry = self._entry(scope, request_id, started, note, message["status"])
+                await self.record(entry)
+                self.monitor.after_request(entry, time.perf_counter() - clock)
+                headers = MutableHeaders(scope=message)
+                headers.update(SECURITY_HEADERS)
+                headers["X-Request-ID"] = request_id
+            await send(message)
+
+        try:
+            await self.app(scope, receive, audited_send)
+        except Exception:
+            if answered:
+                raise
+            log.exception("request %s (%s %s) failed", request_id, scope["method"], URL(scope=scope).path)
+            note["reason"] = "internal error"
+            failure = error_response(500, "internal_error", "internal server error", request_id)
+            await failure(scope, receive, audited_send)
+
+    @staticmethod
+    def _entry(scope, request_id: str, started: float, note: dict, status: int) -> AuditEntry:
+        return AuditEntry(
+            request_id=request_id,
+            time=started,
+            key_id=note["key_id"],
+            role=note["role"],
+            method=scope["method"],
+            path=URL(scope=scope).path[:200],
+            input_digest=note["digest"],
+            rows=note["rows"],
+            outcome=outcome_for(status, note["served"]),
+            status=status,
+            reason=str(note.get("reason", ""))[:500],
+        )
+
+
 def check_insecure_options(open_routes, open_role: str) -> tuple[tuple[str, ...], Role]:
     """Validates the insecure options, naming the bad value and what is accepted."""
     routes = tuple(open_routes or ())
@@ -283,6 +379,7 @@ def create_app(
         description=__doc__,
         docs_url=None,
         redoc_url=None,
+        **WITHOUT_NATIVE_TELEMETRY,
     )
     bearer_scheme = HTTPBearer(auto_error=False, description="A token from POST /oauth/token")
     key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="'<key id>.<secret>'")
@@ -298,43 +395,7 @@ def create_app(
         request_log=logging.getLogger(request_log) if request_log else None,
     )
 
-    @app.middleware("http")
-    async def audit_every_request(request: Request, call_next):
-        request_id = secrets.token_hex(8)
-        request.state.request_id = request_id
-        request.state.audit = note = {
-            "key_id": None,
-            "role": None,
-            "digest": None,
-            "rows": 0,
-            "served": False,
-        }
-        started, clock = time.time(), time.perf_counter()
-        try:
-            response = await call_next(request)
-        except Exception:
-            log.exception("request %s (%s %s) failed", request_id, request.method, request.url.path)
-            note["reason"] = "internal error"
-            response = error_response(500, "internal_error", "internal server error", request_id)
-        status = response.status_code
-        entry = AuditEntry(
-            request_id=request_id,
-            time=started,
-            key_id=note["key_id"],
-            role=note["role"],
-            method=request.method,
-            path=request.url.path[:200],
-            input_digest=note["digest"],
-            rows=note["rows"],
-            outcome=outcome_for(status, note["served"]),
-            status=status,
-            reason=str(note.get("reason", ""))[:500],
-        )
-        await run_in_threadpool(audit.record, entry)
-        monitor.after_request(entry, time.perf_counter() - clock)
-        response.headers.update(SECURITY_HEADERS)
-        response.headers["X-Request-ID"] = request_id
-        return response
+    app.add_middleware(AuditEveryRequest, record=Coalescer(audit.record_in_turn).submit, monitor=monitor)
 
     def refused(request: Request, status: int, code: str, message: str, **kwargs) -> JSONResponse:
         _note(request)["reason"] = message
@@ -432,6 +493,8 @@ def create_app(
             )
         return principal
 
+    # Documents both credentials in the schema. The prediction routes, the hot path, authenticate in their
+    # handler and state the same requirement through SECURITY_REQUIREMENTS, without these dependencies.
     documented_security = [Depends(bearer_scheme), Depends(key_scheme)]
 
     @app.get("/healthz", summary="Liveness (no credentials, no model)")
@@ -533,15 +596,16 @@ def create_app(
         summary="Predictions for a batch of inputs, as the key's role allows",
         response_model=PredictAnswer,
         responses={**ERRORS, 428: {"model": ErrorBody}},
-        dependencies=documented_security,
         openapi_extra={
+            "security": SECURITY_REQUIREMENTS,
             "requestBody": {
                 "required": True,
                 "content": {"application/json": {"schema": predict_body_schema(schema)}},
-            }
+            },
         },
     )
-    async def predict(request: Request, principal: Annotated[Principal, Depends(authenticated)]):
+    async def predict(request: Request):
+        principal = await authenticated(request)
         allowed_output(principal.role, None)
         note = _note(request)
         body = await read_limited_body(request, schema.max_body_bytes)
@@ -595,15 +659,16 @@ def create_app(
         "/v2/models/{name}/infer",
         summary="Open Inference Protocol inference: the /v1/predict path behind KServe V2 tensors",
         responses=v2_errors,
-        dependencies=documented_security,
         openapi_extra={
+            "security": SECURITY_REQUIREMENTS,
             "requestBody": {
                 "required": True,
                 "content": {"application/json": {"schema": oip.infer_body_schema(schema)}},
-            }
+            },
         },
     )
-    async def oip_infer(name: str, request: Request, principal: Annotated[Principal, Depends(authenticated)]):
+    async def oip_infer(name: str, request: Request):
+        principal = await authenticated(request)
         served_model(name)
         allowed_output(principal.role, None)
         note = _note(request)

@@ -19,13 +19,13 @@ Tamper evidence (``AuditLog(path, mac_key=...)``, the key from ``serve.audit_mac
 ``serve.audit_mac_key_env``): each row carries ``row_mac``, an HMAC-SHA256 of its table, id and every
 column, and ``chain_mac``, an HMAC-SHA256 of the previous row's ``chain_mac`` and its own ``row_mac`` (a hash
 chain, as in Schneier and Kelsey, "Secure audit logs to support computer forensics", ACM TISSEC 1999, without
-their key evolution). After every row, the head of each table's chain (last row id, its ``chain_mac``, the
-row count), MACed under the same key, is written to a file beside the database (``<audit_db>.head`` or one
-the operator names; two slots written in turn, see ``write_head``) while the writer lock is held.
-``verify_log`` walks the chains and compares them with the head: deleted rows (an id gap), rows moved to
-other ids (reordering), a truncated tail (the head names a row past the last one) and edited rows are each
-reported with their ids. Chaining, like encryption, starts with
-the first row: a log holding unchained rows is not chained in place. Files are created 0600.
+their key evolution). After every append (one row, or the rows of one group commit: ``record_in_turn``),
+the head of each table's chain (last row id, its ``chain_mac``, the row count), MACed under the same key, is
+written to a file beside the database (``<audit_db>.head`` or one the operator names; two slots written in
+turn, see ``write_head``) while the writer lock is held. ``verify_log`` walks the chains and compares them
+with the head: deleted rows (an id gap), rows moved to other ids (reordering), a truncated tail (the head
+names a row past the last one) and edited rows are each reported with their ids. Chaining, like encryption,
+starts with the first row: a log holding unchained rows is not chained in place. Files are created 0600.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -150,6 +150,13 @@ class AuditEntry(NamedTuple):
     outcome: str
     status: int
     reason: str = ""
+
+
+def checked_entry(entry: AuditEntry) -> dict:
+    """The row of ``entry``; ``ValueError`` naming the outcome when it is not one of ``OUTCOMES``."""
+    if entry.outcome not in OUTCOMES:
+        raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}; got {entry.outcome!r}")
+    return entry._asdict()
 
 
 def outcome_for(status: int, served: bool) -> str:
@@ -588,9 +595,29 @@ class AuditLog:
         )
 
     def record(self, entry: AuditEntry) -> None:
-        if entry.outcome not in OUTCOMES:
-            raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}; got {entry.outcome!r}")
-        self._insert("requests", entry._asdict())
+        self._insert("requests", [checked_entry(entry)])
+
+    def record_in_turn(self, entries: Sequence[AuditEntry]) -> list[Exception | None]:
+        """Appends ``entries`` in the order given, in one transaction (a group commit, as database logs
+        commit the records of concurrent transactions together: Gawlick and Kinkade, "Varieties of
+        concurrency control in IMS/VS Fast Path", IEEE Database Engineering 1985). The rows, their chain and
+        the head are those that ``record`` called on each entry in turn leaves; one outcome per entry: None
+        once its row is committed, or the exception that kept it out (an invalid entry alone; a failed
+        transaction, every entry in it). What ``heistlab.serving.batching.Coalescer`` runs for the server."""
+        outcomes: list[Exception | None] = []
+        rows = []
+        for entry in entries:
+            try:
+                rows.append(checked_entry(entry))
+                outcomes.append(None)
+            except ValueError as error:
+                outcomes.append(error)
+        if rows:
+            try:
+                self._insert("requests", rows)
+            except Exception as error:
+                return [error if outcome is None else outcome for outcome in outcomes]
+        return outcomes
 
     def record_alarm(self, key_id: str, name: str, value, report: dict, now: float | None = None) -> None:
         row = {
@@ -600,42 +627,52 @@ class AuditLog:
             "value": json.dumps(value, default=str),
             "report": json.dumps(report, default=str, sort_keys=True),
         }
-        self._insert("alarms", row)
+        self._insert("alarms", [row])
 
-    def _insert(self, table: str, row: dict) -> None:
-        stored = dict(row)
-        if self._key is not None:
-            stored.update(PLACEHOLDER[table])
-        columns = ", ".join(stored)
-        marks = ", ".join("?" for _ in stored)
+    def _insert(self, table: str, rows: Sequence[dict]) -> None:
+        """Appends ``rows`` to ``table`` in one transaction: each sealed and chained in turn, then the head
+        written."""
         with self._lock, self._transaction():
-            cursor = self._connection.execute(
-                f"INSERT INTO {table} ({columns}) VALUES ({marks})", tuple(stored.values())
-            )
-            row_id = cursor.lastrowid
-            if self._key is not None:  # sealed in the same transaction, once the row id is known
-                stored["payload"] = seal_row(table, row_id, row, self._key)
-                self._connection.execute(
-                    f"UPDATE {table} SET payload = ? WHERE id = ?", (stored["payload"], row_id)
+            link = None
+            for row in rows:
+                stored = dict(row)
+                if self._key is not None:
+                    stored.update(PLACEHOLDER[table])
+                columns = ", ".join(stored)
+                marks = ", ".join("?" for _ in stored)
+                cursor = self._connection.execute(
+                    f"INSERT INTO {table} ({columns}) VALUES ({marks})", tuple(stored.values())
                 )
+                row_id = cursor.lastrowid
+                if self._key is not None:  # sealed in the same transaction, once the row id is known
+                    stored["payload"] = seal_row(table, row_id, row, self._key)
+                    self._connection.execute(
+                        f"UPDATE {table} SET payload = ? WHERE id = ?", (stored["payload"], row_id)
+                    )
+                if self._mac_key is not None:
+                    link = self._chain(table, row_id, stored, link)
             if self._mac_key is not None:
-                self._chain(table, row_id, stored)
+                self._connection.execute(
+                    "INSERT INTO meta (name, value) VALUES (?, ?) "
+                    "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+                    (f"count/{table}", len(rows)),
+                )
+                self._write_head()
 
-    def _chain(self, table: str, row_id: int, stored: dict) -> None:
-        """Links row ``row_id`` to its predecessor and rewrites the head (inside the append's transaction)."""
-        previous = self._connection.execute(
-            f"SELECT chain_mac FROM {table} WHERE id < ? ORDER BY id DESC LIMIT 1", (row_id,)
-        ).fetchone()
+    def _chain(self, table: str, row_id: int, stored: dict, previous: bytes | None) -> bytes:
+        """Links row ``row_id`` to its predecessor, whose chain MAC is ``previous`` (None: read from the
+        table); returns the row's own chain MAC. Inside the append's transaction."""
+        if previous is None:
+            found = self._connection.execute(
+                f"SELECT chain_mac FROM {table} WHERE id < ? ORDER BY id DESC LIMIT 1", (row_id,)
+            ).fetchone()
+            previous = _bytes(found[0]) if found else GENESIS
         own = row_mac(self._mac_key, table, {**stored, "id": row_id})
-        link = chain_mac(self._mac_key, _bytes(previous[0]) if previous else GENESIS, own)
+        link = chain_mac(self._mac_key, previous, own)
         self._connection.execute(
             f"UPDATE {table} SET row_mac = ?, chain_mac = ? WHERE id = ?", (own, link, row_id)
         )
-        self._connection.execute(
-            "INSERT INTO meta (name, value) VALUES (?, 1) ON CONFLICT (name) DO UPDATE SET value = value + 1",
-            (f"count/{table}",),
-        )
-        self._write_head()
+        return link
 
     def _rows(self, query: str, parameters: tuple) -> list[dict]:
         with self._lock:

@@ -4,7 +4,8 @@ are served together next, in one trip to a worker thread, in their arrival order
 As dedicated model servers batch (Clipper, Crankshaw et al., NSDI 2017; Triton's dynamic batcher), but with
 no wait window: a request that finds the server idle is served at once, and a batch is whatever arrived
 while the one before it ran, at most ``max_batch`` requests. Under load the per-request costs of handing work
-to a thread (a thread-pool hop, a lock, a wake-up) are paid once per batch.
+to a thread (a hop to the event loop's default executor, a lock, a wake-up) are paid once per batch. The
+server coalesces its predictions and its audit rows (a group commit: ``AuditLog.record_in_turn``) this way.
 
 Nothing about each request's fate is shared: ``serve_in_turn`` gets the calls in arrival order and returns one
 outcome per call (its answer, or the exception it raised), so each request keeps its own admission, budget,
@@ -16,8 +17,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
-
-from starlette.concurrency import run_in_threadpool
 
 Call = TypeVar("Call")
 Answer = TypeVar("Answer")
@@ -61,7 +60,9 @@ class Coalescer(Generic[Call, Answer]):
                 batch, self._waiting = self._waiting[: self.max_batch], self._waiting[self.max_batch :]
                 self.batches, self.calls = self.batches + 1, self.calls + len(batch)
                 try:
-                    outcomes = await run_in_threadpool(self._serve_in_turn, [call for call, _ in batch])
+                    calls = [call for call, _ in batch]
+                    loop = asyncio.get_running_loop()
+                    outcomes = await loop.run_in_executor(None, self._serve_in_turn, calls)
                     if len(outcomes) != len(batch):
                         raise RuntimeError(
                             f"serve_in_turn gave {len(outcomes)} outcomes for {len(batch)} calls"

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from logging.handlers import QueueHandler, QueueListener
 from pathlib import Path
 from typing import NamedTuple
 
@@ -111,9 +113,34 @@ def reporting_h11(on_rejected: Callable[[str], None] | None) -> type[H11Protocol
 
 
 def serve_forever(config: uvicorn.Config) -> None:
-    """Serves until interrupted (Ctrl-C or SIGTERM), finishing the requests in flight first."""
-    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it has shut down on
+    """Serves until interrupted (Ctrl-C or SIGTERM), finishing the requests in flight first; the root
+    logger's handlers (where the JSON request log goes) run on a thread of their own meanwhile."""
+    with logging_in_background(), contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises its Ctrl-C
         uvicorn.Server(config).run()
+
+
+@contextlib.contextmanager
+def logging_in_background() -> Iterator[None]:
+    """Inside, the root logger's handlers run on a listener thread of their own, as the Python logging
+    cookbook advises for handlers that may block ("Dealing with handlers that block"): a log call on the
+    event loop only formats its message and enqueues the record; the lines, their order and their times
+    are those the handlers would write themselves. Each write and flush to a file releases the GIL, and
+    getting it back can wait on a worker thread: off the loop, that wait delays no request. On leaving,
+    the records still queued are written and the handlers are put back."""
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    if not handlers:
+        yield
+        return
+    records: queue.SimpleQueue = queue.SimpleQueue()
+    listener = QueueListener(records, *handlers, respect_handler_level=True)
+    root.handlers = [QueueHandler(records)]
+    listener.start()
+    try:
+        yield
+    finally:
+        root.handlers = handlers
+        listener.stop()
 
 
 def serve_in_thread(

@@ -109,7 +109,7 @@ def run_worker(index: int, config_yaml: str, port: int, token_secret: bytes, rea
 
     from heistlab.compose import cache_directory, enable_compilation_cache
     from heistlab.serving.app import app_from_config
-    from heistlab.serving.server import uvicorn_config
+    from heistlab.serving.server import logging_in_background, uvicorn_config
 
     cfg = OmegaConf.create(config_yaml)
     logging.basicConfig(level=str(cfg.serve.log_level).upper(), stream=sys.stderr)
@@ -126,7 +126,8 @@ def run_worker(index: int, config_yaml: str, port: int, token_secret: bytes, rea
             ready.set()
 
     threading.Thread(target=signal_ready, daemon=True).start()
-    server.run(sockets=[listener])
+    with logging_in_background():
+        server.run(sockets=[listener])
 
 
 def serve_workers(cfg, workers: int) -> int:
