@@ -236,6 +236,26 @@ def server_section(entries: list[Entry]) -> str:
     return table(header, rows)
 
 
+def serving_section(entries: list[Entry]) -> str:
+    rows = [
+        [
+            entry.info["defense"],
+            f"{entry.info['requests_per_s']:,.0f}",
+            f"{entry.info['rows_per_s']:,.0f}",
+            f"{entry.info['p50_ms']:.1f} / {entry.info['p99_ms']:.1f}",
+            f"{entry.info['server_cpu_ms_per_request']:.2f}",
+        ]
+        for entry in select(entries, kind="serving")
+    ]
+    first = select(entries, kind="serving")[0].info
+    heading = (
+        f"### The server under load ({first['clients']} clients, batches of {first['batch']} rows, "
+        "`benchmarks/test_serving_benchmark.py`)"
+    )
+    header = ["defense", "requests/s", "rows/s", "p50 / p99 ms", "server CPU ms/request"]
+    return f"{heading}\n\n{table(header, rows)}"
+
+
 def predict_rates(entries: list[Entry]) -> dict[int, dict[str, Entry]]:
     """Per batch: the API's, the bare victim's and ART's fastest ``predict`` entries (ART: either thread
     count)."""
@@ -376,6 +396,7 @@ def markdown(path: Path, skipped: list[str] | None = None) -> str:
             if mlserver_runs(entries)
             else []
         ),
+        *([serving_section(entries)] if select(entries, kind="serving") else []),
         "### Training\n\n" + training_section(entries),
         "### The default experiment\n\n" + experiment_section(entries),
     ]

@@ -1,4 +1,4 @@
-"""Throughput and latency of the prediction server (heistlab issue 7), defenses on, over HTTPS on loopback.
+"""Throughput and latency of the prediction server, defenses on, over HTTPS on loopback.
 
 `python -m experiments.serve` runs in its own process (the real deployment: TLS, API keys and bearer tokens,
 validation, the per-key quota and rate limit, the SQLite audit log, the defense chain and its online report);
@@ -92,7 +92,7 @@ def test_serving_throughput_and_latency(benchmark, tmp_path, defense):
         found["server_cpu_ms_per_request"] = (
             (cpu_seconds(server.process.pid) - cpu_before) * 1000 / found["requests"]
         )
-    benchmark.extra_info.update(found)
+    benchmark.extra_info.update(kind="serving", defense=defense, clients=CLIENTS, batch=BATCH, **found)
     print(
         f"\ndefense={defense}: {CLIENTS} clients x {REQUESTS} requests of {BATCH} rows over HTTPS: "
         f"{found['requests_per_s']:.0f} requests/s ({found['rows_per_s']:.0f} rows/s), "

@@ -38,6 +38,19 @@ RESULTS = {
         bench("prada", 0.010, kind="api", defense="prada", batch=4096, items_per_round=4096),
         bench("dawn", 0.006, kind="api", defense="dawn", batch=4096, items_per_round=4096),
         bench(
+            "serving[none]",
+            2.0,
+            kind="serving",
+            defense="none",
+            clients=8,
+            batch=16,
+            requests_per_s=100.0,
+            rows_per_s=1600.0,
+            p50_ms=50.0,
+            p99_ms=200.0,
+            server_cpu_ms_per_request=5.0,
+        ),
+        bench(
             "mlserver",
             1.0,
             heistlab_1=closed_loop(400.0),
@@ -87,3 +100,4 @@ def test_markdown_names_the_devices_and_lists_both_client_counts(tmp_path):
     server = text.split("### The server beside MLServer")[1].split("###")[0]
     assert "| 1 | 400 |" in server and "0.50x" in server
     assert "| 32 | 1,100 |" in server and "1.10x" in server
+    assert "(8 clients, batches of 16 rows" in text and "| none | 100 | 1,600 | 50.0 / 200.0 | 5.00 |" in text
