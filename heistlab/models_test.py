@@ -92,7 +92,9 @@ def test_bad_options_name_what_is_accepted():
         shapes(build_model("wrn16_4", 10, depth=15), (32, 32, 3))
 
 
-@pytest.mark.parametrize(("padding", "bias"), [("SAME", True), ("VALID", False)])
+@pytest.mark.parametrize(
+    ("padding", "bias"), [pytest.param("SAME", True, marks=pytest.mark.slow), ("VALID", False)]
+)
 def test_patch_conv_equals_flax_conv(padding, bias):
     x = jax.random.uniform(jax.random.key(1), (2, 9, 7, 3))
     patch = PatchConv(5, (3, 3), (2, 2), padding=padding, use_bias=bias)
@@ -126,6 +128,7 @@ def test_a_training_pass_updates_running_averages_by_the_batch_statistics():
     np.testing.assert_allclose(updated["batch_stats"]["BatchNorm_0"]["mean"], 0.1 * batch_mean, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_inference_uses_the_running_averages_and_is_batch_independent():
     x = jax.random.uniform(jax.random.key(5), (6, 8, 8, 3))
     variables = TINY_RESNET.init(jax.random.key(6), x)

@@ -18,6 +18,10 @@ from heistlab.experiment import build_attack
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
+# Defense configs whose factory trains models (EDM's ensemble): instantiating them takes seconds.
+TRAINS_MODELS = {"edm"}
+
+
 def options(group: str) -> list[str]:
     return sorted(path.stem for path in (CONFIGS / group).glob("*.yaml"))
 
@@ -27,7 +31,13 @@ def composed(*overrides: str):
         return compose(config_name="config", overrides=list(overrides))
 
 
-@pytest.mark.parametrize("name", options("defense"))
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=pytest.mark.slow) if name in TRAINS_MODELS else name
+        for name in options("defense")
+    ],
+)
 def test_every_defense_config_instantiates(name, digits_splits):
     cfg = composed(f"defense={name}")
     defense = build_defense(cfg.defense, defender_data(cfg, digits_splits))

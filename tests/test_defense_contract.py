@@ -207,7 +207,14 @@ DIGITS_DEFENDER = DefenderData(np.zeros((1, 8, 8, 1), np.float32), np.zeros(1), 
 DEFENDERS = {"prada": CALIBRATION_DEFENDER, "blacklight": DIGITS_DEFENDER}
 
 
-@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda path: path.stem)
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(path, marks=pytest.mark.slow) if path.stem == "edm" else path
+        for path in sorted(CONFIG_DIR.glob("*.yaml"))
+    ],
+    ids=lambda path: path.stem,
+)
 def test_config_instantiates_a_defense(path):
     spec = OmegaConf.load(path)
     if path.stem == "edm":  # the shipped ensemble trains for seconds; its settings are checked, not its size

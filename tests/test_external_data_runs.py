@@ -47,6 +47,7 @@ def test_knockoff_runs_on_a_users_npz_from_the_command_line(tmp_path, digits_npz
     assert record["metrics"]["queries_served"] == 120 and record["metrics"]["victim_accuracy"] > 0.9
 
 
+@pytest.mark.slow
 def test_an_out_of_range_file_stops_the_run_naming_file_and_index(tmp_path, cache_dir):
     bad = tmp_path / "bad.npz"
     np.savez(bad, x=np.full((20, 4), 0.5).astype(np.float32) + np.eye(20, 4) * 2, y=np.arange(20) % 2)

@@ -182,6 +182,7 @@ class TinyNet(nn.Module):
         return nn.Dense(self.classes)(x)
 
 
+@pytest.mark.slow
 def test_a_users_flax_module_without_params_is_trained_and_cached(tmp_path, digits_splits_cli):
     module = ["victim.module._target_=tests.test_external_victims_runs.TinyNet", "+victim.module.classes=10"]
     cfg = composed("victim=flax", *module, "victim.train.epochs=1", f"cache_dir={tmp_path}")
