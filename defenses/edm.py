@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import hmac
 import math
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
@@ -47,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from heistlab.defenses.base import DefenderData, Defense, Evidence, QueryContext
-from heistlab.defenses.dawn import input_bytes, load_key
+from heistlab.defenses.dawn import keyed_tags, load_key, rows_as_bytes
 
 from heistlab.models import MLP
 from heistlab.training import capacity_for, pad_rows
@@ -216,11 +215,11 @@ def holdout_rows(count: int, fraction: float) -> int:
 
 def select_members(secret: bytes, inputs: np.ndarray, members: int) -> np.ndarray:
     """Each input's member: the first 8 bytes of HMAC-SHA256(secret, float32 bytes) modulo ``members``."""
-    chosen = [
-        int.from_bytes(hmac.new(secret, input_bytes(query), hashlib.sha256).digest()[:8], "big") % members
-        for query in inputs
-    ]
-    return np.asarray(chosen, np.int64)
+    tags = keyed_tags(secret, rows_as_bytes(inputs))
+    if not tags:
+        return np.zeros(0, np.int64)
+    leading = np.frombuffer(b"".join(tags), ">u8").reshape(len(tags), -1)[:, 0]
+    return (leading % np.uint64(members)).astype(np.int64)
 
 
 def coherence(member_probs: jax.Array) -> jax.Array:

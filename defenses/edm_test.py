@@ -153,3 +153,14 @@ def test_rejects_bad_parameters_before_training(kwargs, message):
     defender = DefenderData(np.zeros((2, 1), np.float32), np.zeros(2, np.int32), (1,), 2, 0)
     with pytest.raises(ValueError, match=f"edm: {message}"):
         edm(defender, **kwargs)
+
+
+@pytest.mark.parametrize("members", [1, 2, 3, 7])
+def test_selection_equals_hmac_per_row_for_any_member_count_and_repeats(members):
+    inputs = np.concatenate([noise(30), noise(30)[:5], noise(1, seed=3)])
+    expected = [
+        int.from_bytes(hmac.new(KEY, row.tobytes(), hashlib.sha256).digest()[:8], "big") % members
+        for row in inputs
+    ]
+    np.testing.assert_array_equal(select_members(KEY, inputs, members), expected)
+    assert select_members(KEY, inputs[:0], members).shape == (0,)
