@@ -66,39 +66,67 @@ class ClientRecord(NamedTuple):
 
 
 class HashTable:
-    """Hash -> ids of the stored queries whose fingerprints hold it; append-only.
+    """The distinct fingerprints stored so far, indexed by hash; append-only.
 
-    A ``BlacklightState`` sees the first ``stored`` queries of its table. Appending to a table that an older
-    state also points at is safe (that state ignores ids at or past its own ``stored``); when a state whose
-    table has moved on is used again, ``for_state`` gives it a copy cut back to its own view.
+    A query's closest stored query shares as many hashes as the closest stored distinct fingerprint, so a
+    re-sent fingerprint is only counted: ``known`` numbers the distinct fingerprints, ``first_query`` says
+    which query first stored each, ``ids`` maps a hash to the distinct fingerprints holding it, and ``size``
+    counts every stored query. A ``BlacklightState`` sees the first ``stored`` queries of its table; when a
+    state whose table has moved on is used again, ``for_state`` gives it a copy cut back to its own view.
     """
 
     def __init__(self) -> None:
         self.ids: dict[bytes, array] = {}
+        self.known: dict[tuple[bytes, ...], int] = {}
+        self.first_query = array("q")
         self.size = 0
 
     def for_state(self, stored: int) -> HashTable:
         if stored == self.size:
             return self
+        kept = [index for index, query in enumerate(self.first_query) if query < stored]
+        renumbered = {old: new for new, old in enumerate(kept)}
         copy = HashTable()
+        copy.first_query = array("q", (self.first_query[old] for old in kept))
+        copy.known = {prints: renumbered[old] for prints, old in self.known.items() if old in renumbered}
         for digest, ids in self.ids.items():
-            kept = array("q", (query for query in ids if query < stored))
-            if kept:
-                copy.ids[digest] = kept
+            ids_kept = array("q", (renumbered[old] for old in ids if old in renumbered))
+            if ids_kept:
+                copy.ids[digest] = ids_kept
         copy.size = stored
         return copy
 
     def closest(self, fingerprint: tuple[bytes, ...]) -> int:
         """The most hashes of ``fingerprint`` that any one stored query shares (0 when none)."""
-        hits = [np.frombuffer(self.ids[digest], np.int64) for digest in fingerprint if digest in self.ids]
+        if fingerprint in self.known:
+            return len(fingerprint)
+        hits = [self.ids[digest] for digest in fingerprint if digest in self.ids]
         if not hits:
             return 0
-        return int(np.bincount(np.concatenate(hits)).max())
+        return int(np.unique(np.frombuffer(b"".join(hits), np.int64), return_counts=True)[1].max())
 
     def add(self, fingerprint: tuple[bytes, ...]) -> None:
-        for digest in fingerprint:
-            self.ids.setdefault(digest, array("q")).append(self.size)
-        self.size += 1
+        self.add_batch([fingerprint], np.zeros(1, np.int64))
+
+    def add_batch(self, fingerprints: list[tuple[bytes, ...]], groups: np.ndarray) -> np.ndarray:
+        """Stores a batch's queries in order, row ``i`` having fingerprint ``fingerprints[groups[i]]``, and
+        returns per row the most hashes it shares with one query stored before it (earlier rows of the batch
+        included): what ``closest`` then ``add`` row by row gives. Only a fingerprint's first row is checked,
+        every later one meets its identical twin."""
+        shared = np.array([len(prints) for prints in fingerprints], np.int64)[groups]
+        _, first_rows = np.unique(groups, return_index=True)
+        for row in np.sort(first_rows):
+            prints = fingerprints[groups[row]]
+            if prints in self.known:
+                continue
+            shared[row] = self.closest(prints)
+            distinct = len(self.first_query)
+            self.known[prints] = distinct
+            self.first_query.append(self.size + int(row))
+            for digest in prints:
+                self.ids.setdefault(digest, array("q")).append(distinct)
+        self.size += len(groups)
+        return shared
 
 
 class BlacklightState(NamedTuple):
@@ -115,11 +143,52 @@ def fingerprint(
 ) -> tuple[bytes, ...]:
     """Blacklight's fingerprint of one input with values in [0, 1]: the ``size`` largest distinct SHA-256
     digests of the quantised input's windows."""
-    levels = np.round(np.asarray(row, np.float64).reshape(-1) * 255.0 / quantisation_step) * quantisation_step
-    quantised = levels.astype(np.int16)
-    starts = range(0, len(quantised) - window + 1, stride)
-    digests = {hashlib.sha256(quantised[start : start + window].tobytes()).digest() for start in starts}
-    return tuple(sorted(digests, reverse=True)[:size])
+    prints, _ = fingerprints(np.reshape(row, (1, -1)), quantisation_step, window, stride, size)
+    return prints[0]
+
+
+def fingerprints(
+    rows: np.ndarray, quantisation_step: float, window: int, stride: int, size: int
+) -> tuple[list[tuple[bytes, ...]], np.ndarray]:
+    """``fingerprint`` of every row of a ``(batch, values)`` array, as the distinct fingerprints and each
+    row's index into them. Identical quantised rows are fingerprinted once and identical windows (across the
+    whole batch) hashed once."""
+    levels = np.round(np.asarray(rows, np.float64) * 255.0 / quantisation_step) * quantisation_step
+    quantised = np.ascontiguousarray(levels.astype(np.int16))
+    if window > quantised.shape[1]:
+        return [()], np.zeros(len(quantised), np.int64)
+    distinct_rows, groups = unique_rows(quantised)
+    windows = np.lib.stride_tricks.sliding_window_view(distinct_rows, window, axis=1)[:, ::stride]
+    window_codes, digests = hashed_windows(windows)
+    by_rank = sorted(digests, reverse=True)
+    rank_of = {digest: rank for rank, digest in enumerate(by_rank)}
+    ranks = np.array([rank_of[digest] for digest in digests], np.int64)
+    ordered = np.sort(ranks[window_codes], axis=1)
+    repeated = np.zeros(ordered.shape, bool)
+    repeated[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    ordered[repeated] = len(by_rank)
+    kept = np.sort(ordered, axis=1)[:, :size]
+    prints = [tuple(by_rank[rank] for rank in row if rank < len(by_rank)) for row in kept.tolist()]
+    return prints, groups
+
+
+def unique_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct rows of a 2-D array and each row's index into them."""
+    as_bytes = np.ascontiguousarray(values).view(np.dtype((np.void, values.dtype.itemsize * values.shape[1])))
+    _, first, groups = np.unique(as_bytes.reshape(-1), return_index=True, return_inverse=True)
+    return values[first], groups.reshape(-1)
+
+
+def hashed_windows(windows: np.ndarray) -> tuple[np.ndarray, list[bytes]]:
+    """SHA-256 of each distinct window of a ``(rows, windows, window)`` array: the digests, and each
+    window's index into them."""
+    rows, count, width = windows.shape
+    flat = np.ascontiguousarray(windows).reshape(rows * count, width)
+    distinct, codes = unique_rows(flat)
+    buffer = distinct.tobytes()
+    step = distinct.dtype.itemsize * width
+    digests = [hashlib.sha256(buffer[start : start + step]).digest() for start in range(0, len(buffer), step)]
+    return codes.reshape(rows, count), digests
 
 
 def blacklight(
@@ -171,16 +240,14 @@ def blacklight(
         record = state.clients.get(request.client, ClientRecord(0, 0, None))
         counts = {name: other.queries for name, other in state.clients.items()}
         rows = np.asarray(request.inputs).reshape(len(request.inputs), -1)
-        flags = np.zeros(len(rows), bool)
-        for index, row in enumerate(rows):
-            prints = fingerprint(row, quantisation_step, window, stride, fingerprint_size)
-            shared = table.closest(prints)
-            table.add(prints)
+        prints, groups = fingerprints(rows, quantisation_step, window, stride, fingerprint_size)
+        shared = table.add_batch(prints, groups)
+        flags = shared >= match_threshold
+        if flags.any() and record.first_flag is None:
+            index = int(np.argmax(flags))
             queries = record.queries + index + 1
-            flags[index] = shared >= match_threshold
-            if flags[index] and record.first_flag is None:
-                first = FirstFlag(queries, {**counts, request.client: queries}, shared)
-                record = record._replace(first_flag=first)
+            first = FirstFlag(queries, {**counts, request.client: queries}, int(shared[index]))
+            record = record._replace(first_flag=first)
         record = record._replace(
             queries=record.queries + len(rows), flagged=record.flagged + int(flags.sum())
         )
