@@ -48,6 +48,8 @@ from heistlab.defenses.base import ADMIT, DefenderData, Defense, Evidence, Query
 
 ACTIONS = ("log", "refuse", "switch")
 REFUSAL_REASON = "blacklight match"
+# Distinct quantised rows whose fingerprints a Blacklight instance remembers before starting afresh.
+MEMO_LIMIT = 200_000
 
 
 class FirstFlag(NamedTuple):
@@ -103,7 +105,10 @@ class HashTable:
         hits = [self.ids[digest] for digest in fingerprint if digest in self.ids]
         if not hits:
             return 0
-        return int(np.unique(np.frombuffer(b"".join(hits), np.int64), return_counts=True)[1].max())
+        ids = np.frombuffer(b"".join(hits), np.int64)
+        if len(ids) * 16 < len(self.first_query):
+            return int(np.unique(ids, return_counts=True)[1].max())
+        return int(np.bincount(ids).max())
 
     def add(self, fingerprint: tuple[bytes, ...]) -> None:
         self.add_batch([fingerprint], np.zeros(1, np.int64))
@@ -148,17 +153,35 @@ def fingerprint(
 
 
 def fingerprints(
-    rows: np.ndarray, quantisation_step: float, window: int, stride: int, size: int
+    rows: np.ndarray,
+    quantisation_step: float,
+    window: int,
+    stride: int,
+    size: int,
+    memo: dict[bytes, tuple[bytes, ...]] | None = None,
 ) -> tuple[list[tuple[bytes, ...]], np.ndarray]:
     """``fingerprint`` of every row of a ``(batch, values)`` array, as the distinct fingerprints and each
     row's index into them. Identical quantised rows are fingerprinted once and identical windows (across the
-    whole batch) hashed once."""
+    whole batch) hashed once; ``memo`` (quantised row bytes -> fingerprint, for these settings) keeps the
+    fingerprints of rows seen in earlier batches, and is filled with the new ones."""
     levels = np.round(np.asarray(rows, np.float64) * 255.0 / quantisation_step) * quantisation_step
     quantised = np.ascontiguousarray(levels.astype(np.int16))
     if window > quantised.shape[1]:
         return [()], np.zeros(len(quantised), np.int64)
     distinct_rows, groups = unique_rows(quantised)
-    windows = np.lib.stride_tricks.sliding_window_view(distinct_rows, window, axis=1)[:, ::stride]
+    memo = {} if memo is None else memo
+    buffer, step = distinct_rows.tobytes(), distinct_rows.itemsize * distinct_rows.shape[1]
+    keys = [buffer[start : start + step] for start in range(0, len(buffer), step)]
+    missing = [index for index, key in enumerate(keys) if key not in memo]
+    if missing:
+        computed = fingerprint_rows(distinct_rows[missing], window, stride, size)
+        memo.update(zip((keys[index] for index in missing), computed, strict=True))
+    return [memo[key] for key in keys], groups
+
+
+def fingerprint_rows(quantised: np.ndarray, window: int, stride: int, size: int) -> list[tuple[bytes, ...]]:
+    """The fingerprint of each row of quantised inputs, ``(rows, values)`` int16 with ``values >= window``."""
+    windows = np.lib.stride_tricks.sliding_window_view(quantised, window, axis=1)[:, ::stride]
     window_codes, digests = hashed_windows(windows)
     by_rank = sorted(digests, reverse=True)
     rank_of = {digest: rank for rank, digest in enumerate(by_rank)}
@@ -168,8 +191,9 @@ def fingerprints(
     repeated[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
     ordered[repeated] = len(by_rank)
     kept = np.sort(ordered, axis=1)[:, :size]
-    prints = [tuple(by_rank[rank] for rank in row if rank < len(by_rank)) for row in kept.tolist()]
-    return prints, groups
+    lengths = (kept < len(by_rank)).sum(axis=1).tolist()
+    digest_of = by_rank.__getitem__
+    return [tuple(map(digest_of, row[:length])) for row, length in zip(kept.tolist(), lengths, strict=True)]
 
 
 def unique_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -228,6 +252,8 @@ def blacklight(
     check_arguments(quantisation_step, window, stride, fingerprint_size, match_threshold, action, fallback)
     if defender is not None:
         check_input_size(int(np.prod(defender.input_shape)), window, stride, match_threshold)
+    # Fingerprints depend on the quantised row alone, so every state of this defense may share them.
+    memo: dict[bytes, tuple[bytes, ...]] = {}
 
     def init() -> BlacklightState:
         fallback_state = fallback.init() if fallback is not None else None
@@ -240,7 +266,9 @@ def blacklight(
         record = state.clients.get(request.client, ClientRecord(0, 0, None))
         counts = {name: other.queries for name, other in state.clients.items()}
         rows = np.asarray(request.inputs).reshape(len(request.inputs), -1)
-        prints, groups = fingerprints(rows, quantisation_step, window, stride, fingerprint_size)
+        if len(memo) > MEMO_LIMIT:
+            memo.clear()
+        prints, groups = fingerprints(rows, quantisation_step, window, stride, fingerprint_size, memo)
         shared = table.add_batch(prints, groups)
         flags = shared >= match_threshold
         if flags.any() and record.first_flag is None:
