@@ -102,11 +102,11 @@ class HashTable:
         """The most hashes of ``fingerprint`` that any one stored query shares (0 when none)."""
         if fingerprint in self.known:
             return len(fingerprint)
-        hits = [self.ids[digest] for digest in fingerprint if digest in self.ids]
+        hits = [holders for holders in map(self.ids.get, fingerprint) if holders is not None]
         if not hits:
             return 0
         ids = np.frombuffer(b"".join(hits), np.int64)
-        if len(ids) * 16 < len(self.first_query):
+        if len(self.first_query) > max(1 << 16, 16 * len(ids)):
             return int(np.unique(ids, return_counts=True)[1].max())
         return int(np.bincount(ids).max())
 
@@ -129,7 +129,11 @@ class HashTable:
             self.known[prints] = distinct
             self.first_query.append(self.size + int(row))
             for digest in prints:
-                self.ids.setdefault(digest, array("q")).append(distinct)
+                holders = self.ids.get(digest)
+                if holders is None:
+                    self.ids[digest] = array("q", (distinct,))
+                else:
+                    holders.append(distinct)
         self.size += len(groups)
         return shared
 
@@ -183,9 +187,11 @@ def fingerprint_rows(quantised: np.ndarray, window: int, stride: int, size: int)
     """The fingerprint of each row of quantised inputs, ``(rows, values)`` int16 with ``values >= window``."""
     windows = np.lib.stride_tricks.sliding_window_view(quantised, window, axis=1)[:, ::stride]
     window_codes, digests = hashed_windows(windows)
-    by_rank = sorted(digests, reverse=True)
-    rank_of = {digest: rank for rank, digest in enumerate(by_rank)}
-    ranks = np.array([rank_of[digest] for digest in digests], np.int64)
+    words = np.frombuffer(b"".join(digests), ">u8").reshape(len(digests), -1)
+    descending = np.lexsort(words.T[::-1])[::-1]
+    by_rank = [digests[index] for index in descending.tolist()]
+    ranks = np.empty(len(digests), np.int64)
+    ranks[descending] = np.arange(len(digests))
     ordered = np.sort(ranks[window_codes], axis=1)
     repeated = np.zeros(ordered.shape, bool)
     repeated[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
