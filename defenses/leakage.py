@@ -75,7 +75,8 @@ def pate_privacy_cost(
 
     def per_answer(probs: np.ndarray) -> np.ndarray:
         votes = np.asarray(probs, np.float64) * teachers
-        return gnmax_rdp_batch(log_probabilities_not_top(votes, sigma), sigma, orders)
+        distinct, rows = unique_rows(votes)
+        return gnmax_rdp_batch(log_probabilities_not_top(distinct, sigma), sigma, orders)[rows]
 
     def total(summed: np.ndarray) -> float:
         return float(np.min(summed + math.log(1 / delta) / (orders - 1)))
@@ -111,6 +112,17 @@ def gnmax_rdp(log_q: float, sigma: float, orders: np.ndarray) -> np.ndarray:
     log_b = (orders - 1.0) * (eps1 - log_q / (mu1 - 1.0))
     dependent = np.logaddexp(log_1mq + log_a, log_q + log_b) / (orders - 1.0)
     return np.where(orders <= mu1, np.minimum(independent, dependent), independent)
+
+
+def unique_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of a 2-D array that differ in some byte, and each row's index into them (a repeated answer
+    is costed once)."""
+    values = np.ascontiguousarray(values)
+    if values.size == 0:
+        return values, np.zeros(len(values), np.int64)
+    as_bytes = values.view(np.dtype((np.void, values.dtype.itemsize * values.shape[1]))).reshape(-1)
+    _, first, rows = np.unique(as_bytes, return_index=True, return_inverse=True)
+    return values[first], rows.reshape(-1)
 
 
 def log_probabilities_not_top(votes: np.ndarray, sigma: float) -> list[float]:
