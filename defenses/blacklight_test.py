@@ -1,4 +1,5 @@
 import hashlib
+import importlib
 
 import jax
 import numpy as np
@@ -12,6 +13,7 @@ from heistlab import data
 from heistlab.api import Oracle
 
 CLASSES = 10
+blacklight_module = importlib.import_module("heistlab.defenses.blacklight")
 DIGITS = dict(quantisation_step=50.0, window=12, stride=1, fingerprint_size=50, match_threshold=25)
 
 
@@ -231,3 +233,18 @@ def test_a_cut_back_table_equals_one_built_from_its_own_queries(digits_splits):
     np.testing.assert_array_equal(replayed.pending_flags, fresh.pending_flags)
     assert replayed.table.known == fresh.table.known and replayed.table.ids == fresh.table.ids
     assert list(replayed.table.first_query) == list(fresh.table.first_query)
+
+
+def test_forgetting_remembered_fingerprints_changes_nothing(digits_splits, monkeypatch):
+    digits = np.asarray(digits_splits.test.x, np.float32).reshape(len(digits_splits.test.x), -1)
+    outcomes = []
+    for limit in (0, blacklight_module.MEMO_LIMIT):
+        monkeypatch.setattr(blacklight_module, "MEMO_LIMIT", limit)
+        defense = blacklight(**DIGITS)
+        state, flags = defense.init(), []
+        for client, batch in mixed_batches(digits, seed=3):
+            _, state = send(defense, state, batch, client)
+            flags.append(state.pending_flags)
+        outcomes.append((np.concatenate(flags), state.clients, state.table.known))
+    np.testing.assert_array_equal(outcomes[0][0], outcomes[1][0])
+    assert outcomes[0][1:] == outcomes[1][1:]
