@@ -50,6 +50,8 @@ ACTIONS = ("log", "refuse", "switch")
 REFUSAL_REASON = "blacklight match"
 # Distinct quantised rows whose fingerprints a Blacklight instance remembers before starting afresh.
 MEMO_LIMIT = 200_000
+# Window values laid out at once when fingerprinting a batch (int16; bounds the memory of large inputs).
+WINDOW_VALUES_PER_BLOCK = 1 << 23
 
 
 class FirstFlag(NamedTuple):
@@ -177,9 +179,12 @@ def fingerprints(
     buffer, step = distinct_rows.tobytes(), distinct_rows.itemsize * distinct_rows.shape[1]
     keys = [buffer[start : start + step] for start in range(0, len(buffer), step)]
     missing = [index for index, key in enumerate(keys) if key not in memo]
-    if missing:
-        computed = fingerprint_rows(distinct_rows[missing], window, stride, size)
-        memo.update(zip((keys[index] for index in missing), computed, strict=True))
+    windows_per_row = (quantised.shape[1] - window) // stride + 1
+    block = max(1, WINDOW_VALUES_PER_BLOCK // (windows_per_row * window))
+    for start in range(0, len(missing), block):
+        chosen = missing[start : start + block]
+        computed = fingerprint_rows(distinct_rows[chosen], window, stride, size)
+        memo.update(zip((keys[index] for index in chosen), computed, strict=True))
     return [memo[key] for key in keys], groups
 
 
@@ -189,24 +194,38 @@ def fingerprint_rows(quantised: np.ndarray, window: int, stride: int, size: int)
     window_codes, digests = hashed_windows(windows)
     words = np.frombuffer(b"".join(digests), ">u8").reshape(len(digests), -1)
     descending = np.lexsort(words.T[::-1])[::-1]
-    by_rank = [digests[index] for index in descending.tolist()]
+    by_rank = np.empty(len(digests) + 1, object)
+    by_rank[:-1] = digests
+    by_rank[:-1] = by_rank[descending]
     ranks = np.empty(len(digests), np.int64)
     ranks[descending] = np.arange(len(digests))
     ordered = np.sort(ranks[window_codes], axis=1)
     repeated = np.zeros(ordered.shape, bool)
     repeated[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
-    ordered[repeated] = len(by_rank)
+    ordered[repeated] = len(digests)
     kept = np.sort(ordered, axis=1)[:, :size]
-    lengths = (kept < len(by_rank)).sum(axis=1).tolist()
-    digest_of = by_rank.__getitem__
-    return [tuple(map(digest_of, row[:length])) for row, length in zip(kept.tolist(), lengths, strict=True)]
+    lengths = (kept < len(digests)).sum(axis=1).tolist()
+    columns = kept.shape[1]
+    return [
+        tuple(row) if length == columns else tuple(row[:length])
+        for row, length in zip(by_rank[kept].tolist(), lengths, strict=True)
+    ]
 
 
 def unique_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct rows of a 2-D array and each row's index into them."""
-    as_bytes = np.ascontiguousarray(values).view(np.dtype((np.void, values.dtype.itemsize * values.shape[1])))
-    _, first, groups = np.unique(as_bytes.reshape(-1), return_index=True, return_inverse=True)
-    return values[first], groups.reshape(-1)
+    """The distinct rows of a 2-D array (compared byte for byte) and each row's index into them."""
+    as_bytes = np.ascontiguousarray(values).view(np.uint8).reshape(len(values), -1)
+    padding = -as_bytes.shape[1] % 8
+    if padding:
+        as_bytes = np.pad(as_bytes, ((0, 0), (0, padding)))
+    words = np.ascontiguousarray(as_bytes).view(np.uint64)
+    order = np.lexsort(words.T[::-1])
+    ordered = words[order]
+    starts = np.ones(len(order), bool)
+    starts[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
+    groups = np.empty(len(order), np.int64)
+    groups[order] = np.cumsum(starts) - 1
+    return values[order[starts]], groups
 
 
 def hashed_windows(windows: np.ndarray) -> tuple[np.ndarray, list[bytes]]:

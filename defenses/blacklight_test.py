@@ -235,11 +235,12 @@ def test_a_cut_back_table_equals_one_built_from_its_own_queries(digits_splits):
     assert list(replayed.table.first_query) == list(fresh.table.first_query)
 
 
-def test_forgetting_remembered_fingerprints_changes_nothing(digits_splits, monkeypatch):
+def test_forgetting_fingerprints_or_hashing_row_by_row_changes_nothing(digits_splits, monkeypatch):
     digits = np.asarray(digits_splits.test.x, np.float32).reshape(len(digits_splits.test.x), -1)
     outcomes = []
-    for limit in (0, blacklight_module.MEMO_LIMIT):
+    for limit, block in ((0, 1), (blacklight_module.MEMO_LIMIT, blacklight_module.WINDOW_VALUES_PER_BLOCK)):
         monkeypatch.setattr(blacklight_module, "MEMO_LIMIT", limit)
+        monkeypatch.setattr(blacklight_module, "WINDOW_VALUES_PER_BLOCK", block)
         defense = blacklight(**DIGITS)
         state, flags = defense.init(), []
         for client, batch in mixed_batches(digits, seed=3):
