@@ -214,6 +214,8 @@ def fingerprint_rows(quantised: np.ndarray, window: int, stride: int, size: int)
 
 def unique_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The distinct rows of a 2-D array (compared byte for byte) and each row's index into them."""
+    if len(values) < 2:
+        return values, np.zeros(len(values), np.int64)
     as_bytes = np.ascontiguousarray(values).view(np.uint8).reshape(len(values), -1)
     padding = -as_bytes.shape[1] % 8
     if padding:
