@@ -121,8 +121,10 @@ class HashTable:
         included): what ``closest`` then ``add`` row by row gives. Only a fingerprint's first row is checked,
         every later one meets its identical twin."""
         shared = np.array([len(prints) for prints in fingerprints], np.int64)[groups]
-        _, first_rows = np.unique(groups, return_index=True)
-        for row in np.sort(first_rows):
+        first_rows = (
+            np.sort(np.unique(groups, return_index=True)[1]) if len(groups) > 1 else range(len(groups))
+        )
+        for row in first_rows:
             prints = fingerprints[groups[row]]
             if prints in self.known:
                 continue
@@ -190,6 +192,8 @@ def fingerprints(
 
 def fingerprint_rows(quantised: np.ndarray, window: int, stride: int, size: int) -> list[tuple[bytes, ...]]:
     """The fingerprint of each row of quantised inputs, ``(rows, values)`` int16 with ``values >= window``."""
+    if len(quantised) == 1:
+        return [row_fingerprint(quantised[0], window, stride, size)]
     windows = np.lib.stride_tricks.sliding_window_view(quantised, window, axis=1)[:, ::stride]
     window_codes, digests = hashed_windows(windows)
     words = np.frombuffer(b"".join(digests), ">u8").reshape(len(digests), -1)
@@ -210,6 +214,13 @@ def fingerprint_rows(quantised: np.ndarray, window: int, stride: int, size: int)
         tuple(row) if length == columns else tuple(row[:length])
         for row, length in zip(by_rank[kept].tolist(), lengths, strict=True)
     ]
+
+
+def row_fingerprint(quantised: np.ndarray, window: int, stride: int, size: int) -> tuple[bytes, ...]:
+    """The fingerprint of one quantised input, window by window (cheaper than the batched path for one)."""
+    starts = range(0, len(quantised) - window + 1, stride)
+    digests = {hashlib.sha256(quantised[start : start + window].tobytes()).digest() for start in starts}
+    return tuple(sorted(digests, reverse=True)[:size])
 
 
 def unique_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
