@@ -48,6 +48,10 @@ from heistlab.defenses.base import ADMIT, DefenderData, Defense, Evidence, Query
 
 ACTIONS = ("log", "refuse", "switch")
 REFUSAL_REASON = "blacklight match"
+# Distinct quantised rows whose fingerprints a Blacklight instance remembers before starting afresh.
+MEMO_LIMIT = 200_000
+# Window values laid out at once when fingerprinting a batch (int16; bounds the memory of large inputs).
+WINDOW_VALUES_PER_BLOCK = 1 << 23
 
 
 class FirstFlag(NamedTuple):
@@ -66,39 +70,76 @@ class ClientRecord(NamedTuple):
 
 
 class HashTable:
-    """Hash -> ids of the stored queries whose fingerprints hold it; append-only.
+    """The distinct fingerprints stored so far, indexed by hash; append-only.
 
-    A ``BlacklightState`` sees the first ``stored`` queries of its table. Appending to a table that an older
-    state also points at is safe (that state ignores ids at or past its own ``stored``); when a state whose
-    table has moved on is used again, ``for_state`` gives it a copy cut back to its own view.
+    A query's closest stored query shares as many hashes as the closest stored distinct fingerprint, so a
+    re-sent fingerprint is only counted: ``known`` numbers the distinct fingerprints, ``first_query`` says
+    which query first stored each, ``ids`` maps a hash to the distinct fingerprints holding it, and ``size``
+    counts every stored query. A ``BlacklightState`` sees the first ``stored`` queries of its table; when a
+    state whose table has moved on is used again, ``for_state`` gives it a copy cut back to its own view.
     """
 
     def __init__(self) -> None:
         self.ids: dict[bytes, array] = {}
+        self.known: dict[tuple[bytes, ...], int] = {}
+        self.first_query = array("q")
         self.size = 0
 
     def for_state(self, stored: int) -> HashTable:
         if stored == self.size:
             return self
+        kept = [index for index, query in enumerate(self.first_query) if query < stored]
+        renumbered = {old: new for new, old in enumerate(kept)}
         copy = HashTable()
+        copy.first_query = array("q", (self.first_query[old] for old in kept))
+        copy.known = {prints: renumbered[old] for prints, old in self.known.items() if old in renumbered}
         for digest, ids in self.ids.items():
-            kept = array("q", (query for query in ids if query < stored))
-            if kept:
-                copy.ids[digest] = kept
+            ids_kept = array("q", (renumbered[old] for old in ids if old in renumbered))
+            if ids_kept:
+                copy.ids[digest] = ids_kept
         copy.size = stored
         return copy
 
     def closest(self, fingerprint: tuple[bytes, ...]) -> int:
         """The most hashes of ``fingerprint`` that any one stored query shares (0 when none)."""
-        hits = [np.frombuffer(self.ids[digest], np.int64) for digest in fingerprint if digest in self.ids]
+        if fingerprint in self.known:
+            return len(fingerprint)
+        hits = [holders for holders in map(self.ids.get, fingerprint) if holders is not None]
         if not hits:
             return 0
-        return int(np.bincount(np.concatenate(hits)).max())
+        ids = np.frombuffer(b"".join(hits), np.int64)
+        if len(self.first_query) > max(1 << 16, 16 * len(ids)):
+            return int(np.unique(ids, return_counts=True)[1].max())
+        return int(np.bincount(ids).max())
 
     def add(self, fingerprint: tuple[bytes, ...]) -> None:
-        for digest in fingerprint:
-            self.ids.setdefault(digest, array("q")).append(self.size)
-        self.size += 1
+        self.add_batch([fingerprint], np.zeros(1, np.int64))
+
+    def add_batch(self, fingerprints: list[tuple[bytes, ...]], groups: np.ndarray) -> np.ndarray:
+        """Stores a batch's queries in order, row ``i`` having fingerprint ``fingerprints[groups[i]]``, and
+        returns per row the most hashes it shares with one query stored before it (earlier rows of the batch
+        included): what ``closest`` then ``add`` row by row gives. Only a fingerprint's first row is checked,
+        every later one meets its identical twin."""
+        shared = np.array([len(prints) for prints in fingerprints], np.int64)[groups]
+        first_rows = (
+            np.sort(np.unique(groups, return_index=True)[1]) if len(groups) > 1 else range(len(groups))
+        )
+        for row in first_rows:
+            prints = fingerprints[groups[row]]
+            if prints in self.known:
+                continue
+            shared[row] = self.closest(prints)
+            distinct = len(self.first_query)
+            self.known[prints] = distinct
+            self.first_query.append(self.size + int(row))
+            for digest in prints:
+                holders = self.ids.get(digest)
+                if holders is None:
+                    self.ids[digest] = array("q", (distinct,))
+                else:
+                    holders.append(distinct)
+        self.size += len(groups)
+        return shared
 
 
 class BlacklightState(NamedTuple):
@@ -115,11 +156,101 @@ def fingerprint(
 ) -> tuple[bytes, ...]:
     """Blacklight's fingerprint of one input with values in [0, 1]: the ``size`` largest distinct SHA-256
     digests of the quantised input's windows."""
-    levels = np.round(np.asarray(row, np.float64).reshape(-1) * 255.0 / quantisation_step) * quantisation_step
-    quantised = levels.astype(np.int16)
+    prints, _ = fingerprints(np.reshape(row, (1, -1)), quantisation_step, window, stride, size)
+    return prints[0]
+
+
+def fingerprints(
+    rows: np.ndarray,
+    quantisation_step: float,
+    window: int,
+    stride: int,
+    size: int,
+    memo: dict[bytes, tuple[bytes, ...]] | None = None,
+) -> tuple[list[tuple[bytes, ...]], np.ndarray]:
+    """``fingerprint`` of every row of a ``(batch, values)`` array, as the distinct fingerprints and each
+    row's index into them. Identical quantised rows are fingerprinted once and identical windows (across the
+    whole batch) hashed once; ``memo`` (quantised row bytes -> fingerprint, for these settings) keeps the
+    fingerprints of rows seen in earlier batches, and is filled with the new ones."""
+    levels = np.round(np.asarray(rows, np.float64) * 255.0 / quantisation_step) * quantisation_step
+    quantised = np.ascontiguousarray(levels.astype(np.int16))
+    if window > quantised.shape[1]:
+        return [()], np.zeros(len(quantised), np.int64)
+    distinct_rows, groups = unique_rows(quantised)
+    memo = {} if memo is None else memo
+    buffer, step = distinct_rows.tobytes(), distinct_rows.itemsize * distinct_rows.shape[1]
+    keys = [buffer[start : start + step] for start in range(0, len(buffer), step)]
+    missing = [index for index, key in enumerate(keys) if key not in memo]
+    windows_per_row = (quantised.shape[1] - window) // stride + 1
+    block = max(1, WINDOW_VALUES_PER_BLOCK // (windows_per_row * window))
+    for start in range(0, len(missing), block):
+        chosen = missing[start : start + block]
+        computed = fingerprint_rows(distinct_rows[chosen], window, stride, size)
+        memo.update(zip((keys[index] for index in chosen), computed, strict=True))
+    return [memo[key] for key in keys], groups
+
+
+def fingerprint_rows(quantised: np.ndarray, window: int, stride: int, size: int) -> list[tuple[bytes, ...]]:
+    """The fingerprint of each row of quantised inputs, ``(rows, values)`` int16 with ``values >= window``."""
+    if len(quantised) == 1:
+        return [row_fingerprint(quantised[0], window, stride, size)]
+    windows = np.lib.stride_tricks.sliding_window_view(quantised, window, axis=1)[:, ::stride]
+    window_codes, digests = hashed_windows(windows)
+    words = np.frombuffer(b"".join(digests), ">u8").reshape(len(digests), -1)
+    descending = np.lexsort(words.T[::-1])[::-1]
+    by_rank = np.empty(len(digests) + 1, object)
+    by_rank[:-1] = digests
+    by_rank[:-1] = by_rank[descending]
+    ranks = np.empty(len(digests), np.int64)
+    ranks[descending] = np.arange(len(digests))
+    ordered = np.sort(ranks[window_codes], axis=1)
+    repeated = np.zeros(ordered.shape, bool)
+    repeated[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    ordered[repeated] = len(digests)
+    kept = np.sort(ordered, axis=1)[:, :size]
+    lengths = (kept < len(digests)).sum(axis=1).tolist()
+    columns = kept.shape[1]
+    return [
+        tuple(row) if length == columns else tuple(row[:length])
+        for row, length in zip(by_rank[kept].tolist(), lengths, strict=True)
+    ]
+
+
+def row_fingerprint(quantised: np.ndarray, window: int, stride: int, size: int) -> tuple[bytes, ...]:
+    """The fingerprint of one quantised input, window by window (cheaper than the batched path for one)."""
     starts = range(0, len(quantised) - window + 1, stride)
     digests = {hashlib.sha256(quantised[start : start + window].tobytes()).digest() for start in starts}
     return tuple(sorted(digests, reverse=True)[:size])
+
+
+def unique_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct rows of a 2-D array (compared byte for byte) and each row's index into them."""
+    if len(values) < 2:
+        return values, np.zeros(len(values), np.int64)
+    as_bytes = np.ascontiguousarray(values).view(np.uint8).reshape(len(values), -1)
+    padding = -as_bytes.shape[1] % 8
+    if padding:
+        as_bytes = np.pad(as_bytes, ((0, 0), (0, padding)))
+    words = np.ascontiguousarray(as_bytes).view(np.uint64)
+    order = np.lexsort(words.T[::-1])
+    ordered = words[order]
+    starts = np.ones(len(order), bool)
+    starts[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
+    groups = np.empty(len(order), np.int64)
+    groups[order] = np.cumsum(starts) - 1
+    return values[order[starts]], groups
+
+
+def hashed_windows(windows: np.ndarray) -> tuple[np.ndarray, list[bytes]]:
+    """SHA-256 of each distinct window of a ``(rows, windows, window)`` array: the digests, and each
+    window's index into them."""
+    rows, count, width = windows.shape
+    flat = np.ascontiguousarray(windows).reshape(rows * count, width)
+    distinct, codes = unique_rows(flat)
+    buffer = distinct.tobytes()
+    step = distinct.dtype.itemsize * width
+    digests = [hashlib.sha256(buffer[start : start + step]).digest() for start in range(0, len(buffer), step)]
+    return codes.reshape(rows, count), digests
 
 
 def blacklight(
@@ -159,6 +290,8 @@ def blacklight(
     check_arguments(quantisation_step, window, stride, fingerprint_size, match_threshold, action, fallback)
     if defender is not None:
         check_input_size(int(np.prod(defender.input_shape)), window, stride, match_threshold)
+    # Fingerprints depend on the quantised row alone, so every state of this defense may share them.
+    memo: dict[bytes, tuple[bytes, ...]] = {}
 
     def init() -> BlacklightState:
         fallback_state = fallback.init() if fallback is not None else None
@@ -171,16 +304,16 @@ def blacklight(
         record = state.clients.get(request.client, ClientRecord(0, 0, None))
         counts = {name: other.queries for name, other in state.clients.items()}
         rows = np.asarray(request.inputs).reshape(len(request.inputs), -1)
-        flags = np.zeros(len(rows), bool)
-        for index, row in enumerate(rows):
-            prints = fingerprint(row, quantisation_step, window, stride, fingerprint_size)
-            shared = table.closest(prints)
-            table.add(prints)
+        if len(memo) > MEMO_LIMIT:
+            memo.clear()
+        prints, groups = fingerprints(rows, quantisation_step, window, stride, fingerprint_size, memo)
+        shared = table.add_batch(prints, groups)
+        flags = shared >= match_threshold
+        if flags.any() and record.first_flag is None:
+            index = int(np.argmax(flags))
             queries = record.queries + index + 1
-            flags[index] = shared >= match_threshold
-            if flags[index] and record.first_flag is None:
-                first = FirstFlag(queries, {**counts, request.client: queries}, shared)
-                record = record._replace(first_flag=first)
+            first = FirstFlag(queries, {**counts, request.client: queries}, int(shared[index]))
+            record = record._replace(first_flag=first)
         record = record._replace(
             queries=record.queries + len(rows), flagged=record.flagged + int(flags.sum())
         )

@@ -1,15 +1,19 @@
+import hashlib
+import importlib
+
 import jax
 import numpy as np
 import pytest
 from heistlab.attacks.evasion.square import square_search
 from heistlab.defenses.base import DefenderData, Evidence, QueryContext, Request
-from heistlab.defenses.blacklight import REFUSAL_REASON, blacklight, fingerprint
+from heistlab.defenses.blacklight import REFUSAL_REASON, blacklight, check_input_size, fingerprint
 from heistlab.defenses.label_only import label_only
 
 from heistlab import data
 from heistlab.api import Oracle
 
 CLASSES = 10
+blacklight_module = importlib.import_module("heistlab.defenses.blacklight")
 DIGITS = dict(quantisation_step=50.0, window=12, stride=1, fingerprint_size=50, match_threshold=25)
 
 
@@ -140,3 +144,108 @@ def test_inputs_too_small_to_ever_match_are_refused_up_front():
     defender = DefenderData(np.zeros((1, 4, 4, 1)), np.zeros(1), (4, 4, 1), CLASSES, 0)
     with pytest.raises(ValueError, match="inputs of 16 values hold 5 windows of 12 at stride 1, fewer than"):
         blacklight(**DIGITS, defender=defender)
+
+
+def reference_fingerprint(row, quantisation_step, window, stride, size):
+    """Blacklight's fingerprint computed row by row, window by window (the straightforward definition)."""
+    levels = np.round(np.asarray(row, np.float64).reshape(-1) * 255.0 / quantisation_step) * quantisation_step
+    quantised = levels.astype(np.int16)
+    starts = range(0, len(quantised) - window + 1, stride)
+    digests = {hashlib.sha256(quantised[start : start + window].tobytes()).digest() for start in starts}
+    return tuple(sorted(digests, reverse=True)[:size])
+
+
+def reference_admit(table, clients, rows, client, settings):
+    """Row-by-row Blacklight admission over a list of every stored fingerprint: (flags, first flag)."""
+    record_queries = clients.get(client, 0)
+    counts = dict(clients)
+    flags, shared_counts, first = [], [], None
+    for index, row in enumerate(rows):
+        prints = reference_fingerprint(row, *settings[:4])
+        shared = max((len(set(prints) & set(stored)) for stored in table), default=0)
+        table.append(prints)
+        flags.append(shared >= settings[4])
+        shared_counts.append(shared)
+        if flags[-1] and first is None:
+            queries = record_queries + index + 1
+            first = (queries, {**counts, client: queries}, shared)
+    clients[client] = record_queries + len(rows)
+    return np.array(flags), first
+
+
+def mixed_batches(digits, seed):
+    """Batches from several clients with exact repeats, near repeats inside one grid cell, small
+    perturbations, blank rows and fresh digits."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for step in range(8):
+        picks = digits[rng.integers(0, 40, size=24)]
+        nudged = np.clip(picks + rng.normal(0, 0.08, picks.shape), 0, 1)
+        blank = np.zeros((2, digits.shape[1]))
+        batch = np.concatenate(
+            [picks[:8], nudged[8:], picks[:3], blank, digits[100 + 5 * step : 105 + 5 * step]]
+        )
+        batches.append((f"client{step % 3}", batch[rng.permutation(len(batch))]))
+    return batches
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [(50.0, 12, 1, 50, 25), (50.0, 20, 1, 50, 25), (30.0, 8, 3, 10, 4), (50.0, 80, 1, 50, 25)],
+    ids=["digits", "paper-window", "stride-3", "window-longer-than-input"],
+)
+def test_batched_admission_equals_the_row_by_row_definition(digits_splits, settings):
+    digits = np.asarray(digits_splits.test.x, np.float32).reshape(len(digits_splits.test.x), -1)
+    for row in digits[:30]:
+        assert fingerprint(row, *settings[:4]) == reference_fingerprint(row, *settings[:4])
+    fits = settings[1] <= digits.shape[1]
+    if fits:
+        check_input_size(digits.shape[1], settings[1], settings[2], settings[4])
+    defense = blacklight(**dict(zip(list(DIGITS), settings, strict=True)))
+    state, table, clients, first_flags = defense.init(), [], {}, {}
+    for client, batch in mixed_batches(digits, seed=settings[1]):
+        _, state = send(defense, state, batch, client)
+        flags, first = reference_admit(table, clients, np.asarray(batch, np.float32), client, settings)
+        np.testing.assert_array_equal(state.pending_flags, flags)
+        first_flags.setdefault(client, first)
+        first_flags[client] = first_flags[client] or first
+        record = state.clients[client]
+        assert record.queries == clients[client]
+        assert (None if record.first_flag is None else tuple(record.first_flag)) == first_flags[client]
+    assert state.stored == len(table)
+    assert (sum(record.flagged for record in state.clients.values()) > 0) == fits
+
+
+def test_a_cut_back_table_equals_one_built_from_its_own_queries(digits_splits):
+    defense = blacklight(**DIGITS)
+    digits = np.asarray(digits_splits.test.x, np.float32).reshape(len(digits_splits.test.x), -1)
+    batches = mixed_batches(digits, seed=1)
+    state = defense.init()
+    for client, batch in batches[:3]:
+        _, state = send(defense, state, batch, client)
+    older = state
+    for client, batch in batches[3:]:
+        _, state = send(defense, state, batch, client)
+    _, replayed = send(defense, older, batches[4][1], "late")
+    fresh = defense.init()
+    for client, batch in [*batches[:3], ("late", batches[4][1])]:
+        _, fresh = send(defense, fresh, batch, client)
+    np.testing.assert_array_equal(replayed.pending_flags, fresh.pending_flags)
+    assert replayed.table.known == fresh.table.known and replayed.table.ids == fresh.table.ids
+    assert list(replayed.table.first_query) == list(fresh.table.first_query)
+
+
+def test_forgetting_fingerprints_or_hashing_row_by_row_changes_nothing(digits_splits, monkeypatch):
+    digits = np.asarray(digits_splits.test.x, np.float32).reshape(len(digits_splits.test.x), -1)
+    outcomes = []
+    for limit, block in ((0, 1), (blacklight_module.MEMO_LIMIT, blacklight_module.WINDOW_VALUES_PER_BLOCK)):
+        monkeypatch.setattr(blacklight_module, "MEMO_LIMIT", limit)
+        monkeypatch.setattr(blacklight_module, "WINDOW_VALUES_PER_BLOCK", block)
+        defense = blacklight(**DIGITS)
+        state, flags = defense.init(), []
+        for client, batch in mixed_batches(digits, seed=3):
+            _, state = send(defense, state, batch, client)
+            flags.append(state.pending_flags)
+        outcomes.append((np.concatenate(flags), state.clients, state.table.known))
+    np.testing.assert_array_equal(outcomes[0][0], outcomes[1][0])
+    assert outcomes[0][1:] == outcomes[1][1:]

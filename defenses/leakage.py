@@ -75,7 +75,8 @@ def pate_privacy_cost(
 
     def per_answer(probs: np.ndarray) -> np.ndarray:
         votes = np.asarray(probs, np.float64) * teachers
-        return np.stack([gnmax_rdp(log_probability_not_top(row, sigma), sigma, orders) for row in votes])
+        distinct, rows = unique_rows(votes)
+        return gnmax_rdp_batch(log_probabilities_not_top(distinct, sigma), sigma, orders)[rows]
 
     def total(summed: np.ndarray) -> float:
         return float(np.min(summed + math.log(1 / delta) / (orders - 1)))
@@ -111,6 +112,63 @@ def gnmax_rdp(log_q: float, sigma: float, orders: np.ndarray) -> np.ndarray:
     log_b = (orders - 1.0) * (eps1 - log_q / (mu1 - 1.0))
     dependent = np.logaddexp(log_1mq + log_a, log_q + log_b) / (orders - 1.0)
     return np.where(orders <= mu1, np.minimum(independent, dependent), independent)
+
+
+def unique_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of a 2-D array that differ in some byte, and each row's index into them (a repeated answer
+    is costed once)."""
+    values = np.ascontiguousarray(values)
+    if values.size == 0:
+        return values, np.zeros(len(values), np.int64)
+    as_bytes = values.view(np.dtype((np.void, values.dtype.itemsize * values.shape[1]))).reshape(-1)
+    _, first, rows = np.unique(as_bytes, return_index=True, return_inverse=True)
+    return values[first], rows.reshape(-1)
+
+
+def log_probabilities_not_top(votes: np.ndarray, sigma: float) -> list[float]:
+    """``log_probability_not_top`` of every row of a ``(batch, classes)`` vote array, the same numbers."""
+    rows, classes = votes.shape
+    top = np.argmax(votes, axis=1)
+    others = np.ones(votes.shape, bool)
+    others[np.arange(rows), top] = False
+    gaps = votes[np.arange(rows), top][:, None] - votes[others].reshape(rows, classes - 1)
+    bounds = np.sum(0.5 * erfc(gaps / (2.0 * sigma)), axis=1).tolist()
+    cap = 1.0 - 1.0 / classes
+    return [math.log(min(max(bound, 1e-300), cap)) for bound in bounds]
+
+
+def gnmax_rdp_batch(log_qs: list[float], sigma: float, orders: np.ndarray) -> np.ndarray:
+    """``gnmax_rdp`` of every answer (one ``log_q`` each) as a ``(batch, orders)`` array, the same numbers:
+    the conditions are checked per answer, the bound at every order computed for all answers at once."""
+    costs = np.tile(orders / sigma**2, (len(log_qs), 1))
+    terms = [(row, *_dependent_terms(log_q, sigma)) for row, log_q in enumerate(log_qs)]
+    terms = [term for term in terms if term[1] is not None]
+    if not terms:
+        return costs
+    rows, log_q, log_1mq, shrink, log_b_rate, mu1 = (np.array(column) for column in zip(*terms, strict=True))
+    columns = lambda values: values[:, None]
+    log_a = (orders - 1.0) * columns(log_1mq - shrink)
+    log_b = (orders - 1.0) * columns(log_b_rate)
+    dependent = np.logaddexp(columns(log_1mq) + log_a, columns(log_q) + log_b) / (orders - 1.0)
+    independent = costs[rows]
+    costs[rows] = np.where(orders <= columns(mu1), np.minimum(independent, dependent), independent)
+    return costs
+
+
+def _dependent_terms(log_q: float, sigma: float) -> tuple:
+    """The scalars of ``gnmax_rdp``'s data-dependent bound for one answer: (log_q, log(1 - q),
+    log(1 - e^((log_q + eps2)(1 - 1/mu2))), eps1 - log_q / (mu1 - 1), mu1), or Nones where it does not
+    apply."""
+    mu2 = sigma * math.sqrt(-log_q)
+    mu1 = mu2 + 1.0
+    if mu2 <= 1.0:
+        return (None,) * 5
+    eps1, eps2 = mu1 / sigma**2, mu2 / sigma**2
+    limit = (mu2 - 1.0) * eps2 - mu2 * (math.log(mu1 / (mu1 - 1.0)) + math.log(mu2 / (mu2 - 1.0)))
+    if log_q > limit or -log_q <= eps2:
+        return (None,) * 5
+    log_1mq = math.log1p(-math.exp(log_q))
+    return log_q, log_1mq, _log1mexp((log_q + eps2) * (1.0 - 1.0 / mu2)), eps1 - log_q / (mu1 - 1.0), mu1
 
 
 def _log1mexp(x: float) -> float:

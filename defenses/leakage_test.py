@@ -2,7 +2,13 @@ import math
 
 import numpy as np
 import pytest
-from heistlab.defenses.leakage import DEFAULT_ORDERS, answer_entropy, pate_privacy_cost
+from heistlab.defenses.leakage import (
+    DEFAULT_ORDERS,
+    answer_entropy,
+    gnmax_rdp,
+    log_probability_not_top,
+    pate_privacy_cost,
+)
 
 CLASSES = 10
 CONFIDENT = np.array([[0.97] + [0.03 / 9] * 9])
@@ -56,3 +62,30 @@ def test_epsilon_of_uniform_answers_is_the_data_independent_conversion():
     summed = 3 * leakage.per_answer(UNIFORM)[0]
     by_hand = min(3 * order / 1600 + math.log(1e5) / (order - 1) for order in orders)
     assert math.isclose(leakage.total(summed), by_hand, rel_tol=1e-12)
+
+
+def varied_answers(rows: int, classes: int, seed: int) -> np.ndarray:
+    """Answers from one-hot to uniform, with repeats and ties, that reach every branch of the GNMax bound."""
+    rng = np.random.default_rng(seed)
+    sharpness = rng.choice([0.0, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0], size=(rows, 1))
+    logits = rng.normal(size=(rows, classes)) * sharpness
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    probs[::7] = probs[3]
+    probs[1] = np.eye(classes)[2]
+    probs[2] = 1.0 / classes
+    probs[4, :2] = 0.5
+    probs[4, 2:] = 0.0
+    return probs.astype(np.float32)
+
+
+@pytest.mark.parametrize(("teachers", "sigma"), [(250, 40.0), (1000, 10.0), (50, 5.0)])
+def test_pate_cost_of_a_batch_equals_the_row_by_row_computation(teachers, sigma):
+    probs = varied_answers(600, 10, seed=teachers)
+    votes = np.asarray(probs, np.float64) * teachers
+    orders = np.asarray(DEFAULT_ORDERS)
+    expected = np.stack([gnmax_rdp(log_probability_not_top(row, sigma), sigma, orders) for row in votes])
+    costs = pate_privacy_cost(teachers=teachers, sigma=sigma).per_answer(probs)
+    np.testing.assert_array_equal(costs, expected)
+    dependent = (costs != orders / sigma**2).any(axis=1)
+    assert 0 < dependent.sum() < len(costs)

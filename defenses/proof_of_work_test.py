@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 from heistlab.defenses import chain, rounding
 from heistlab.defenses.base import Evidence, QueryContext, Request
-from heistlab.defenses.leakage import answer_entropy, pate_privacy_cost
+from heistlab.defenses.leakage import (
+    DEFAULT_ORDERS,
+    Leakage,
+    answer_entropy,
+    gnmax_rdp,
+    log_probability_not_top,
+    pate_privacy_cost,
+)
 from heistlab.defenses.proof_of_work import next_bits, proof_of_work
 
 from heistlab.api import PredictionAPI
@@ -92,3 +99,38 @@ def test_next_bits_finds_the_proof_of_work_inside_a_chain():
 def test_bad_settings_are_refused_by_name(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def row_by_row_pate_cost() -> Leakage:
+    """PATE's privacy cost at its defaults computed one answer at a time (the straightforward definition)."""
+    fast = pate_privacy_cost()
+    orders = np.asarray(DEFAULT_ORDERS)
+
+    def per_answer(probs):
+        votes = np.asarray(probs, np.float64) * 250
+        return np.stack([gnmax_rdp(log_probability_not_top(row, 40.0), 40.0, orders) for row in votes])
+
+    return Leakage(per_answer, fast.total, fast.name)
+
+
+def test_accounts_delays_and_reports_equal_those_of_row_by_row_costs():
+    rng = np.random.default_rng(0)
+    pool = np.concatenate(
+        [np.repeat(CONFIDENT, 5, 0), np.repeat(SPLIT, 5, 0), UNIFORM, rng.dirichlet([0.3] * 10, 40)]
+    )
+    settings = dict(base_bits=6, leakage_unit=0.05, hashes_per_second=1e3)
+    fast, reference = proof_of_work(**settings), proof_of_work(row_by_row_pate_cost(), **settings)
+    fast_state, reference_state = fast.init(), reference.init()
+    for step in range(12):
+        client = ("attacker", "benign", "benign2")[step % 3]
+        probs = pool[rng.integers(0, len(pool), size=int(rng.integers(1, 300)))].astype(np.float32)
+        fast_delay, fast_state = serve(fast, fast_state, client, probs)
+        reference_delay, reference_state = serve(reference, reference_state, client, probs)
+        assert fast_delay == reference_delay
+    for name, work in reference_state.clients.items():
+        fast_work = fast_state.clients[name]
+        np.testing.assert_array_equal(fast_work.leakage, work.leakage)
+        assert fast_work[1:] == work[1:]
+    roles = Evidence(None, None, None, ("attacker",), ("benign", "benign2"), ())
+    assert fast.report(fast_state, roles) == reference.report(reference_state, roles)
+    assert len({work.next_bits for work in fast_state.clients.values()}) > 1
