@@ -48,8 +48,10 @@ from heistlab.defenses.base import ADMIT, DefenderData, Defense, Evidence, Query
 
 ACTIONS = ("log", "refuse", "switch")
 REFUSAL_REASON = "blacklight match"
-# Distinct quantised rows whose fingerprints a Blacklight instance remembers before starting afresh.
-MEMO_LIMIT = 200_000
+# Distinct quantised rows whose fingerprints a Blacklight instance remembers before starting afresh: each
+# costs its row's SHA-256 and a fingerprint of ``fingerprint_size`` 32-byte digests (about 2 KB at 50), so
+# the memo stays under about 50 MB whatever the input size.
+MEMO_LIMIT = 20_000
 # Window values laid out at once when fingerprinting a batch (int16; bounds the memory of large inputs).
 WINDOW_VALUES_PER_BLOCK = 1 << 23
 
@@ -171,7 +173,8 @@ def fingerprints(
     """``fingerprint`` of every row of a ``(batch, values)`` array, as the distinct fingerprints and each
     row's index into them. Identical quantised rows are fingerprinted once and identical windows (across the
     whole batch) hashed once; ``memo`` (quantised row bytes -> fingerprint, for these settings) keeps the
-    fingerprints of rows seen in earlier batches, and is filled with the new ones."""
+    fingerprints of rows seen in earlier batches (keyed by the SHA-256 of the row's bytes, so that its size
+    does not grow with the input's), and is filled with the new ones."""
     levels = np.round(np.asarray(rows, np.float64) * 255.0 / quantisation_step) * quantisation_step
     quantised = np.ascontiguousarray(levels.astype(np.int16))
     if window > quantised.shape[1]:
@@ -179,7 +182,7 @@ def fingerprints(
     distinct_rows, groups = unique_rows(quantised)
     memo = {} if memo is None else memo
     buffer, step = distinct_rows.tobytes(), distinct_rows.itemsize * distinct_rows.shape[1]
-    keys = [buffer[start : start + step] for start in range(0, len(buffer), step)]
+    keys = [hashlib.sha256(buffer[start : start + step]).digest() for start in range(0, len(buffer), step)]
     missing = [index for index, key in enumerate(keys) if key not in memo]
     windows_per_row = (quantised.shape[1] - window) // stride + 1
     block = max(1, WINDOW_VALUES_PER_BLOCK // (windows_per_row * window))
