@@ -314,7 +314,7 @@ def test_maze_learns_digits_without_data(digits_splits, small_victim, small_surr
         (lambda: knockoff(strategy="greedy"), "knockoff: strategy must be one of random, adaptive"),
         (lambda: knockoff(rewards=("novelty",)), "knockoff: rewards must be a non-empty subset"),
         (lambda: dfme(directions=0), "dfme: directions must be an integer >= 1, got 0"),
-        (lambda: dfme(step=-1.0), "dfme: step must be a number > 0"),
+        (lambda: dfme(step=-1.0), "dfme: step must be a finite number > 0"),
         (lambda: functional_equivalence(hidden=0), "functional_equivalence: hidden must be an integer >= 1"),
         (lambda: functional_equivalence(tolerance=2.0), "functional_equivalence: tolerance must be a number"),
     ],
