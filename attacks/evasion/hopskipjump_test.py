@@ -98,3 +98,15 @@ def test_a_fixed_seed_reproduces_the_pinned_queries_and_examples(
     result = attack.craft(LinearRule(cap=900).oracle(), *constant_images, jax.random.key(0))
     assert result.queries.tolist() == queries
     assert float(np.asarray(result.adversarial, np.float64).sum()) == pytest.approx(total, rel=1e-7)
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_inputs_whose_noise_never_fools_the_api_keep_their_clean_point(constant_images, norm):
+    inputs, labels = constant_images
+    never = LinearRule(threshold=2.0)  # no input in [0, 1] reaches class 1
+    result = hopskipjump(norm=norm, max_queries=50, init_trials=5).craft(
+        never.oracle(), inputs, labels, jax.random.key(0)
+    )
+    np.testing.assert_array_equal(result.adversarial, inputs)
+    assert result.queries.tolist() == [5] * 8 and not result.fooled.any()
+    assert result.diagnostics["hopskipjump_start_found_rate"] == 0.0
