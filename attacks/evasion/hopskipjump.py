@@ -244,7 +244,8 @@ def hopskipjump_search(
 
 
 class Settings(NamedTuple):
-    """HopSkipJump's search settings (``hopskipjump_search``'s keyword arguments but the batching)."""
+    """HopSkipJump's search settings: ``hopskipjump_search``'s keyword arguments but ``query_batch`` and
+    ``decisions_factory``."""
 
     epsilon: float
     norm: str
