@@ -264,10 +264,11 @@ def tokens(probing: Probing) -> list[Finding]:
 def expired_token(probing: Probing, token: str, lifetime: float) -> Finding:
     settings = probing.settings
     figures = {"token_lifetime_s": lifetime}
-    verdict = Verdict("authentication.expired_token", "Expired bearer tokens", "", figures)
+    read = "asked for a token and read its lifetime"
+    verdict = Verdict("authentication.expired_token", "Expired bearer tokens", read, figures)
     if lifetime > settings.max_expiry_wait_s:
         if lifetime > settings.long_token_s:
-            return verdict._replace(tried="asked for a token and read its lifetime").weakness(
+            return verdict.weakness(
                 "low",
                 f"a stolen token stays usable {lifetime:.0f} s (over {settings.long_token_s:.0f} s)",
                 f"tokens live {lifetime:.0f} s; expiry was not waited out",
