@@ -78,19 +78,13 @@ def generator_ascent(generator: nn.Module, optimizer: optax.GradientTransformati
     return step
 
 
-def _programs(student: nn.Module, generator: Generator, student_lr: float, generator_lr: float, soft: bool):
-    """Jitted pieces of one DFME iteration, compiled once per models and settings."""
-    student_optimizer, generator_optimizer = optax.adam(student_lr), optax.adam(generator_lr)
-
-    @jax.jit
-    def propose(generator_params, z):
-        return generator.apply(generator_params, z)
+def _programs(student: nn.Module, student_lr: float, soft: bool):
+    """The student's jitted pieces of one DFME iteration: its optimiser, per-example losses and step."""
+    student_optimizer = optax.adam(student_lr)
 
     @jax.jit
     def student_losses(student_params, inputs, targets):
         return disagreement(student.apply(student_params, inputs), targets, soft)
-
-    generator_step = generator_ascent(generator, generator_optimizer)
 
     @jax.jit
     def student_step(student_params, opt_state, inputs, targets, weights):
@@ -104,7 +98,19 @@ def _programs(student: nn.Module, generator: Generator, student_lr: float, gener
         )
         return student_params, opt_state, value
 
-    return student_optimizer, generator_optimizer, propose, student_losses, generator_step, student_step
+    return student_optimizer, student_losses, student_step
+
+
+@functools.lru_cache(maxsize=16)
+def generator_programs(generator: Generator, learning_rate: float):
+    """The generator's Adam optimiser, its jitted forward pass and its ascent step."""
+    optimizer = optax.adam(learning_rate)
+
+    @jax.jit
+    def propose(generator_params, z):
+        return generator.apply(generator_params, z)
+
+    return optimizer, propose, generator_ascent(generator, optimizer)
 
 
 def random_directions(key: jax.Array, batch: int, directions: int, size: int) -> np.ndarray:
@@ -122,6 +128,97 @@ def forward_difference_gradient(
     return (size / count) * np.einsum("bm,bmd->bd", slopes, directions)
 
 
+def perturbed_points(base: np.ndarray, key: jax.Array, directions: int, step: float):
+    """The forward-difference points around each row of ``base``: ``(units, base + step * units)``, with
+    ``units`` of shape ``(batch, directions, size)``."""
+    units = random_directions(key, len(base), directions, base.shape[-1])
+    return units, base[:, None, :] + step * units
+
+
+def sigmoid_inputs(pre_sigmoid: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
+    """Pre-sigmoid generator outputs as API inputs: ``sigmoid(a)``, always inside ``[0, 1]``."""
+    return (1.0 / (1.0 + np.exp(-pre_sigmoid))).reshape(-1, *input_shape).astype(np.float32)
+
+
+def served_targets(oracle: Oracle, inputs: np.ndarray, batch_size: int, as_targets) -> np.ndarray:
+    """``as_targets(answers)`` for the served prefix of ``inputs`` (shorter when the API refused a batch)."""
+    served, answers = query_in_batches(oracle, inputs, batch_size)
+    if len(served) == 0:
+        return np.zeros((0, oracle.num_classes), np.float32)
+    return as_targets(answers)
+
+
+def padded(targets: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``targets`` zero-padded to ``batch_size`` rows (one compiled step for every batch), and weights that
+    are 1 on its rows and 0 on the padding."""
+    rows = np.zeros((batch_size, targets.shape[1]), np.float32)
+    rows[: len(targets)] = targets
+    return rows, (np.arange(batch_size) < len(targets)).astype(np.float32)
+
+
+class GeneratorPlayer:
+    """The generator of DFME and of MAZE (Kariyappa et al., CVPR 2021), with its parameters and optimiser
+    state: it proposes batches of inputs and ascends the attack's loss through the black-box victim by
+    forward differences (see the module docstring)."""
+
+    def __init__(self, generator: Generator, learning_rate: float, key, batch_size, latent_size, input_shape):
+        self.optimizer, self.propose, self.ascent = generator_programs(generator, learning_rate)
+        self.params = generator.init(key, jnp.zeros((1, latent_size)))
+        self.state = self.optimizer.init(self.params)
+        self.batch_size, self.latent_size, self.input_shape = batch_size, latent_size, input_shape
+
+    def latent(self, key: jax.Array) -> jax.Array:
+        return jax.random.normal(key, (self.batch_size, self.latent_size))
+
+    def generate(self, key: jax.Array) -> np.ndarray:
+        """A batch of inputs generated from latent noise drawn with ``key``."""
+        pre_sigmoid = np.asarray(self.propose(self.params, self.latent(key)), np.float64)
+        return sigmoid_inputs(pre_sigmoid, self.input_shape)
+
+    def queries(self, key: jax.Array, count: int, ask) -> tuple[np.ndarray, np.ndarray]:
+        """A generated batch and ``ask``'s targets for its first ``count`` rows (fewer when refused)."""
+        inputs = self.generate(key)
+        return inputs, ask(inputs[:count])
+
+    def ascend(self, keys, directions: int, step: float, ask, losses_of) -> tuple[int, float | None]:
+        """One generator step: a generated batch and ``directions`` forward-difference points around each
+        row, all asked; ``losses_of(inputs, targets)`` is the per-example loss it ascends. ``keys``: the
+        latent noise's and the directions'. Returns the queries served and the loss's mean over the batch,
+        or None (no step taken) when the API served less than all."""
+        z_key, direction_key = keys
+        z = self.latent(z_key)
+        base = np.asarray(self.propose(self.params, z), np.float64)
+        units, stepped = perturbed_points(base, direction_key, directions, step)
+        inputs = sigmoid_inputs(np.concatenate([base, stepped.reshape(-1, base.shape[-1])]), self.input_shape)
+        targets = ask(inputs)
+        if len(targets) < len(inputs):
+            return len(targets), None
+        losses = np.asarray(losses_of(inputs, targets), np.float64)
+        batch = self.batch_size
+        at_base, at_steps = losses[:batch], losses[batch:].reshape(batch, directions)
+        gradient = forward_difference_gradient(at_base, at_steps, units, step)
+        self.params, self.state = self.ascent(self.params, self.state, z, jnp.asarray(gradient, jnp.float32))
+        return len(targets), float(at_base.mean())
+
+
+def check_generator_settings(attack: str, integers, numbers, floor, generator_hidden) -> tuple[int, ...]:
+    """Refuses, naming ``attack`` and the setting: an entry of ``integers`` ``(name, value, least)`` that is
+    not an integer >= least, of ``numbers`` ``(name, value)`` not a finite number > 0, a ``floor`` outside
+    (0, 1) or an empty or non-positive ``generator_hidden``; returns the latter as a tuple."""
+    for name, value, least in integers:
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{attack}: {name} must be an integer >= {least}, got {value!r}")
+    for name, value in numbers:
+        if isinstance(value, bool) or not (isinstance(value, int | float) and 0 < value < math.inf):
+            raise ValueError(f"{attack}: {name} must be a finite number > 0, got {value!r}")
+    if not (isinstance(floor, int | float) and 0 < floor < 1):
+        raise ValueError(f"{attack}: floor must be a number in (0, 1), got {floor!r}")
+    generator_hidden = tuple(generator_hidden)
+    if not generator_hidden or any(not isinstance(width, int) or width < 1 for width in generator_hidden):
+        raise ValueError(f"{attack}: generator_hidden must be positive integers, got {generator_hidden!r}")
+    return generator_hidden
+
+
 def dfme(
     budget: int = 20000,
     batch_size: int = 16,
@@ -137,89 +234,58 @@ def dfme(
     """Builds DFME: ``directions`` is the paper's m (1 in its code), ``step`` its mu, ``student_steps`` its
     n_S (5); every finite-difference point counts against ``budget``."""
     check_budget("dfme", budget)
-    for name, value in (
-        ("batch_size", batch_size),
-        ("directions", directions),
-        ("student_steps", student_steps),
-        ("latent_size", latent_size),
-    ):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"dfme: {name} must be an integer >= 1, got {value!r}")
-    for name, value in (("step", step), ("student_lr", student_lr), ("generator_lr", generator_lr)):
-        if not (isinstance(value, int | float) and value > 0):
-            raise ValueError(f"dfme: {name} must be a number > 0, got {value!r}")
-    if not (isinstance(floor, int | float) and 0 < floor < 1):
-        raise ValueError(f"dfme: floor must be a number in (0, 1), got {floor!r}")
-    generator_hidden = tuple(generator_hidden)
-    if not generator_hidden or any(not isinstance(width, int) or width < 1 for width in generator_hidden):
-        raise ValueError(f"dfme: generator_hidden must be positive integers, got {generator_hidden!r}")
+    generator_hidden = check_generator_settings(
+        "dfme",
+        [
+            ("batch_size", batch_size, 1),
+            ("directions", directions, 1),
+            ("student_steps", student_steps, 1),
+            ("latent_size", latent_size, 1),
+        ],
+        [("step", step), ("student_lr", student_lr), ("generator_lr", generator_lr)],
+        floor,
+        generator_hidden,
+    )
 
     def run(oracle: Oracle, pool: np.ndarray, surrogate: Surrogate, key: jax.Array) -> AttackResult:
         input_shape = tuple(oracle.input_shape)
-        size = math.prod(input_shape)
         soft = oracle.output != "labels"
-        generator = Generator(output_size=size, hidden=generator_hidden)
-        student_opt, generator_opt, propose, student_losses, generator_step, student_step = _programs(
-            surrogate.model, generator, float(student_lr), float(generator_lr), soft
-        )
+        student_opt, student_losses, student_step = _programs(surrogate.model, float(student_lr), soft)
         student_key, generator_key, loop_key = jax.random.split(key, 3)
         student_params = init_params(surrogate.model, input_shape, student_key)
-        generator_params = generator.init(generator_key, jnp.zeros((1, latent_size)))
         student_state = student_opt.init(student_params)
-        generator_state = generator_opt.init(generator_params)
-
-        def as_inputs(pre_sigmoid: np.ndarray) -> np.ndarray:
-            return (1.0 / (1.0 + np.exp(-pre_sigmoid))).reshape(-1, *input_shape).astype(np.float32)
+        generator = Generator(output_size=math.prod(input_shape), hidden=generator_hidden)
+        player = GeneratorPlayer(
+            generator, float(generator_lr), generator_key, batch_size, latent_size, input_shape
+        )
 
         def as_targets(answers: np.ndarray) -> np.ndarray:
             if soft:
                 return np.asarray(centred_log_probabilities(jnp.asarray(answers), floor))
             return np.eye(oracle.num_classes, dtype=np.float32)[answers]
 
-        def ask(inputs: np.ndarray) -> np.ndarray:
-            """Targets for the served prefix of ``inputs`` (shorter when the API refused a batch)."""
-            served, answers = query_in_batches(oracle, inputs, batch_size)
-            if len(served) == 0:
-                return np.zeros((0, oracle.num_classes), np.float32)
-            return as_targets(answers)
-
+        ask = functools.partial(served_targets, oracle, batch_size=batch_size, as_targets=as_targets)
         spent, history, iteration, refused = 0, [], 0, False
         while not refused and affordable(oracle, budget - spent) > 0:
             keys = jax.random.split(jax.random.fold_in(loop_key, iteration), student_steps + 2)
             record = {"round": iteration, "generator_loss": None, "student_loss": None}
             if affordable(oracle, budget - spent) >= batch_size * (directions + 1):
-                z = jax.random.normal(keys[0], (batch_size, latent_size))
-                base = np.asarray(propose(generator_params, z), np.float64)
-                units = random_directions(keys[1], batch_size, directions, size)
-                stepped = base[:, None, :] + step * units
-                inputs = as_inputs(np.concatenate([base, stepped.reshape(-1, size)]))
-                targets = ask(inputs)
-                spent += len(targets)
-                if len(targets) < len(inputs):
+                losses_of = functools.partial(student_losses, student_params)
+                served, record["generator_loss"] = player.ascend(keys[:2], directions, step, ask, losses_of)
+                spent += served
+                if record["generator_loss"] is None:
                     break
-                losses = np.asarray(student_losses(student_params, inputs, targets), np.float64)
-                at_base, at_steps = losses[:batch_size], losses[batch_size:].reshape(batch_size, directions)
-                gradient = forward_difference_gradient(at_base, at_steps, units, step)
-                generator_params, generator_state = generator_step(
-                    generator_params, generator_state, z, jnp.asarray(gradient, jnp.float32)
-                )
-                record["generator_loss"] = float(at_base.mean())
             for student_index in range(student_steps):
                 count = min(batch_size, affordable(oracle, budget - spent))
                 if count == 0:
                     break
-                z = jax.random.normal(keys[2 + student_index], (batch_size, latent_size))
-                inputs = as_inputs(np.asarray(propose(generator_params, z), np.float64))
-                targets = ask(inputs[:count])
+                inputs, targets = player.queries(keys[2 + student_index], count, ask)
                 spent += len(targets)
                 if len(targets) < count:
                     refused = True
                     break
-                padded = np.zeros((batch_size, targets.shape[1]), np.float32)
-                padded[:count] = targets
-                weights = (np.arange(batch_size) < count).astype(np.float32)
                 student_params, student_state, loss = student_step(
-                    student_params, student_state, inputs, padded, weights
+                    student_params, student_state, inputs, *padded(targets, batch_size)
                 )
                 record["student_loss"] = float(loss)
             record["queries"] = spent

@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from heistlab.attacks.base import Attack, AttackResult, Surrogate, affordable, check_budget, query_in_batches
-from heistlab.attacks.dfme import Generator, forward_difference_gradient, generator_ascent, random_directions
+from heistlab.attacks.base import Attack, AttackResult, Surrogate, affordable, check_budget
+from heistlab.attacks.dfme import Generator, GeneratorPlayer, check_generator_settings, padded, served_targets
 
 from heistlab.api import Oracle
 from heistlab.training import init_params
@@ -51,27 +51,14 @@ def victim_log_probabilities(answers: np.ndarray, floor: float) -> np.ndarray:
     return np.log(answers / answers.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
-def perturbed_points(base: np.ndarray, key: jax.Array, directions: int, step: float):
-    """The forward-difference points around each row of ``base``: ``(units, base + step * units)``, with
-    ``units`` of shape ``(batch, directions, size)``."""
-    units = random_directions(key, len(base), directions, base.shape[-1])
-    return units, base[:, None, :] + step * units
-
-
 @functools.lru_cache(maxsize=16)
-def _programs(clone: nn.Module, generator: Generator, clone_lr: float, generator_lr: float):
-    """Jitted pieces of one MAZE iteration, compiled once per models and settings."""
-    clone_optimizer, generator_optimizer = optax.adam(clone_lr), optax.adam(generator_lr)
-
-    @jax.jit
-    def propose(generator_params, z):
-        return generator.apply(generator_params, z)
+def _programs(clone: nn.Module, clone_lr: float):
+    """The clone's jitted pieces of one MAZE iteration, compiled once per model and learning rate."""
+    clone_optimizer = optax.adam(clone_lr)
 
     @jax.jit
     def losses(clone_params, inputs, victim_log_probs):
         return kl_to_victim(clone.apply(clone_params, inputs), victim_log_probs)
-
-    generator_step = generator_ascent(generator, generator_optimizer)  # ascends the KL
 
     @jax.jit
     def clone_step(clone_params, opt_state, inputs, victim_log_probs, weights):
@@ -83,7 +70,7 @@ def _programs(clone: nn.Module, generator: Generator, clone_lr: float, generator
         updates, opt_state = clone_optimizer.update(gradient, opt_state, clone_params)
         return optax.apply_updates(clone_params, updates), opt_state, value
 
-    return clone_optimizer, generator_optimizer, propose, losses, generator_step, clone_step
+    return clone_optimizer, losses, clone_step
 
 
 class ReplayBuffer:
@@ -137,24 +124,20 @@ def maze(
       ValueError: naming the setting out of range, or a budget below ``minimum_budget``.
     """
     check_budget("maze", budget)
-    for name, value, least in (
-        ("batch_size", batch_size, 1),
-        ("directions", directions, 1),
-        ("generator_steps", generator_steps, 1),
-        ("clone_steps", clone_steps, 1),
-        ("replay_steps", replay_steps, 0),
-        ("latent_size", latent_size, 1),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"maze: {name} must be an integer >= {least}, got {value!r}")
-    for name, value in (("step", step), ("clone_lr", clone_lr), ("generator_lr", generator_lr)):
-        if isinstance(value, bool) or not (isinstance(value, int | float) and 0 < value < math.inf):
-            raise ValueError(f"maze: {name} must be a finite number > 0, got {value!r}")
-    if not (isinstance(floor, int | float) and 0 < floor < 1):
-        raise ValueError(f"maze: floor must be a number in (0, 1), got {floor!r}")
-    generator_hidden = tuple(generator_hidden)
-    if not generator_hidden or any(not isinstance(width, int) or width < 1 for width in generator_hidden):
-        raise ValueError(f"maze: generator_hidden must be positive integers, got {generator_hidden!r}")
+    generator_hidden = check_generator_settings(
+        "maze",
+        [
+            ("batch_size", batch_size, 1),
+            ("directions", directions, 1),
+            ("generator_steps", generator_steps, 1),
+            ("clone_steps", clone_steps, 1),
+            ("replay_steps", replay_steps, 0),
+            ("latent_size", latent_size, 1),
+        ],
+        [("step", step), ("clone_lr", clone_lr), ("generator_lr", generator_lr)],
+        floor,
+        generator_hidden,
+    )
     least = minimum_budget(batch_size, directions)
     if budget < least:
         raise ValueError(
@@ -170,26 +153,17 @@ def maze(
                 "the API serves labels only (api.output=labels); accepted: api.output=probabilities or top_k"
             )
         input_shape = tuple(oracle.input_shape)
-        size = math.prod(input_shape)
-        generator = Generator(output_size=size, hidden=generator_hidden)
-        clone_opt, generator_opt, propose, losses, generator_step, clone_step = _programs(
-            surrogate.model, generator, float(clone_lr), float(generator_lr)
-        )
+        clone_opt, losses, clone_step = _programs(surrogate.model, float(clone_lr))
         clone_key, generator_key, loop_key = jax.random.split(key, 3)
         clone_params = init_params(surrogate.model, input_shape, clone_key)
-        generator_params = generator.init(generator_key, jnp.zeros((1, latent_size)))
-        clone_state, generator_state = clone_opt.init(clone_params), generator_opt.init(generator_params)
+        clone_state = clone_opt.init(clone_params)
+        generator = Generator(output_size=math.prod(input_shape), hidden=generator_hidden)
+        player = GeneratorPlayer(
+            generator, float(generator_lr), generator_key, batch_size, latent_size, input_shape
+        )
         replay = ReplayBuffer()
-
-        def as_inputs(pre_sigmoid: np.ndarray) -> np.ndarray:
-            return (1.0 / (1.0 + np.exp(-pre_sigmoid))).reshape(-1, *input_shape).astype(np.float32)
-
-        def ask(inputs: np.ndarray) -> np.ndarray:
-            """Victim log-probabilities for the served prefix of ``inputs`` (shorter after a refusal)."""
-            served, answers = query_in_batches(oracle, inputs, batch_size)
-            if len(served) == 0:
-                return np.zeros((0, oracle.num_classes), np.float32)
-            return victim_log_probabilities(answers, floor)
+        as_targets = functools.partial(victim_log_probabilities, floor=floor)
+        ask = functools.partial(served_targets, oracle, batch_size=batch_size, as_targets=as_targets)
 
         spent, history, iteration, stopped = 0, [], 0, False
         while not stopped and affordable(oracle, budget - spent) > 0:
@@ -199,39 +173,25 @@ def maze(
             for _ in range(generator_steps):
                 if affordable(oracle, budget - spent) < batch_size * (directions + 1):
                     break
-                z = jax.random.normal(next(keys), (batch_size, latent_size))
-                base = np.asarray(propose(generator_params, z), np.float64)
-                units, stepped = perturbed_points(base, next(keys), directions, step)
-                inputs = as_inputs(np.concatenate([base, stepped.reshape(-1, size)]))
-                targets = ask(inputs)
-                spent += len(targets)
-                if len(targets) < len(inputs):
+                losses_of = functools.partial(losses, clone_params)  # the generator ascends the KL
+                served, loss = player.ascend((next(keys), next(keys)), directions, step, ask, losses_of)
+                spent += served
+                if loss is None:
                     stopped = True
                     break
-                values = np.asarray(losses(clone_params, inputs, targets), np.float64)
-                at_base, at_steps = values[:batch_size], values[batch_size:].reshape(batch_size, directions)
-                gradient = forward_difference_gradient(at_base, at_steps, units, step)
-                generator_params, generator_state = generator_step(
-                    generator_params, generator_state, z, jnp.asarray(gradient, jnp.float32)
-                )
-                record["generator_loss"] = float(at_base.mean())
+                record["generator_loss"] = loss
             for _ in range(clone_steps):
                 count = 0 if stopped else min(batch_size, affordable(oracle, budget - spent))
                 if count == 0:
                     break
-                z = jax.random.normal(next(keys), (batch_size, latent_size))
-                inputs = as_inputs(np.asarray(propose(generator_params, z), np.float64))
-                targets = ask(inputs[:count])
+                inputs, targets = player.queries(next(keys), count, ask)
                 spent += len(targets)
                 if len(targets) == 0:
                     stopped = True
                     break
                 replay.add(inputs[: len(targets)], targets, iteration)
-                padded = np.zeros((batch_size, targets.shape[1]), np.float32)
-                padded[: len(targets)] = targets
-                weights = (np.arange(batch_size) < len(targets)).astype(np.float32)
                 clone_params, clone_state, loss = clone_step(
-                    clone_params, clone_state, inputs, padded, weights
+                    clone_params, clone_state, inputs, *padded(targets, batch_size)
                 )
                 record["clone_loss"] = float(loss)
                 stopped = len(targets) < count

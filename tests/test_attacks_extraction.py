@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from heistlab.attacks import activethief, dfme, equation_solving, functional_equivalence, knockoff, maze
 from heistlab.attacks.activethief import select_k_center, select_uncertain
+from heistlab.attacks.base import Surrogate
 from heistlab.attacks.dfme import forward_difference_gradient
 from heistlab.attacks.knockoff import bandit_update
 from heistlab.defenses import identity
@@ -16,6 +17,8 @@ from heistlab.defenses import identity
 from heistlab import metrics, training
 from heistlab.api import Oracle, PredictionAPI
 from heistlab.experiment import attack_key, attacker_view, execute, measure, prepare, uniform_inputs
+from heistlab.models import MLP
+from heistlab.training import TrainConfig
 from tests.test_attack_contract import CountingOracle
 from tests.test_configs import composed
 
@@ -266,6 +269,61 @@ def test_maze_clone_replays_queries_paid_for_in_earlier_iterations(small_surroga
     assert any(jax.tree.leaves(changed)), "replay steps did not train the clone"
 
 
+class UnannouncedCap(CountingOracle):
+    """Refuses past its cap without saying how much is left, so a step is refused part-way."""
+
+    def oracle(self) -> Oracle:
+        return Oracle(self.answer, lambda: None, (8, 8, 1), 10, self.output)
+
+
+# Pinned before DFME and MAZE shared their generator's step: (queries, per round (queries, generator loss,
+# student or clone loss)), seed 3, the API refusing part-way through a generator or a student step.
+PINNED_DATA_FREE = {
+    "dfme, probabilities, refused in a generator step": (
+        lambda: dfme(budget=125, batch_size=8, directions=2, student_steps=2, generator_hidden=(32,)),
+        "probabilities",
+        90,
+        88,
+        [(40, 0.5718298256397247, 0.5321753025054932), (80, 0.4895746409893036, 0.42109477519989014)],
+    ),
+    "dfme, labels, refused in a student step": (
+        lambda: dfme(budget=125, batch_size=8, directions=2, student_steps=2, generator_hidden=(32,)),
+        "labels",
+        61,
+        56,
+        [(40, 2.526124209165573, 2.452677011489868)],
+    ),
+    "maze, refused in a clone step": (
+        lambda: maze(
+            budget=103, batch_size=4, directions=3, clone_steps=2, replay_steps=3, generator_hidden=(16,)
+        ),
+        "probabilities",
+        85,
+        84,
+        [
+            (24, 0.3635718338191509, 0.2828853726387024),
+            (48, 0.13441874273121357, 0.1572723090648651),
+            (72, 0.07850844413042068, 0.10610676556825638),
+            (84, None, None),
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PINNED_DATA_FREE))
+def test_data_free_attacks_reproduce_their_pinned_rounds_for_a_fixed_seed(case):
+    build, output, cap, queries, rounds = PINNED_DATA_FREE[case]
+    surrogate = Surrogate(MLP(num_classes=10, hidden=(16,)), TrainConfig(epochs=1))
+    counting = UnannouncedCap(cap, output)
+    result = build().run(counting.oracle(), UNIFORM[:4], surrogate, jax.random.key(3))
+    assert result.queries == counting.served == queries
+    loss = "student_loss" if "student_loss" in result.rounds[0] else "clone_loss"
+    got = [(record["queries"], record["generator_loss"], record[loss]) for record in result.rounds]
+    assert [spent for spent, *_ in got] == [spent for spent, *_ in rounds]
+    for (_, *losses), (_, *expected) in zip(got, rounds, strict=True):
+        assert losses == [None if value is None else pytest.approx(value, rel=1e-4) for value in expected]
+
+
 def test_forward_difference_gradient_worked_by_hand():
     # L(a) = c . a is linear; along the d axis directions, (d / m) sum (L(a + mu e_i) - L(a)) / mu e_i = c.
     c = np.array([0.5, -2.0, 3.0])
@@ -278,8 +336,6 @@ def test_forward_difference_gradient_worked_by_hand():
 @pytest.mark.slow
 def test_dfme_learns_digits_without_data(digits_splits, small_victim, small_surrogate):
     # Measured on the 64-32-10 victim with the default 256-256 student: 0.35-0.60 accuracy at 20k queries.
-    from heistlab.models import MLP
-
     student = small_surrogate._replace(model=MLP(num_classes=10))
     api = PredictionAPI(small_victim, identity(), key=jax.random.key(0), budget=20_000)
     result = dfme(budget=20_000).run(api.oracle(), digits_splits.pool, student, jax.random.key(0))
@@ -293,8 +349,6 @@ def test_dfme_learns_digits_without_data(digits_splits, small_victim, small_surr
 def test_maze_learns_digits_without_data(digits_splits, small_victim, small_surrogate):
     # Measured on the 64-32-10 victim with the default 256-256 student, no replay: 0.79-0.80 accuracy at 60k
     # queries (attack seeds 0, 1). With replay_steps=5 the generator stalls (experiment=kariyappa2021).
-    from heistlab.models import MLP
-
     student = small_surrogate._replace(model=MLP(num_classes=10))
     api = PredictionAPI(small_victim, identity(), key=jax.random.key(0), budget=60_000)
     attack = maze(budget=60_000, replay_steps=0)
@@ -314,7 +368,7 @@ def test_maze_learns_digits_without_data(digits_splits, small_victim, small_surr
         (lambda: knockoff(strategy="greedy"), "knockoff: strategy must be one of random, adaptive"),
         (lambda: knockoff(rewards=("novelty",)), "knockoff: rewards must be a non-empty subset"),
         (lambda: dfme(directions=0), "dfme: directions must be an integer >= 1, got 0"),
-        (lambda: dfme(step=-1.0), "dfme: step must be a number > 0"),
+        (lambda: dfme(step=-1.0), "dfme: step must be a finite number > 0"),
         (lambda: functional_equivalence(hidden=0), "functional_equivalence: hidden must be an integer >= 1"),
         (lambda: functional_equivalence(tolerance=2.0), "functional_equivalence: tolerance must be a number"),
     ],

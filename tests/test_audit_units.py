@@ -10,7 +10,7 @@ import pytest
 from heistlab.api import Oracle, QueryRefused
 from heistlab.audit import probes
 from heistlab.audit.extraction import Exposure, Thresholds, check_thresholds, curve_points, rate_extraction
-from heistlab.audit.findings import exit_status, failing, finding, held, ordered, untested, worst
+from heistlab.audit.findings import Verdict, exit_status, failing, finding, held, ordered, untested, worst
 from heistlab.audit.ledger import QueryLedger, Transcript, budgeted_oracle
 from heistlab.audit.target import TargetRefused, TargetViolation, check_target, parse_target, request_guard
 
@@ -75,6 +75,21 @@ def test_findings_gate_on_the_chosen_severity():
         finding("a.b", "t", present=False, severity="high", reason="r", tried="t", happened="h")
     with pytest.raises(ValueError, match="severity must be one of"):
         finding("a.b", "t", present=True, severity="urgent", reason="r", tried="t", happened="h")
+
+
+def test_a_verdict_carries_its_check_tried_and_figures_into_each_outcome():
+    figures = {"statuses": {"a": 401}}
+    verdict = Verdict("a.b", "Title", "tried it", figures)
+    assert verdict.weakness("high", "why", "it happened") == finding(
+        "a.b", "Title", present=True, severity="high", reason="why", tried="tried it", happened="it happened",
+        figures=figures,
+    )  # fmt: skip
+    renamed = verdict.weakness("low", "why", "h", title="Found", figures={"n": 1})
+    assert (renamed.title, renamed.figures, renamed.present) == ("Found", {"n": 1}, True)
+    assert verdict.held("it held") == held("a.b", "Title", "tried it", "it held", figures)
+    assert verdict.untested("a key") == untested("a.b", "Title", "a key", figures)
+    with pytest.raises(ValueError, match="severity must be one of"):
+        verdict.weakness("urgent", "why", "h")
 
 
 def counting_oracle(output="probabilities", remaining=None):

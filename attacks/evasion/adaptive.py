@@ -41,23 +41,29 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator
 
 import jax
 import numpy as np
 from heistlab.attacks.evasion.base import (
-    DECISION,
     SCORE,
     Evasion,
     OutOfBudget,
     SearchResult,
     check_count,
-    check_norm,
     check_positive,
     numpy_rng,
     top1,
 )
-from heistlab.attacks.evasion.hopskipjump import Decisions, hopskipjump_search
-from heistlab.attacks.evasion.square import margin_loss, propose, square_side, window_fraction
+from heistlab.attacks.evasion.hopskipjump import Decisions, Settings
+from heistlab.attacks.evasion.square import (
+    check_square_settings,
+    margin_loss,
+    propose,
+    refuse_labels,
+    schedule,
+    stripes,
+)
 
 from heistlab.api import Oracle, QueryRefused
 
@@ -80,6 +86,26 @@ def ask_one(oracle: Oracle, row: np.ndarray) -> np.ndarray:
 def is_ban(refusal: QueryRefused) -> bool:
     """A refusal that says the client will never be served again; adapting cannot help."""
     return math.isinf(refusal.retry_after)
+
+
+def attempts(queries: np.ndarray, owner: int, max_queries: int, max_resamples: int) -> Iterator[int]:
+    """Rejection sampling's tries for input ``owner``: at most ``max_resamples + 1``, each charged to
+    ``queries[owner]`` before it is made, none once ``max_queries`` are spent."""
+    for attempt in range(max_resamples + 1):
+        if queries[owner] >= max_queries:
+            return
+        queries[owner] += 1
+        yield attempt
+
+
+def answer_unless_refused(oracle: Oracle, row: np.ndarray) -> np.ndarray | None:
+    """``ask_one``'s answer, or None when the query was refused; a ban is raised."""
+    try:
+        return ask_one(oracle, row)
+    except QueryRefused as refusal:
+        if is_ban(refusal):
+            raise
+        return None
 
 
 def check_adaptation(attack: str, growth, max_resamples) -> float:
@@ -106,14 +132,10 @@ def adaptive_square_search(
 ) -> SearchResult:
     """Square (see ``attacks.evasion.square``) whose proposals redraw more squares after each refusal; one
     query per request, a refused proposal redrawn at most ``max_resamples`` times."""
-    if oracle.output == "labels":
-        raise ValueError(
-            "adaptive_square: the API serves labels (api.output=labels), but the Square attack needs scores "
-            "for its margin loss; use evasion=adaptive_hopskipjump, which needs only the top-1 decision"
-        )
+    refuse_labels(oracle, "adaptive_square", "adaptive_hopskipjump")
     rng = numpy_rng(key)
     clean = np.asarray(inputs, np.float32)
-    count, height, width, channels = clean.shape
+    count, height, width, _ = clean.shape
     best = clean.copy()
     best_margin = np.full(count, np.inf)
     queries = np.zeros(count, np.int64)
@@ -125,16 +147,10 @@ def adaptive_square_search(
     def draw(index: int, proposal_for) -> tuple[np.ndarray, np.ndarray] | None:
         """Sends proposals for input ``index`` until one is answered: (proposal, answer), or None."""
         nonlocal refused
-        for _ in range(max_resamples + 1):
-            if queries[index] >= max_queries:
-                return None
+        for _ in attempts(queries, index, max_queries, max_resamples):
             candidate = proposal_for(index)
-            queries[index] += 1
-            try:
-                answer = ask_one(oracle, candidate)
-            except QueryRefused as refusal:
-                if is_ban(refusal):
-                    raise
+            answer = answer_unless_refused(oracle, candidate)
+            if answer is None:
                 refused += 1
                 scales[index] = min(scales[index] * growth, most_squares)
                 continue
@@ -142,21 +158,16 @@ def adaptive_square_search(
             return candidate, answer
         return None
 
-    def stripes(index: int) -> np.ndarray:
-        signs = rng.choice(np.float32([-epsilon, epsilon]), size=(1, width, channels))
-        return np.clip(clean[index] + signs, 0.0, 1.0).astype(np.float32)
+    def start(index: int) -> np.ndarray:
+        return stripes(clean[index : index + 1], epsilon, rng)[0]
 
     try:
         for index in range(count):
-            found = draw(index, stripes)
+            found = draw(index, start)
             if found is not None:
                 best[index] = found[0]
                 best_margin[index] = margin_loss(found[1][None], labels[index : index + 1])[0]
-        for iteration in range(max_queries - 1):
-            active = np.flatnonzero((best_margin >= 0) & (queries < max_queries))
-            if len(active) == 0:
-                break
-            side = square_side(window_fraction(p_init, iteration, max_queries), height, width)
+        for active, side in schedule(best_margin, queries, max_queries, p_init, clean.shape):
 
             def square_proposal(index: int, side=side) -> np.ndarray:
                 proposal = best[index : index + 1]
@@ -220,16 +231,10 @@ class AdaptiveDecisions(Decisions):
         verdicts, sent = np.zeros(len(owners), bool), np.array(candidates, np.float32, copy=True)
         for row, (candidate, owner) in enumerate(zip(candidates, owners, strict=True)):
             scale = self.probe_noise[owner] if probing else 0.0
-            for _ in range(self.max_resamples + 1):
-                if self.queries[owner] >= self.max_queries:
-                    break
-                self.queries[owner] += 1
+            for _ in attempts(self.queries, owner, self.max_queries, self.max_resamples):
                 sent[row] = self.noised(candidate, scale)
-                try:
-                    answer = ask_one(self.oracle, sent[row])
-                except QueryRefused as refusal:
-                    if is_ban(refusal):
-                        raise
+                answer = answer_unless_refused(self.oracle, sent[row])
+                if answer is None:
                     self.refused += 1
                     scale = self.initial_scale if scale == 0 else min(scale * self.growth, 1.0)
                     if probing:
@@ -261,11 +266,7 @@ def adaptive_square(
     """Builds the adaptive L-inf Square attack: Square's settings, how the number of squares a proposal
     redraws grows after a refusal (``growth``) and how often a refused proposal is redrawn
     (``max_resamples``)."""
-    epsilon = check_positive("adaptive_square", "epsilon", epsilon)
-    check_count("adaptive_square", "max_queries", max_queries, minimum=2)
-    p_init = check_positive("adaptive_square", "p_init", p_init)
-    if p_init > 1:
-        raise ValueError(f"adaptive_square: p_init must be in (0, 1], got {p_init!r}")
+    epsilon, p_init = check_square_settings("adaptive_square", epsilon, max_queries, p_init)
     growth = check_adaptation("adaptive_square", growth, max_resamples)
     check_count("adaptive_square", "count", count)
     search = functools.partial(
@@ -295,13 +296,8 @@ def adaptive_hopskipjump(
     """Builds adaptive untargeted HopSkipJump: HopSkipJump's settings, the noise scale set at the first
     refusal (``initial_scale``, per pixel), its ``growth`` after each refusal and the redraws of a refused
     query."""
-    epsilon = check_positive("adaptive_hopskipjump", "epsilon", epsilon)
-    check_norm("adaptive_hopskipjump", norm)
-    check_count("adaptive_hopskipjump", "max_queries", max_queries, minimum=2)
-    check_count("adaptive_hopskipjump", "initial_evaluations", initial_evaluations)
-    check_count("adaptive_hopskipjump", "max_evaluations", max_evaluations)
-    gamma = check_positive("adaptive_hopskipjump", "gamma", gamma)
-    check_count("adaptive_hopskipjump", "init_trials", init_trials)
+    settings = Settings(epsilon, norm, max_queries, initial_evaluations, max_evaluations, gamma, init_trials)
+    settings = settings.checked("adaptive_hopskipjump")
     initial_scale = check_positive("adaptive_hopskipjump", "initial_scale", initial_scale)
     if initial_scale > 1:
         raise ValueError(f"adaptive_hopskipjump: initial_scale must be in (0, 1], got {initial_scale!r}")
@@ -310,16 +306,4 @@ def adaptive_hopskipjump(
     decisions = functools.partial(
         AdaptiveDecisions, initial_scale=initial_scale, growth=growth, max_resamples=max_resamples
     )
-    search = functools.partial(
-        hopskipjump_search,
-        epsilon=epsilon,
-        norm=norm,
-        max_queries=max_queries,
-        initial_evaluations=initial_evaluations,
-        max_evaluations=max_evaluations,
-        gamma=gamma,
-        init_trials=init_trials,
-        query_batch=1,
-        decisions_factory=decisions,
-    )
-    return Evasion("adaptive_hopskipjump", DECISION, count, max_queries, norm, epsilon, 1, search)
+    return settings.evasion("adaptive_hopskipjump", count, 1, decisions)

@@ -127,3 +127,38 @@ def test_adaptive_square_refuses_an_api_that_serves_labels(varied_images):
     with pytest.raises(ValueError, match=r"adaptive_square: the API serves labels \(api.output=labels\)"):
         adaptive_square().craft(api.oracle(), inputs, labels, jax.random.key(0))
     assert api.requests == 0
+
+
+# Pinned from the attacks as they were before their shared parts were factored out (rejection sampling's
+# tries, Square's start and schedule, HopSkipJump's bisection and settings): each input's queries and the
+# sum of the adversarial examples, seed 0. A change to any query or random draw shows here.
+PINNED = {
+    "adaptive_square": (
+        lambda: adaptive_square(epsilon=0.25, max_queries=150),
+        [150, 1, 150, 150, 150, 150, 150, 150],
+        239.74845877289772,
+    ),
+    "adaptive_hopskipjump_l2": (
+        lambda: adaptive_hopskipjump(epsilon=1.7, max_queries=250, initial_evaluations=20),
+        [223, 218, 217, 216, 216, 218, 220, 220],
+        255.87717171385884,
+    ),
+    "adaptive_hopskipjump_linf": (
+        lambda: adaptive_hopskipjump(epsilon=0.1, norm="linf", max_queries=250, initial_evaluations=20),
+        [250, 250, 250, 248, 245, 250, 248, 250],
+        254.25320637226105,
+    ),
+    "square": (
+        lambda: square(epsilon=0.25, max_queries=120),
+        [2, 1, 2, 2, 2, 2, 2, 2],
+        191.97690704464912,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_a_fixed_seed_reproduces_the_pinned_queries_and_examples_through_blacklight(name, varied_images):
+    build, queries, total = PINNED[name]
+    result = build().craft(Detected().oracle(), *varied_images, jax.random.key(0))
+    assert result.queries.tolist() == queries
+    assert float(np.asarray(result.adversarial, np.float64).sum()) == pytest.approx(total, rel=1e-7)

@@ -100,10 +100,9 @@ def check_norm(attack: str, norm, accepted: tuple[str, ...] = NORMS) -> str:
 
 
 def perturbation_norms(adversarial: np.ndarray, clean: np.ndarray, norm: str) -> np.ndarray:
-    """Per-row L-inf or L2 size of ``adversarial - clean``."""
-    delta = np.asarray(adversarial, np.float64).reshape(len(clean), -1) - np.asarray(
-        clean, np.float64
-    ).reshape(len(clean), -1)
+    """Per-row L-inf or L2 size of ``adversarial - clean`` (empty for no rows)."""
+    rows = (len(clean), int(np.prod(np.shape(clean)[1:])))
+    delta = np.asarray(adversarial, np.float64).reshape(rows) - np.asarray(clean, np.float64).reshape(rows)
     return np.abs(delta).max(axis=1) if norm == "linf" else np.sqrt((delta**2).sum(axis=1))
 
 

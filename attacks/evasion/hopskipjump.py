@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -100,17 +101,27 @@ def initial_points(decisions: Decisions, clean: np.ndarray, trials: int, rng) ->
         candidates = rng.uniform(size=clean[searching].shape).astype(np.float32)
         hits = decisions.adversarial(candidates, searching)
         noise[searching[hits]], found[searching[hits]] = candidates[hits], True
-    low, high = np.zeros(count), np.ones(count)
-    while True:
-        searching = np.flatnonzero(found & (high - low > BLEND_PRECISION) & (decisions.left() > 0))
-        if len(searching) == 0:
-            break
-        middle = (low[searching] + high[searching]) / 2
-        blended = project(clean[searching], noise[searching], middle, "l2")
-        hits = decisions.adversarial(blended, searching)
-        high[searching[hits]], low[searching[~hits]] = middle[hits], middle[~hits]
-    points = np.where(_rows(found), project(clean, noise, high, "l2"), clean).astype(np.float32)
+    started = np.flatnonzero(found)
+    ones = np.ones(len(started))
+    high = bisect(decisions, clean[started], noise[started], started, ones, BLEND_PRECISION, "l2")
+    points = clean.copy()
+    points[started] = project(clean[started], noise[started], high, "l2")
     return points, found
+
+
+def bisect(decisions, clean, perturbed, owners, high, precision, norm) -> np.ndarray:
+    """Binary search on ``project``'s ``alphas`` in ``[0, high]`` (``perturbed`` adversarial at ``high``)
+    until each interval is at most ``precision`` wide or its owner's budget is spent; returns each
+    interval's adversarial end."""
+    low = np.zeros(len(owners))
+    while True:
+        searching = np.flatnonzero((high - low > precision) & (decisions.left(owners) > 0))
+        if len(searching) == 0:
+            return high
+        middle = (low[searching] + high[searching]) / 2
+        candidates = project(clean[searching], perturbed[searching], middle, norm)
+        hits = decisions.adversarial(candidates, owners[searching])
+        high[searching[hits]], low[searching[~hits]] = middle[hits], middle[~hits]
 
 
 def boundary_search(decisions, clean, perturbed, owners, theta, norm) -> np.ndarray:
@@ -121,15 +132,7 @@ def boundary_search(decisions, clean, perturbed, owners, theta, norm) -> np.ndar
     else:
         high = perturbation_norms(perturbed, clean, "linf")
         precision = np.minimum(high * theta, theta)
-    low = np.zeros(len(owners))
-    while True:
-        searching = np.flatnonzero((high - low > precision) & (decisions.left(owners) > 0))
-        if len(searching) == 0:
-            break
-        middle = (low[searching] + high[searching]) / 2
-        candidates = project(clean[searching], perturbed[searching], middle, norm)
-        hits = decisions.adversarial(candidates, owners[searching])
-        high[searching[hits]], low[searching[~hits]] = middle[hits], middle[~hits]
+    high = bisect(decisions, clean, perturbed, owners, high, precision, norm)
     return project(clean, perturbed, high, norm).astype(np.float32)
 
 
@@ -240,6 +243,38 @@ def hopskipjump_search(
     return SearchResult(points, queries, found, diagnostics)
 
 
+class Settings(NamedTuple):
+    """HopSkipJump's search settings: ``hopskipjump_search``'s keyword arguments but ``query_batch`` and
+    ``decisions_factory``."""
+
+    epsilon: float
+    norm: str
+    max_queries: int
+    initial_evaluations: int
+    max_evaluations: int
+    gamma: float
+    init_trials: int
+
+    def checked(self, attack: str) -> Settings:
+        """These settings, numbers as floats; a ``ValueError`` naming ``attack`` and the first bad one."""
+        epsilon = check_positive(attack, "epsilon", self.epsilon)
+        check_norm(attack, self.norm)
+        check_count(attack, "max_queries", self.max_queries, minimum=2)
+        check_count(attack, "initial_evaluations", self.initial_evaluations)
+        check_count(attack, "max_evaluations", self.max_evaluations)
+        gamma = check_positive(attack, "gamma", self.gamma)
+        check_count(attack, "init_trials", self.init_trials)
+        return self._replace(epsilon=epsilon, gamma=gamma)
+
+    def evasion(self, attack: str, count: int, query_batch: int, decisions_factory=Decisions) -> Evasion:
+        """The ``Evasion`` called ``attack`` that runs ``hopskipjump_search`` with these settings."""
+        search = functools.partial(
+            hopskipjump_search, **self._asdict(), query_batch=query_batch, decisions_factory=decisions_factory
+        )
+        budget, norm, epsilon = self.max_queries, self.norm, self.epsilon
+        return Evasion(attack, DECISION, count, budget, norm, epsilon, query_batch, search)
+
+
 def hopskipjump(
     epsilon: float = 1.0,
     norm: str = "l2",
@@ -253,24 +288,8 @@ def hopskipjump(
 ) -> Evasion:
     """Builds untargeted HopSkipJump with the paper's defaults (100 initial evaluations, gamma 1,
     geometric step search); success is a misclassified point within ``epsilon`` in ``norm``."""
-    epsilon = check_positive("hopskipjump", "epsilon", epsilon)
-    check_norm("hopskipjump", norm)
-    check_count("hopskipjump", "max_queries", max_queries, minimum=2)
-    check_count("hopskipjump", "initial_evaluations", initial_evaluations)
-    check_count("hopskipjump", "max_evaluations", max_evaluations)
-    gamma = check_positive("hopskipjump", "gamma", gamma)
-    check_count("hopskipjump", "init_trials", init_trials)
+    settings = Settings(epsilon, norm, max_queries, initial_evaluations, max_evaluations, gamma, init_trials)
+    settings = settings.checked("hopskipjump")
     check_count("hopskipjump", "count", count)
     check_count("hopskipjump", "query_batch", query_batch)
-    search = functools.partial(
-        hopskipjump_search,
-        epsilon=epsilon,
-        norm=norm,
-        max_queries=max_queries,
-        initial_evaluations=initial_evaluations,
-        max_evaluations=max_evaluations,
-        gamma=gamma,
-        init_trials=init_trials,
-        query_batch=query_batch,
-    )
-    return Evasion("hopskipjump", DECISION, count, max_queries, norm, epsilon, query_batch, search)
+    return settings.evasion("hopskipjump", count, query_batch)

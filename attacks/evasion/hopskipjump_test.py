@@ -81,3 +81,32 @@ def test_a_refusing_api_ends_the_search_on_adversarial_points(constant_images):
     )
     assert result.diagnostics["evasion_stopped_early"] and rule.served <= 300 and rule.refused > 0
     assert result.fooled.any() and np.all(result.adversarial[result.fooled].mean(axis=(1, 2, 3)) > 0.5)
+
+
+@pytest.mark.parametrize(
+    ("norm", "epsilon", "queries", "total"),
+    [
+        ("l2", 1.7, [92, 88, 88, 88, 88, 90, 88, 88], 256.18569833785295),
+        ("linf", 0.1, [101, 97, 97, 97, 97, 99, 97, 97], 256.0192769765854),
+    ],
+)
+def test_a_fixed_seed_reproduces_the_pinned_queries_and_examples(
+    constant_images, norm, epsilon, queries, total
+):
+    # Pinned before the blend and boundary searches shared one bisection: seed 0, until a cap of 900 queries.
+    attack = hopskipjump(epsilon=epsilon, norm=norm, max_queries=300, initial_evaluations=20)
+    result = attack.craft(LinearRule(cap=900).oracle(), *constant_images, jax.random.key(0))
+    assert result.queries.tolist() == queries
+    assert float(np.asarray(result.adversarial, np.float64).sum()) == pytest.approx(total, rel=1e-7)
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_inputs_whose_noise_never_fools_the_api_keep_their_clean_point(constant_images, norm):
+    inputs, labels = constant_images
+    never = LinearRule(threshold=2.0)  # no input in [0, 1] reaches class 1
+    result = hopskipjump(norm=norm, max_queries=50, init_trials=5).craft(
+        never.oracle(), inputs, labels, jax.random.key(0)
+    )
+    np.testing.assert_array_equal(result.adversarial, inputs)
+    assert result.queries.tolist() == [5] * 8 and not result.fooled.any()
+    assert result.diagnostics["hopskipjump_start_found_rate"] == 0.0

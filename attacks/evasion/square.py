@@ -16,6 +16,7 @@ signal; ``square_uninformative_answer_rate`` reports that share.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -86,6 +87,33 @@ def propose(clean, best, epsilon, side, rng) -> np.ndarray:
     return proposal
 
 
+def refuse_labels(oracle: Oracle, attack: str, alternative: str) -> None:
+    """Square's margin loss needs scores: a ``ValueError`` naming ``alternative`` when ``oracle`` serves
+    labels."""
+    if oracle.output == "labels":
+        raise ValueError(
+            f"{attack}: the API serves labels (api.output=labels), but the Square attack needs scores for "
+            f"its margin loss; use evasion={alternative}, which needs only the top-1 decision"
+        )
+
+
+def stripes(clean: np.ndarray, epsilon: float, rng) -> np.ndarray:
+    """The paper's start: each column of each image shifted by a random +-epsilon per channel."""
+    count, _, width, channels = clean.shape
+    shifts = rng.choice(np.float32([-epsilon, epsilon]), size=(count, 1, width, channels))
+    return np.clip(clean + shifts, 0.0, 1.0).astype(np.float32)
+
+
+def schedule(best_margin, queries, max_queries, p_init, shape) -> Iterator[tuple[np.ndarray, int]]:
+    """Per iteration, the inputs still attacked (margin >= 0, budget left: read from ``best_margin`` and
+    ``queries`` as the caller updates them) and the side of the square to redraw, for images of ``shape``."""
+    for iteration in range(max_queries - 1):
+        active = np.flatnonzero((best_margin >= 0) & (queries < max_queries))
+        if len(active) == 0:
+            return
+        yield active, square_side(window_fraction(p_init, iteration, max_queries), *shape[1:3])
+
+
 def square_search(
     oracle: Oracle,
     inputs: np.ndarray,
@@ -98,28 +126,18 @@ def square_search(
     query_batch: int,
 ) -> SearchResult:
     """Runs the L-inf Square attack on ``inputs`` (shaped ``(N, H, W, C)``) through ``oracle``."""
-    if oracle.output == "labels":
-        raise ValueError(
-            "square: the API serves labels (api.output=labels), but the Square attack needs scores for its "
-            "margin loss; use evasion=hopskipjump, which needs only the top-1 decision"
-        )
+    refuse_labels(oracle, "square", "hopskipjump")
     rng = numpy_rng(key)
     clean = np.asarray(inputs, np.float32)
-    count, _, width, channels = clean.shape
-    stripes = rng.choice(np.float32([-epsilon, epsilon]), size=(count, 1, width, channels))
-    best = np.clip(clean + stripes, 0.0, 1.0).astype(np.float32)
-    queries = np.zeros(count, np.int64)
-    best_margin = np.full(count, np.inf)
+    best = stripes(clean, epsilon, rng)
+    queries = np.zeros(len(clean), np.int64)
+    best_margin = np.full(len(clean), np.inf)
     proposals = uninformative = 0
     stopped = False
     try:
-        best_margin = margin_loss(ask(oracle, best, query_batch), labels)
+        best_margin[:] = margin_loss(ask(oracle, best, query_batch), labels)
         queries += 1
-        for iteration in range(max_queries - 1):
-            active = np.flatnonzero((best_margin >= 0) & (queries < max_queries))
-            if len(active) == 0:
-                break
-            side = square_side(window_fraction(p_init, iteration, max_queries), *clean.shape[1:3])
+        for active, side in schedule(best_margin, queries, max_queries, p_init, clean.shape):
             proposal = propose(clean[active], best[active], epsilon, side, rng)
             margin = margin_loss(ask(oracle, proposal, query_batch), labels[active])
             queries[active] += 1
@@ -137,6 +155,16 @@ def square_search(
     return SearchResult(best, queries, best_margin < 0, diagnostics)
 
 
+def check_square_settings(attack: str, epsilon, max_queries, p_init) -> tuple[float, float]:
+    """``epsilon`` and ``p_init`` as floats; a ``ValueError`` naming ``attack`` and the first bad setting."""
+    epsilon = check_positive(attack, "epsilon", epsilon)
+    check_count(attack, "max_queries", max_queries, minimum=2)
+    p_init = check_positive(attack, "p_init", p_init)
+    if p_init > 1:
+        raise ValueError(f"{attack}: p_init must be in (0, 1], got {p_init!r}")
+    return epsilon, p_init
+
+
 def square(
     epsilon: float = 0.25,
     max_queries: int = 500,
@@ -149,11 +177,7 @@ def square(
     The paper uses p_init 0.05 on ImageNet and 0.8 against robust MNIST models; on 8x8 digits 0.3 starts
     with 4x4 squares.
     """
-    epsilon = check_positive("square", "epsilon", epsilon)
-    check_count("square", "max_queries", max_queries, minimum=2)
-    p_init = check_positive("square", "p_init", p_init)
-    if p_init > 1:
-        raise ValueError(f"square: p_init must be in (0, 1], got {p_init!r}")
+    epsilon, p_init = check_square_settings("square", epsilon, max_queries, p_init)
     check_count("square", "count", count)
     check_count("square", "query_batch", query_batch)
     search = functools.partial(

@@ -73,3 +73,13 @@ def test_the_search_stops_before_the_budget_is_passed(constant_images):
     assert result.diagnostics["evasion_stopped_early"] and rule.served <= 100 and rule.refused == 0
     assert rule.served == result.queries.sum()
     assert np.all(perturbation_norms(result.adversarial, inputs, "linf") <= 0.25 + 1e-6)
+
+
+def test_a_fixed_seed_reproduces_the_pinned_queries_and_examples(constant_images):
+    # Pinned before Square's start and schedule were shared with the adaptive attack: seed 0.
+    result = square(epsilon=0.25, max_queries=120).craft(
+        LinearRule(cap=900).oracle(), *constant_images, jax.random.key(0)
+    )
+    assert result.queries.tolist() == [95, 2, 46, 86, 96, 115, 44, 59]
+    total = float(np.asarray(result.adversarial, np.float64).sum())
+    assert total == pytest.approx(258.6000061035156, rel=1e-7)

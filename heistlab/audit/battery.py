@@ -47,11 +47,10 @@ from heistlab.audit.extraction import (
 )
 from heistlab.audit.findings import (
     Finding,
+    Verdict,
     check_fail_on,
     exit_status,
     failing,
-    finding,
-    held,
     ordered,
     untested,
 )
@@ -139,16 +138,12 @@ def detection_finding(verdicts: dict[str, dict | None]) -> Finding:
             f"{name} after {verdict.get('queries_to_detection')} queries"
             for name, verdict in detected.items()
         )
-        return held(check, title, tried, f"alarms raised: {listed}", figures)
-    return finding(
-        check,
+        return Verdict(check, title, tried, figures).held(f"alarms raised: {listed}")
+    return Verdict(check, title, tried, figures).weakness(
+        "low",
+        "no alarm was raised: the operator would not know the model is being stolen",
+        "no alarm for any extraction attack",
         "Extraction went undetected",
-        present=True,
-        severity="low",
-        reason="no alarm was raised: the operator would not know the model is being stolen",
-        tried=tried,
-        happened="no alarm for any extraction attack",
-        figures=figures,
     )
 
 
@@ -348,6 +343,16 @@ def audit_served(cfg: DictConfig, target: Target, battery: Battery, ledger: Quer
     return findings, configuration
 
 
+def unprobed_battery(cfg, battery, api, ledger, splits, exposure, max_rows, detection, needs) -> list:
+    """The battery through ``api`` alone, after the abuse probes' finding: not tested, probing ``needs``."""
+    findings = [untested("abuse.probes", "Abuse probes", needs)]
+    surrogate = surrogate_from(cfg, splits.num_classes)
+    key = jax.random.key(cfg.seed)
+    return findings + run_battery(
+        battery, [api], ledger, splits, surrogate, exposure, cfg.audit, key, max_rows, detection
+    )
+
+
 def audit_inprocess(cfg: DictConfig, battery: Battery, ledger: QueryLedger) -> tuple[list, dict]:
     from heistlab.compose import build_api, build_defense, build_splits, defender_data, load_victim
     from heistlab.serving.service import online_evidence
@@ -376,24 +381,16 @@ def audit_inprocess(cfg: DictConfig, battery: Battery, ledger: QueryLedger) -> t
             "queries_to_detection": report.get("queries_to_detection"),
         }
 
-    findings = [
-        untested(
-            "abuse.probes",
-            "Abuse probes",
-            "a served target (target=https://...): an in-process API has no credentials, routes or transport",
-        )
-    ]
-    findings += run_battery(
+    findings = unprobed_battery(
+        cfg,
         battery,
-        [api],
+        api,
         ledger,
         splits,
-        surrogate_from(cfg, splits.num_classes),
         exposure,
-        cfg.audit,
-        jax.random.key(cfg.seed),
         cfg.api.get("max_batch"),
         detection,
+        "a served target (target=https://...): an in-process API has no credentials, routes or transport",
     )
     keep = ("data", "victim", "defense", "api")
     configuration = {"target": INPROCESS, "seed": cfg.seed}
@@ -416,25 +413,17 @@ def audit_oip(cfg: DictConfig, target: Target, battery: Battery, ledger: QueryLe
     )
     try:
         published = "no quota or rate limit published (the Open Inference Protocol has no way to publish one)"
-        findings = [
-            untested(
-                "abuse.probes",
-                "Abuse probes",
-                "heistlab's own routes (credentials, tokens, roles, quotas): an OIP server is audited for "
-                "extraction and evasion only",
-            )
-        ]
-        findings += run_battery(
+        findings = unprobed_battery(
+            cfg,
             battery,
-            [api],
+            api,
             ledger,
             splits,
-            surrogate_from(cfg, splits.num_classes),
             Exposure(api.output, False, published),
-            cfg.audit,
-            jax.random.key(cfg.seed),
             api.max_batch,
             lambda client, api: None,
+            "heistlab's own routes (credentials, tokens, roles, quotas): an OIP server is audited for "
+            "extraction and evasion only",
         )
     finally:
         api.close()

@@ -22,7 +22,7 @@ import numpy as np
 from heistlab.attacks.evasion import EvasionStage, run_evasion
 from heistlab.attacks.evasion.base import Evasion
 from heistlab.audit.extraction import Exposure, Stolen, Thresholds
-from heistlab.audit.findings import Finding, finding, held, untested
+from heistlab.audit.findings import Finding, Verdict, untested
 from heistlab.audit.ledger import LedgerAPI, QueryLedger
 
 SUCCESS_METRICS = ("blackbox_success_rate", "transfer_success_rate")
@@ -93,15 +93,6 @@ def evasion_member(
     if found.get("median_queries_per_success") is not None:
         happened += f" (median {found['median_queries_per_success']:.0f} per success)"
     if success == 0:
-        return held(check, title, tried, happened, figures)
+        return Verdict(check, title, tried, figures).held(happened)
     severity, reason = rate_evasion(success, evasion, exposure, thresholds)
-    return finding(
-        check,
-        title,
-        present=True,
-        severity=severity,
-        reason=reason,
-        tried=tried,
-        happened=happened,
-        figures=figures,
-    )
+    return Verdict(check, title, tried, figures).weakness(severity, reason, happened)

@@ -27,7 +27,7 @@ import numpy as np
 
 from heistlab import metrics
 from heistlab.attacks.base import Attack, Surrogate
-from heistlab.audit.findings import Finding, finding, held, untested
+from heistlab.audit.findings import Finding, Verdict, held, untested
 from heistlab.audit.ledger import QueryLedger, Transcript, budgeted_oracle
 from heistlab.training import predict_labels, train_classifier
 
@@ -197,15 +197,7 @@ def extraction_member(
             if detected.get("detected")
             else "; not detected"
         )
-    title = f"Extraction: {attack.name}"
     stolen = Stolen(name, model, result.params, reached, result.queries)
-    return finding(
-        check,
-        title,
-        present=True,
-        severity=severity,
-        reason=reason,
-        tried=tried,
-        happened=happened,
-        figures=figures,
+    return Verdict(check, f"Extraction: {attack.name}", tried, figures).weakness(
+        severity, reason, happened
     ), stolen

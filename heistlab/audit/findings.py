@@ -102,6 +102,36 @@ def untested(check: str, title: str, needs: str, figures=None) -> Finding:
     )
 
 
+class Verdict(NamedTuple):
+    """A check once what it tried and measured is known; its outcome is one of ``weakness`` (present),
+    ``held`` or ``untested``, each a ``Finding`` carrying this check's ``tried`` and ``figures``."""
+
+    check: str
+    title: str
+    tried: str = "nothing"
+    figures: Mapping[str, Any] | None = None
+
+    def weakness(self, severity: str, reason: str, happened: str, title: str | None = None, figures=None):
+        """The weakness is present, rated ``severity`` for ``reason``; ``title`` and ``figures`` replace the
+        check's own where given (a present weakness is often titled for what was found)."""
+        return finding(
+            self.check,
+            title or self.title,
+            present=True,
+            severity=severity,
+            reason=reason,
+            tried=self.tried,
+            happened=happened,
+            figures=self.figures if figures is None else figures,
+        )
+
+    def held(self, happened: str) -> Finding:
+        return held(self.check, self.title, self.tried, happened, self.figures)
+
+    def untested(self, needs: str) -> Finding:
+        return untested(self.check, self.title, needs, self.figures)
+
+
 def ordered(findings: Iterable[Finding]) -> list[Finding]:
     """Present findings first, worst first; then the rest by check id."""
     return sorted(findings, key=lambda item: (not item.present, -rank(item.severity), item.check))

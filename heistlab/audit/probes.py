@@ -42,7 +42,7 @@ from typing import NamedTuple
 import httpx
 import numpy as np
 
-from heistlab.audit.findings import Finding, finding, held, untested
+from heistlab.audit.findings import Finding, Verdict, untested
 from heistlab.audit.ledger import QueryLedger
 from heistlab.serving.auth import ROLES, Credential
 
@@ -202,29 +202,20 @@ def unauthenticated(probing: Probing) -> Finding:
         f"{len(statuses)} requests: {listed}, each with no credentials, a wrong secret and a malformed token"
     )
     figures = {"statuses": statuses, "status_counts": tally(statuses.values())}
-    if not open_routes:
-        return held(
-            "authentication.unauthenticated_access",
-            "Routes without valid credentials",
-            tried,
-            "every request was refused with 401",
-            figures,
-        )
-    severity = max(severities, key=("info", "low", "medium", "high", "critical").index)
-    return finding(
-        "authentication.unauthenticated_access",
-        "Routes answered without valid credentials",
-        present=True,
-        severity=severity,
-        reason=(
-            "anyone who can reach the server is served predictions or administration without a key"
-            if severity == "critical"
-            else "the model's interface is disclosed without a key"
-        ),
-        tried=tried,
-        happened="answered without valid credentials: " + "; ".join(open_routes),
-        figures={**figures, "open_routes": open_routes},
+    verdict = Verdict(
+        "authentication.unauthenticated_access", "Routes without valid credentials", tried, figures
     )
+    if not open_routes:
+        return verdict.held("every request was refused with 401")
+    severity = max(severities, key=("info", "low", "medium", "high", "critical").index)
+    reason = (
+        "anyone who can reach the server is served predictions or administration without a key"
+        if severity == "critical"
+        else "the model's interface is disclosed without a key"
+    )
+    happened = "answered without valid credentials: " + "; ".join(open_routes)
+    title = "Routes answered without valid credentials"
+    return verdict.weakness(severity, reason, happened, title, {**figures, "open_routes": open_routes})
 
 
 def forged(token: str) -> dict[str, str]:
@@ -257,68 +248,48 @@ def tokens(probing: Probing) -> list[Finding]:
     statuses = {name: response.status_code for name, response in responses.items()}
     accepted = [name for name, got in responses.items() if answered(got.status_code, error_code(got))]
     tried = f"{len(statuses)} forged tokens made from a genuine one: {', '.join(statuses)}"
+    verdict = Verdict("authentication.forged_token", "Forged bearer tokens", tried, {"statuses": statuses})
     if accepted:
-        forged_finding = finding(
-            "authentication.forged_token",
+        forged_finding = verdict.weakness(
+            "critical",
+            "a client can mint its own credentials (any expiry, any key) without the signing secret",
+            f"accepted: {', '.join(accepted)}",
             "Forged bearer tokens accepted",
-            present=True,
-            severity="critical",
-            reason="a client can mint its own credentials (any expiry, any key) without the signing secret",
-            tried=tried,
-            happened=f"accepted: {', '.join(accepted)}",
-            figures={"statuses": statuses},
         )
     else:
-        forged_finding = held(
-            "authentication.forged_token",
-            "Forged bearer tokens",
-            tried,
-            "every forged token was refused with 401",
-            {"statuses": statuses},
-        )
+        forged_finding = verdict.held("every forged token was refused with 401")
     return [forged_finding, expired_token(probing, token, lifetime)]
 
 
 def expired_token(probing: Probing, token: str, lifetime: float) -> Finding:
     settings = probing.settings
     figures = {"token_lifetime_s": lifetime}
+    read = "asked for a token and read its lifetime"
+    verdict = Verdict("authentication.expired_token", "Expired bearer tokens", read, figures)
     if lifetime > settings.max_expiry_wait_s:
         if lifetime > settings.long_token_s:
-            return finding(
-                "authentication.expired_token",
+            return verdict.weakness(
+                "low",
+                f"a stolen token stays usable {lifetime:.0f} s (over {settings.long_token_s:.0f} s)",
+                f"tokens live {lifetime:.0f} s; expiry was not waited out",
                 "Long-lived bearer tokens",
-                present=True,
-                severity="low",
-                reason=f"a stolen token stays usable {lifetime:.0f} s (over {settings.long_token_s:.0f} s)",
-                tried="asked for a token and read its lifetime",
-                happened=f"tokens live {lifetime:.0f} s; expiry was not waited out",
-                figures=figures,
             )
-        return untested(
-            "authentication.expired_token",
-            "Expired bearer tokens",
+        return verdict.untested(
             f"tokens live {lifetime:.0f} s, longer than audit.probes.max_expiry_wait_s "
-            f"({settings.max_expiry_wait_s:g} s); raise it to wait the expiry out",
-            figures,
+            f"({settings.max_expiry_wait_s:g} s); raise it to wait the expiry out"
         )
     probing.sleep(lifetime + 0.25)
     status = predict(probing, bearer(token)).status_code
     figures["status_after_expiry"] = status
-    tried = f"waited out the token's lifetime ({lifetime:g} s), then sent it again"
+    verdict = verdict._replace(tried=f"waited out the token's lifetime ({lifetime:g} s), then sent it again")
     if answered(status):
-        return finding(
-            "authentication.expired_token",
+        return verdict.weakness(
+            "high",
+            "tokens never expire, so a leaked token is a permanent credential",
+            f"the expired token was answered with {status}",
             "Expired bearer tokens accepted",
-            present=True,
-            severity="high",
-            reason="tokens never expire, so a leaked token is a permanent credential",
-            tried=tried,
-            happened=f"the expired token was answered with {status}",
-            figures=figures,
         )
-    return held(
-        "authentication.expired_token", "Expired bearer tokens", tried, f"refused with {status}", figures
-    )
+    return verdict.held(f"refused with {status}")
 
 
 def revocation(probing: Probing) -> Finding:
@@ -355,18 +326,11 @@ def revocation(probing: Probing) -> Finding:
         "replayed its token, reused its API key and asked for a new token"
     )
     accepted = [name for name, status in statuses.items() if status < 400]
+    verdict = Verdict(check, title, tried, figures)
     if accepted:
-        return finding(
-            check,
-            title,
-            present=True,
-            severity="high",
-            reason="revoking a leaked key does not stop it",
-            tried=tried,
-            happened=f"still answered after revocation: {', '.join(accepted)}",
-            figures=figures,
-        )
-    return held(check, title, tried, "all refused after revocation", figures)
+        happened = f"still answered after revocation: {', '.join(accepted)}"
+        return verdict.weakness("high", "revoking a leaked key does not stop it", happened)
+    return verdict.held("all refused after revocation")
 
 
 # -- authorisation -------------------------------------------------------------------------------------------
@@ -395,34 +359,22 @@ def roles(probing: Probing) -> list[Finding]:
                 escalations.append(f"the {info['role']} key received {output}")
                 severities.append("high" if output == "probabilities" else "medium")
     tried = "each key asked for every output its role does not include"
+    verdict = Verdict("authorization.role_escalation", "Outputs beyond a key's role", tried)
     if not statuses:
-        escalation = untested(
-            "authorization.role_escalation",
-            "Outputs beyond a key's role",
-            "a key whose role excludes some output (audit.credentials.low_role_key_file, e.g. a labels key)",
+        escalation = verdict.untested(
+            "a key whose role excludes some output (audit.credentials.low_role_key_file, e.g. a labels key)"
         )
     elif escalations:
-        worst = "high" if "high" in severities else "medium"
-        escalation = finding(
-            "authorization.role_escalation",
+        escalation = verdict._replace(figures={"statuses": statuses}).weakness(
+            "high" if "high" in severities else "medium",
+            "probabilities reach roles meant to see labels: they make extraction cheaper (soft labels, "
+            "equation solving) and score-based evasion possible",
+            "; ".join(escalations),
             "Keys receive more than their role allows",
-            present=True,
-            severity=worst,
-            reason=(
-                "probabilities reach roles meant to see labels: they make extraction cheaper (soft labels, "
-                "equation solving) and score-based evasion possible"
-            ),
-            tried=tried,
-            happened="; ".join(escalations),
-            figures={"statuses": statuses},
         )
     else:
-        escalation = held(
-            "authorization.role_escalation",
-            "Outputs beyond a key's role",
-            tried,
-            "every request beyond the role was refused with 403",
-            {"statuses": statuses},
+        escalation = verdict._replace(figures={"statuses": statuses}).held(
+            "every request beyond the role was refused with 403"
         )
     return [escalation, admin_routes(probing)]
 
@@ -447,27 +399,20 @@ def admin_routes(probing: Probing) -> Finding:
             breaches.append("the admin key is served predictions")
             severity = severity if severity == "critical" else "low"
     tried = "client keys on the admin routes; the admin key asking for predictions"
+    verdict = Verdict(
+        "authorization.admin_routes", "Administration and least privilege", tried, {"statuses": statuses}
+    )
     if not breaches:
-        return held(
-            "authorization.admin_routes",
-            "Administration and least privilege",
-            tried,
-            "client keys were refused the admin routes (403) and the admin key was served no predictions",
-            {"statuses": statuses},
+        return verdict.held(
+            "client keys were refused the admin routes (403) and the admin key was served no predictions"
         )
-    return finding(
-        "authorization.admin_routes",
-        "Administration reachable beyond the admin role",
-        present=True,
-        severity=severity,
-        reason=(
-            "client keys can read the audit log or revoke keys"
-            if severity == "critical"
-            else "the operator's key doubles as a client key (no least privilege)"
-        ),
-        tried=tried,
-        happened="; ".join(breaches),
-        figures={"statuses": statuses},
+    reason = (
+        "client keys can read the audit log or revoke keys"
+        if severity == "critical"
+        else "the operator's key doubles as a client key (no least privilege)"
+    )
+    return verdict.weakness(
+        severity, reason, "; ".join(breaches), "Administration reachable beyond the admin role"
     )
 
 
@@ -539,33 +484,24 @@ def validation_finding(check, title, tried, statuses, leaked, still_serving) -> 
         "status_counts": tally(statuses.values()),
         "valid_request_after": still_serving,
     }
+    verdict = Verdict(check, title, tried, figures)
     if leaked:
-        return finding(
-            check,
-            title,
-            present=True,
-            severity="high",
-            reason="error answers disclose the server's internals (tracebacks, file names)",
-            tried=tried,
-            happened=f"internals in the answers to: {', '.join(leaked)}",
-            figures=figures,
+        return verdict.weakness(
+            "high",
+            "error answers disclose the server's internals (tracebacks, file names)",
+            f"internals in the answers to: {', '.join(leaked)}",
         )
     if served or failed or still_serving >= 500:
         problems = [f"served: {', '.join(served)}"] if served else []
         problems += [f"server errors: {', '.join(failed)}"] if failed else []
         problems += [f"a valid request afterwards got {still_serving}"] if still_serving >= 500 else []
-        return finding(
-            check,
-            title,
-            present=True,
-            severity="medium",
-            reason="invalid or oversized input reaches the model or breaks a request: wrong answers, and an "
+        return verdict.weakness(
+            "medium",
+            "invalid or oversized input reaches the model or breaks a request: wrong answers, and an "
             "availability risk",
-            tried=tried,
-            happened="; ".join(problems),
-            figures=figures,
+            "; ".join(problems),
         )
-    return held(check, title, tried, "every request was refused with a 4xx and a JSON error", figures)
+    return verdict.held("every request was refused with a 4xx and a JSON error")
 
 
 def padded_body(size: int) -> bytes:
@@ -651,43 +587,30 @@ def rate_limit(probing: Probing, token: str | None = None) -> Finding:
     }
     tried = f"{requests} back-to-back requests of {rows} rows ({requests * rows} rows) with the client key"
     limited = [code for code in codes if code == "rate_limited"]
+    verdict = Verdict("throttling.rate_limit", "Rate limit", tried, figures)
     if limited:
         happened = f"{len(limited)} of {requests} answered 429 rate_limited"
         if not all(retry_after):
-            return finding(
-                "throttling.rate_limit",
+            return verdict.weakness(
+                "low",
+                "clients cannot tell when to retry, so well-behaved ones hammer the server",
+                happened + ", some without Retry-After",
                 "Rate limit without Retry-After",
-                present=True,
-                severity="low",
-                reason="clients cannot tell when to retry, so well-behaved ones hammer the server",
-                tried=tried,
-                happened=happened + ", some without Retry-After",
-                figures=figures,
             )
-        return held("throttling.rate_limit", "Rate limit", tried, happened + " with Retry-After", figures)
+        return verdict.held(happened + " with Retry-After")
     rate = info.get("rate")
     if rate is not None and not codes and (figures["rows_per_second"] or 0) < rate:
-        return untested(
-            "throttling.rate_limit",
-            "Rate limit",
+        return verdict.untested(
             f"the burst reached {figures['rows_per_second'] or 0:.0f} rows/s, below the published rate of "
-            f"{rate:g} rows/s, so the limit was not exercised (raise audit.probes.max_burst_rows)",
-            figures,
+            f"{rate:g} rows/s, so the limit was not exercised (raise audit.probes.max_burst_rows)"
         )
-    return finding(
-        "throttling.rate_limit",
+    return verdict.weakness(
+        "medium",
+        "one key is served as fast as the server answers, so extraction is bounded by nothing but the quota",
+        f"all {statuses.count(200)} of {requests} served ({figures['rows_per_second'] or 0:.0f} rows/s)"
+        if not codes
+        else f"refused only by the quota ({', '.join(map(str, codes))}), never rate limited",
         "No rate limit",
-        present=True,
-        severity="medium",
-        reason="one key is served as fast as the server answers, so extraction is bounded by nothing but the "
-        "quota",
-        tried=tried,
-        happened=(
-            f"all {statuses.count(200)} of {requests} served ({figures['rows_per_second'] or 0:.0f} rows/s)"
-            if not codes
-            else f"refused only by the quota ({', '.join(map(str, codes))}), never rate limited"
-        ),
-        figures=figures,
     )
 
 
@@ -698,63 +621,51 @@ def client_info(probing: Probing) -> dict:
 def quota(probing: Probing) -> Finding:
     """The key's quota: published, drained to less than one batch, then a batch one row past what is left
     refused whole. Not tested when crossing it would take more rows than the audit has left."""
-    check, title = "throttling.quota", "Per-key quota"
     info = client_info(probing)
     declared, remaining = info.get("quota"), info.get("remaining")
     figures = {"quota": declared, "remaining_before": remaining}
+    verdict = Verdict(
+        "throttling.quota", "Per-key quota", "read the client key's quota from GET /v1/info", figures
+    )
     if declared is None or remaining is None:
-        return finding(
-            check,
+        return verdict.weakness(
+            "medium",
+            "one key may be served without end: nothing bounds how much of the model it extracts",
+            "no quota is published for the key (quota: null)",
             "No per-key quota",
-            present=True,
-            severity="medium",
-            reason="one key may be served without end: nothing bounds how much of the model it extracts",
-            tried="read the client key's quota from GET /v1/info",
-            happened="no quota is published for the key (quota: null)",
-            figures=figures,
         )
     if remaining + 1 > probing.ledger.left:
-        return untested(
-            check,
-            title,
+        return verdict.untested(
             f"crossing the quota takes {remaining + 1} rows ({remaining} left of {declared}), the audit has "
-            f"{probing.ledger.left} left; raise audit.budget (or audit with a key that has less left)",
-            figures,
+            f"{probing.ledger.left} left; raise audit.budget (or audit with a key that has less left)"
         )
     batch = admitted_batch(info)
     drained, statuses = drain(probing, remaining, batch, info.get("rate"))
     figures.update(rows_drained=drained, drain_status_counts=tally(statuses))
     left = client_info(probing).get("remaining")
     if not isinstance(left, int) or left >= batch or left + 1 > probing.ledger.left:
-        return untested(
-            check,
-            title,
+        return verdict.untested(
             f"draining the quota in batches of {batch} left {left} rows, not less than one batch, within "
             f"audit.probes.max_quota_wait_s ({probing.settings.max_quota_wait_s:g} s of waiting) and the "
-            f"audit's budget ({probing.ledger.left} rows left)",
-            figures,
+            f"audit's budget ({probing.ledger.left} rows left)"
         )
     over = left + 1
     response = predict(probing, key_header(probing.keys.client), rows=over)
     after = client_info(probing).get("remaining")
     error = response.json().get("error") if response.status_code >= 400 else None
     figures.update(remaining_drained=left, status=response.status_code, error=error, remaining_after=after)
-    tried = (
-        f"drained the key's quota of {declared} from {remaining} to {left} rows left ({drained} rows "
+    verdict = verdict._replace(
+        tried=f"drained the key's quota of {declared} from {remaining} to {left} rows left ({drained} rows "
         f"served), then sent one batch of {over} rows, one past what was left"
     )
     if response.status_code < 400 or after != left:
-        return finding(
-            check,
+        return verdict.weakness(
+            "high",
+            "a batch past the quota was served, in whole or in part",
+            f"answered {response.status_code}; remaining went from {left} to {after}",
             "Quota not enforced",
-            present=True,
-            severity="high",
-            reason="a batch past the quota was served, in whole or in part",
-            tried=tried,
-            happened=f"answered {response.status_code}; remaining went from {left} to {after}",
-            figures=figures,
         )
-    return held(check, title, tried, f"refused whole ({response.status_code} {error})", figures)
+    return verdict.held(f"refused whole ({response.status_code} {error})")
 
 
 def admitted_batch(info: dict) -> int:
@@ -801,20 +712,15 @@ def transport(probing: Probing) -> Finding:
         "connected over TLS, verifying the certificate against audit.ca_file, and read an answer's headers"
     )
     figures = {"headers": {name: response.headers.get(name) for name in SECURITY_HEADERS}}
+    verdict = Verdict("transport.headers", "TLS and security headers", tried, figures)
     if missing:
-        return finding(
-            "transport.headers",
+        return verdict.weakness(
+            "low",
+            "answers may be cached by intermediaries or downgraded to plain HTTP by a browser client",
+            f"missing: {', '.join(missing)}",
             "Security headers missing",
-            present=True,
-            severity="low",
-            reason="answers may be cached by intermediaries or downgraded to plain HTTP by a browser client",
-            tried=tried,
-            happened=f"missing: {', '.join(missing)}",
-            figures=figures,
         )
-    return held(
-        "transport.headers", "TLS and security headers", tried, "certificate verified; headers set", figures
-    )
+    return verdict.held("certificate verified; headers set")
 
 
 TLS_VERSIONS = {
@@ -889,36 +795,29 @@ def tls(probing: Probing) -> Finding:
     )
     old = [name for name in WEAK_VERSIONS if versions.get(name)]
     untestable = [name for name in WEAK_VERSIONS if versions.get(name) is None]
+    verdict = Verdict(check, title, tried, figures)
     if old:
-        return finding(
-            check,
+        return verdict.weakness(
+            "medium",
+            "TLS 1.0 and 1.1 are deprecated (RFC 8996): CBC-mode and SHA-1 weaknesses, no AEAD",
+            f"accepted: {', '.join(old)}",
             "Obsolete TLS versions accepted",
-            present=True,
-            severity="medium",
-            reason="TLS 1.0 and 1.1 are deprecated (RFC 8996): CBC-mode and SHA-1 weaknesses, no AEAD",
-            tried=tried,
-            happened=f"accepted: {', '.join(old)}",
-            figures=figures,
         )
     if weak_suites:
-        return finding(
-            check,
+        return verdict.weakness(
+            "low",
+            "CBC suites invite padding-oracle and timing attacks; static RSA key exchange has no forward "
+            "secrecy",
+            f"accepted at TLS 1.2: {', '.join(weak_suites)}",
             "Non-AEAD or non-forward-secret TLS 1.2 suites accepted",
-            present=True,
-            severity="low",
-            reason="CBC suites invite padding-oracle and timing attacks; static RSA key exchange has no "
-            "forward secrecy",
-            tried=tried,
-            happened=f"accepted at TLS 1.2: {', '.join(weak_suites)}",
-            figures=figures,
         )
     if not versions.get("TLSv1.2") and not versions.get("TLSv1.3"):
-        return untested(check, title, "no handshake succeeded at TLS 1.2 or 1.3", figures)
+        return verdict.untested("no handshake succeeded at TLS 1.2 or 1.3")
     happened = f"accepted {', '.join(name for name, ok in versions.items() if ok)}"
     happened += f"; at TLS 1.2 only AEAD suites with forward secrecy ({len(accepted)} of {len(candidates)})"
     if untestable:
         happened += f"; {', '.join(untestable)} not tried (this machine's OpenSSL cannot offer them)"
-    return held(check, title, tried, happened, figures)
+    return verdict.held(happened)
 
 
 def failed_auth_flood(probing: Probing) -> Finding:
@@ -945,45 +844,34 @@ def failed_auth_flood(probing: Probing) -> Finding:
     }
     tried = f"{attempts} requests with a wrong secret for the client's key id, back to back"
     served = [status for status in statuses if status < 400]
+    verdict = Verdict(check, title, tried, figures)
     if served:
-        return finding(
-            check,
+        return verdict.weakness(
+            "critical",
+            "a request with a wrong secret got past authentication",
+            f"{len(served)} of {attempts} answered {sorted(set(served))}",
             "A wrong secret was served",
-            present=True,
-            severity="critical",
-            reason="a request with a wrong secret got past authentication",
-            tried=tried,
-            happened=f"{len(served)} of {attempts} answered {sorted(set(served))}",
-            figures=figures,
         )
     if not retry_after:
-        return finding(
-            check,
+        return verdict.weakness(
+            "low",
+            "nothing limits guessing or the server-side cost of each failed attempt (an availability risk "
+            "when verifying a secret is expensive)",
+            f"all {attempts} answered {', '.join(tally(statuses))}; none 429",
             "Failed authentication is not throttled",
-            present=True,
-            severity="low",
-            reason="nothing limits guessing or the server-side cost of each failed attempt (an availability "
-            "risk when verifying a secret is expensive)",
-            tried=tried,
-            happened=f"all {attempts} answered {', '.join(tally(statuses))}; none 429",
-            figures=figures,
         )
     if not all(retry_after):
-        return finding(
-            check,
+        return verdict.weakness(
+            "low",
+            "clients cannot tell when to retry",
+            f"{len(retry_after)} of {attempts} answered 429, some without Retry-After",
             "Failed-authentication throttling without Retry-After",
-            present=True,
-            severity="low",
-            reason="clients cannot tell when to retry",
-            tried=tried,
-            happened=f"{len(retry_after)} of {attempts} answered 429, some without Retry-After",
-            figures=figures,
         )
     happened = (
         f"429 with Retry-After from attempt {figures['first_429_at']} on ({len(retry_after)} of {attempts})"
     )
     happened += f"; the genuine key then got {genuine}"
-    return held(check, title, tried, happened, figures)
+    return verdict.held(happened)
 
 
 def alarms(probing: Probing) -> list[dict] | None:
