@@ -19,6 +19,8 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
+
+from heistlab.api import Oracle
 from heistlab.attacks.base import (
     Attack,
     AttackResult,
@@ -30,8 +32,6 @@ from heistlab.attacks.base import (
     training_targets,
 )
 from heistlab.attacks.knockoff import squared_distances
-
-from heistlab.api import Oracle
 from heistlab.training import predict_proba, train_classifier
 
 Selector = Callable[[np.ndarray, np.ndarray, int, np.random.Generator], np.ndarray]

@@ -36,6 +36,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from heistlab.api import Oracle
 from heistlab.attacks.base import (
     Attack,
     AttackResult,
@@ -48,8 +50,6 @@ from heistlab.attacks.base import (
     training_targets,
 )
 from heistlab.attacks.knockoff import sample_pool
-
-from heistlab.api import Oracle
 from heistlab.training import predict_proba, train_classifier
 
 NORMS = ("linf", "l2")

@@ -3,12 +3,12 @@ import functools
 import jax
 import numpy as np
 import pytest
-from heistlab.attacks.base import Surrogate
-from heistlab.attacks.cloudleak import cloudleak, feature_fool, margins
 from omegaconf import OmegaConf
 
 from heistlab import data, training
 from heistlab.api import Oracle, QueryRefused
+from heistlab.attacks.base import Surrogate
+from heistlab.attacks.cloudleak import cloudleak, feature_fool, margins
 from heistlab.checks import ConfigError
 from heistlab.experiment import build_attack
 from heistlab.models import MLP

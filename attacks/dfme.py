@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from heistlab.attacks.base import Attack, AttackResult, Surrogate, affordable, check_budget, query_in_batches
 
 from heistlab.api import Oracle
+from heistlab.attacks.base import Attack, AttackResult, Surrogate, affordable, check_budget, query_in_batches
 from heistlab.training import apply_training_step, init_params, value_and_grad_training
 
 

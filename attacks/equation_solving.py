@@ -31,6 +31,8 @@ import math
 import jax
 import numpy as np
 import scipy.linalg
+
+from heistlab.api import Oracle
 from heistlab.attacks.base import (
     Attack,
     AttackResult,
@@ -40,8 +42,6 @@ from heistlab.attacks.base import (
     check_budget,
     query_in_batches,
 )
-
-from heistlab.api import Oracle
 from heistlab.models import SoftmaxRegression
 
 GRAM_CHUNK = 256

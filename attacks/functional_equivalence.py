@@ -48,9 +48,9 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
-from heistlab.attacks.base import Attack, AttackResult, Surrogate, VictimFamily, affordable, check_budget
 
 from heistlab.api import Oracle, QueryRefused
+from heistlab.attacks.base import Attack, AttackResult, Surrogate, VictimFamily, affordable, check_budget
 from heistlab.models import MLP
 
 # Largest relative distance of a kink's Jacobian difference from rank one. Two units switching closer

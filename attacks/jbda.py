@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from heistlab.api import Oracle
 from heistlab.attacks.base import (
     Attack,
     AttackResult,
@@ -24,8 +26,6 @@ from heistlab.attacks.base import (
     hard_targets,
     query_in_batches,
 )
-
-from heistlab.api import Oracle
 from heistlab.training import capacity_for, pad_rows, train_classifier
 
 

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+
+from heistlab.api import Oracle
 from heistlab.attacks.base import (
     Attack,
     AttackResult,
@@ -36,8 +38,6 @@ from heistlab.attacks.base import (
     query_then_train,
     training_targets,
 )
-
-from heistlab.api import Oracle
 from heistlab.training import init_params, predict_proba, train_classifier
 
 STRATEGIES = ("random", "adaptive")

@@ -31,10 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from heistlab.attacks.base import Attack, AttackResult, Surrogate, affordable, check_budget
-from heistlab.attacks.dfme import Generator, GeneratorPlayer, check_generator_settings, padded, served_targets
 
 from heistlab.api import Oracle
+from heistlab.attacks.base import Attack, AttackResult, Surrogate, affordable, check_budget
+from heistlab.attacks.dfme import Generator, GeneratorPlayer, check_generator_settings, padded, served_targets
 from heistlab.training import init_params
 
 

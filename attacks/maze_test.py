@@ -1,11 +1,11 @@
 import jax
 import numpy as np
 import pytest
+
+from heistlab.api import Oracle
 from heistlab.attacks.base import Surrogate
 from heistlab.attacks.dfme import forward_difference_gradient, perturbed_points
 from heistlab.attacks.maze import ReplayBuffer, kl_to_victim, maze, victim_log_probabilities
-
-from heistlab.api import Oracle
 from heistlab.models import MLP
 from heistlab.training import TrainConfig
 

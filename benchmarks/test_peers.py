@@ -22,14 +22,14 @@ import sys
 import jax
 import numpy as np
 import pytest
-from heistlab.attacks.evasion.base import perturbation_norms
-from heistlab.attacks.evasion.hopskipjump import hopskipjump_search
-from heistlab.attacks.evasion.square import square_search
-from heistlab.defenses import identity
 
 from benchmarks import art_knockoff, workloads
 from benchmarks.conftest import BENCH_CACHE, REPO
 from heistlab.api import PredictionAPI
+from heistlab.attacks.evasion.base import perturbation_norms
+from heistlab.attacks.evasion.hopskipjump import hopskipjump_search
+from heistlab.attacks.evasion.square import square_search
+from heistlab.defenses import identity
 from heistlab.training import _probability_program, capacity_for, pad_rows
 
 pytest.importorskip("art", reason="the peers extra (adversarial-robustness-toolbox, torch) is not installed")

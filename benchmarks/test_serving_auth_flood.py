@@ -26,11 +26,11 @@ from collections import Counter
 import httpx
 import numpy as np
 import pytest
-from heistlab.experiments import keys
 
 from benchmarks.serving import free_port, served
 from benchmarks.test_serving_benchmark import SERVE_LIMITS
 from heistlab import data
+from heistlab.experiments import keys
 from heistlab.serving.client import read_credentials
 from heistlab.serving.tls import client_context
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from heistlab.experiments import keys
 
 from benchmarks.serving import cpu_seconds, free_port, served
 from heistlab import data
+from heistlab.experiments import keys
 from heistlab.serving.client import read_credentials
 from heistlab.serving.tls import client_context
 

@@ -18,10 +18,10 @@ import time
 
 import httpx
 import numpy as np
-from heistlab.experiments import keys
 
 from benchmarks.serving import free_port, served
 from benchmarks.test_serving_benchmark import SERVE_LIMITS
+from heistlab.experiments import keys
 from heistlab.serving.client import read_credentials
 from heistlab.serving.tls import client_context
 

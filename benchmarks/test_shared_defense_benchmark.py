@@ -18,9 +18,9 @@ import time
 
 import jax
 import numpy as np
-from heistlab.defenses import QueryContext, prada
 
 from heistlab.data import load_digits
+from heistlab.defenses import QueryContext, prada
 from heistlab.serving.audit import AuditLog
 from heistlab.serving.shared_defense import DefenseStateStore, ServingState
 

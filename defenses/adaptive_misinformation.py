@@ -26,8 +26,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from heistlab.defenses.base import DefenderData, Defense, QueryContext, stateless
 
+from heistlab.defenses.base import DefenderData, Defense, QueryContext, stateless
 from heistlab.models import MLP
 from heistlab.training import Params, TrainConfig, train_classifier
 

@@ -1,6 +1,7 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from heistlab.defenses.adaptive_misinformation import (
     adaptive_misinformation,
     misinform,

@@ -17,8 +17,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from heistlab.defenses.base import DefenderData, Defense, Evidence, stateless
 from scipy import stats
+
+from heistlab.defenses.base import DefenderData, Defense, Evidence, stateless
 
 # Mixed into the seed so the triggers are drawn from their own stream, not the victim's.
 TRIGGER_STREAM = 0x4144

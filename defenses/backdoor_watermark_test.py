@@ -2,9 +2,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import stats
+
 from heistlab.defenses.backdoor_watermark import backdoor_watermark, trigger_set
 from heistlab.defenses.base import DefenderData, Evidence, QueryContext
-from scipy import stats
 
 DEFENDER = DefenderData(np.zeros((5, 4, 4, 1), np.float32), np.arange(5, dtype=np.int32), (4, 4, 1), 10, 3)
 

@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from heistlab.defenses.base import QueryContext, chain, identity, stateless
 
 PROBS = jnp.array([[0.2, 0.3, 0.5]], jnp.float32)

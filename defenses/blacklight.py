@@ -44,6 +44,7 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
+
 from heistlab.defenses.base import ADMIT, DefenderData, Defense, Evidence, QueryContext, Request, Verdict
 
 ACTIONS = ("log", "refuse", "switch")

@@ -4,13 +4,13 @@ import importlib
 import jax
 import numpy as np
 import pytest
+
+from heistlab import data
+from heistlab.api import Oracle
 from heistlab.attacks.evasion.square import square_search
 from heistlab.defenses.base import DefenderData, Evidence, QueryContext, Request
 from heistlab.defenses.blacklight import REFUSAL_REASON, blacklight, check_input_size, fingerprint
 from heistlab.defenses.label_only import label_only
-
-from heistlab import data
-from heistlab.api import Oracle
 
 CLASSES = 10
 blacklight_module = importlib.import_module("heistlab.defenses.blacklight")

@@ -1,6 +1,7 @@
 import math
 
 import pytest
+
 from heistlab.defenses.base import Request
 from heistlab.defenses.budget import budget
 

@@ -31,8 +31,9 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
-from heistlab.defenses.base import Defense, Evidence, QueryContext
 from scipy import special, stats
+
+from heistlab.defenses.base import Defense, Evidence, QueryContext
 
 log = logging.getLogger(__name__)
 

@@ -5,6 +5,8 @@ import logging
 import jax
 import numpy as np
 import pytest
+from scipy import stats
+
 from heistlab.defenses.base import Evidence, QueryContext, chain
 from heistlab.defenses.dawn import (
     DEFAULT_KEY_ENV,
@@ -15,7 +17,6 @@ from heistlab.defenses.dawn import (
     watermark_label,
 )
 from heistlab.defenses.top_k import top_k
-from scipy import stats
 
 KEY = "correct horse battery staple"
 CLASSES = 10

@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from heistlab.defenses.base import DefenderData, Evidence, QueryContext
-from heistlab.defenses.edm import DEFAULT_KEY_ENV, coherence, edm, select_members
 
 from heistlab import data
 from heistlab.api import PredictionAPI
+from heistlab.defenses.base import DefenderData, Evidence, QueryContext
+from heistlab.defenses.edm import DEFAULT_KEY_ENV, coherence, edm, select_members
 
 KEY = b"edm test key"
 

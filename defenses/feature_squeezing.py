@@ -24,6 +24,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from heistlab.defenses.base import Defense, Evidence, QueryContext
 
 MAX_BIT_DEPTH = 16

@@ -2,6 +2,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import ndimage
+
 from heistlab.defenses.base import Evidence, QueryContext
 from heistlab.defenses.feature_squeezing import (
     feature_squeezing,
@@ -9,7 +11,6 @@ from heistlab.defenses.feature_squeezing import (
     reduce_bit_depth,
     squeezing_score,
 )
-from scipy import ndimage
 
 
 def test_bit_depth_reduction_rounds_to_evenly_spaced_levels():

@@ -7,6 +7,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+
 from heistlab.defenses.base import Defense, QueryContext, normalise, stateless
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
 from heistlab.defenses.base import Defense, QueryContext, stateless
 
 

@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from heistlab.defenses.base import QueryContext
 from heistlab.defenses.label_only import label_only
 

@@ -2,6 +2,7 @@ import math
 
 import numpy as np
 import pytest
+
 from heistlab.defenses.leakage import (
     DEFAULT_ORDERS,
     answer_entropy,

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from heistlab.defenses.base import DefenderData, Defense, QueryContext, stateless
 
 OBJECTIVES = ("distance", "angular")

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from heistlab.defenses.base import DefenderData, QueryContext
 from heistlab.defenses.mad import (
     ARGMAX_MARGIN,

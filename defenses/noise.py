@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import jax
+
 from heistlab.defenses.base import Defense, QueryContext, project_to_simplex, stateless
 
 

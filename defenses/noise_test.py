@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from heistlab.defenses.base import QueryContext
 from heistlab.defenses.noise import gaussian_noise, laplace_noise
 

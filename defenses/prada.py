@@ -36,8 +36,9 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
-from heistlab.defenses.base import ADMIT, DefenderData, Defense, Evidence, QueryContext, Request, Verdict
 from scipy import stats
+
+from heistlab.defenses.base import ADMIT, DefenderData, Defense, Evidence, QueryContext, Request, Verdict
 
 ACTIONS = ("log", "refuse", "switch")
 MIN_CLASS_DISTANCES = 10

@@ -5,13 +5,13 @@ import warnings
 import jax
 import numpy as np
 import pytest
+from scipy import stats
+
+from heistlab import data
 from heistlab.defenses.base import DefenderData, Evidence, QueryContext, Request
 from heistlab.defenses.label_only import label_only
 from heistlab.defenses.prada import Alarm, ClientTrace, calibrate_delta, empty_trace, observe_batch, prada
 from heistlab.defenses.rate_limit import rate_limit
-from scipy import stats
-
-from heistlab import data
 
 prada_module = importlib.import_module("heistlab.defenses.prada")
 

@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from typing import NamedTuple
 
 import numpy as np
+
 from heistlab.defenses.base import Defense, Evidence, Request, Verdict
 from heistlab.defenses.leakage import Leakage, pate_privacy_cost
 

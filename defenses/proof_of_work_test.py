@@ -3,6 +3,8 @@ from typing import NamedTuple
 import jax
 import numpy as np
 import pytest
+
+from heistlab.api import PredictionAPI
 from heistlab.defenses import chain, rounding
 from heistlab.defenses.base import Evidence, QueryContext, Request
 from heistlab.defenses.leakage import (
@@ -14,8 +16,6 @@ from heistlab.defenses.leakage import (
     pate_privacy_cost,
 )
 from heistlab.defenses.proof_of_work import next_bits, proof_of_work
-
-from heistlab.api import PredictionAPI
 
 CLASSES = 10
 CONFIDENT = np.array([[0.97] + [0.03 / 9] * 9])

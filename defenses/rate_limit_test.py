@@ -2,6 +2,7 @@ import math
 
 import numpy as np
 import pytest
+
 from heistlab.defenses.base import Request
 from heistlab.defenses.rate_limit import cumulative_delay, progressive_delay, rate_limit
 

@@ -2,9 +2,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import special
+
 from heistlab.defenses.base import QueryContext
 from heistlab.defenses.reverse_sigmoid import reverse_sigmoid
-from scipy import special
 
 
 def serve(defense, probs):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
 from heistlab.defenses.base import Defense, QueryContext, stateless
 
 MAX_DECIMALS = 7  # float32 holds integers exactly up to 2**24, so 10**7 units per row is as fine as it gets.

@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from heistlab.defenses.base import DefenderData, QueryContext
 from heistlab.defenses.top_k import top_k
 

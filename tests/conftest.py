@@ -12,9 +12,8 @@ import pytest
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-from heistlab.attacks.base import Surrogate
-
 from heistlab import data, training, victims
+from heistlab.attacks.base import Surrogate
 from heistlab.compose import enable_compilation_cache
 from heistlab.models import MLP
 

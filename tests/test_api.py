@@ -7,9 +7,9 @@ import hashlib
 import jax
 import numpy as np
 import pytest
-from heistlab.defenses import identity, label_only
 
 from heistlab.api import InvalidQuery, PredictionAPI, QueryRefused
+from heistlab.defenses import identity, label_only
 
 
 @pytest.fixture

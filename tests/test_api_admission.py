@@ -8,6 +8,8 @@ import math
 import jax
 import numpy as np
 import pytest
+
+from heistlab.api import PredictionAPI, QueryRefused
 from heistlab.defenses import (
     budget,
     chain,
@@ -18,8 +20,6 @@ from heistlab.defenses import (
     rate_limit,
 )
 from heistlab.defenses.feature_squeezing import median_smooth, reduce_bit_depth
-
-from heistlab.api import PredictionAPI, QueryRefused
 
 
 def api_with(victim, defense, **options) -> PredictionAPI:

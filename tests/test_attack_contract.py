@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+
+from heistlab.api import Oracle, QueryRefused
 from heistlab.attacks import (
     activethief,
     cloudleak,
@@ -21,8 +23,6 @@ from heistlab.attacks import (
     maze,
 )
 from heistlab.attacks.base import fit_transfer_set
-
-from heistlab.api import Oracle, QueryRefused
 
 ATTACKS = {
     "knockoff_soft": lambda budget: knockoff(budget=budget, labels="soft", query_batch=32),

@@ -7,15 +7,15 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+
+from heistlab import metrics, training
+from heistlab.api import Oracle, PredictionAPI
 from heistlab.attacks import activethief, dfme, equation_solving, functional_equivalence, knockoff, maze
 from heistlab.attacks.activethief import select_k_center, select_uncertain
 from heistlab.attacks.base import Surrogate
 from heistlab.attacks.dfme import forward_difference_gradient
 from heistlab.attacks.knockoff import bandit_update
 from heistlab.defenses import identity
-
-from heistlab import metrics, training
-from heistlab.api import Oracle, PredictionAPI
 from heistlab.experiment import attack_key, attacker_view, execute, measure, prepare, uniform_inputs
 from heistlab.models import MLP
 from heistlab.training import TrainConfig

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from heistlab.defenses import chain, identity, rounding
-from heistlab.defenses.prada import prada
 from hydra import compose, initialize_config_dir
 
 from heistlab.audit.battery import audit_command
 from heistlab.audit.findings import Finding, exit_status
+from heistlab.defenses import chain, identity, rounding
+from heistlab.defenses.prada import prada
 from heistlab.serving.app import create_app
 from heistlab.serving.audit import AuditLog
 from heistlab.serving.auth import Authenticator, KeyStore, create_key

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from heistlab.defenses import rounding
-from heistlab.experiments import audit_log, keys
 from hydra import compose, initialize_config_dir
 
+from heistlab.defenses import rounding
+from heistlab.experiments import audit_log, keys
 from heistlab.protection import ProtectionError
 from heistlab.serving.app import app_from_config, create_app
 from heistlab.serving.audit import (

@@ -16,10 +16,10 @@ from collections.abc import Callable
 import httpx
 import numpy as np
 import pytest
-from heistlab.defenses import rounding
 
 from heistlab.audit import probes
 from heistlab.audit.ledger import QueryLedger
+from heistlab.defenses import rounding
 from heistlab.serving.app import create_app
 from heistlab.serving.audit import AuditLog
 from heistlab.serving.auth import Authenticator, Credential, KeyStore, create_key

@@ -10,13 +10,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from heistlab.defenses import rounding
 from hydra import compose, initialize_config_dir
 
 from heistlab.audit import probes
 from heistlab.audit.battery import run_audit
 from heistlab.audit.ledger import QueryLedger
 from heistlab.audit.target import TargetRefused
+from heistlab.defenses import rounding
 from heistlab.protection import ProtectionError, new_key
 from heistlab.serving.app import app_from_config, check_insecure_options, create_app, widened
 from heistlab.serving.audit import AuditEntry, AuditLog

@@ -6,10 +6,10 @@ import json
 
 import pandas as pd
 import pytest
-from heistlab.experiments import benchmarks as benchmarks_command
 from hydra import compose, initialize_config_dir
 
 from heistlab import benchmarks
+from heistlab.experiments import benchmarks as benchmarks_command
 from tests.test_configs import CONFIGS
 
 

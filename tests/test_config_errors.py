@@ -17,11 +17,11 @@ import hydra._internal.core_plugins.basic_launcher
 import hydra._internal.hydra
 import hydra.core.utils
 import pytest
-from heistlab.experiments import run
 
 import heistlab.experiment
 from heistlab import checks
 from heistlab.checks import ConfigError
+from heistlab.experiments import run
 from tests.test_configs import composed
 
 REPO = Path(__file__).resolve().parent.parent
@@ -195,7 +195,6 @@ def test_an_allowed_mismatch_runs_and_is_recorded(tmp_path, cache_dir):
 
 def test_a_matching_victim_needs_no_opt_in():
     from heistlab.attacks import equation_solving, functional_equivalence
-
     from heistlab.models import MLP, SoftmaxRegression
 
     assert checks.check_victim_family(equation_solving(), SoftmaxRegression(10), "x", False) is None

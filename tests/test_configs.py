@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from heistlab.attacks import Attack
-from heistlab.defenses import Defense
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException, MissingConfigException
 from hydra.utils import instantiate
 
 from heistlab import loggers
+from heistlab.attacks import Attack
 from heistlab.compose import build_defense, build_model_from, build_splits, defender_data, train_config_from
+from heistlab.defenses import Defense
 from heistlab.experiment import build_attack
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

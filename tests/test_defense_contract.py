@@ -11,6 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hydra.errors import InstantiationException
+from omegaconf import OmegaConf
+
+from heistlab.compose import build_defense
 from heistlab.defenses import (
     DefenderData,
     Defense,
@@ -32,10 +36,6 @@ from heistlab.defenses import (
     rounding,
     top_k,
 )
-from hydra.errors import InstantiationException
-from omegaconf import OmegaConf
-
-from heistlab.compose import build_defense
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "defense"
 CLASSES = 10

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from heistlab.defenses import DefenderData, QueryContext, adaptive_misinformation
 from heistlab.defenses.adaptive_misinformation import misinformation_parameters
 from heistlab.defenses.dawn import DEFAULT_KEY_ENV
-
 from heistlab.experiment import execute
 from heistlab.models import MLP
 from heistlab.training import TrainConfig, predict_labels

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from heistlab.defenses import Evidence
-from heistlab.defenses.prada import calibrate_delta
 
 from heistlab.compose import build_defense, build_splits, defender_data
+from heistlab.defenses import Evidence
+from heistlab.defenses.prada import calibrate_delta
 from heistlab.experiment import execute, stream_benign_clients
 from tests.test_configs import composed
 

@@ -15,6 +15,12 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from rich.console import Console
+
+from heistlab import defenses, training
+from heistlab.api import Oracle, PredictionAPI
 from heistlab.attacks import Surrogate, jbda
 from heistlab.attacks.evasion import (
     EVADER,
@@ -27,15 +33,9 @@ from heistlab.attacks.evasion import (
     run_evasion,
     square,
 )
-from heistlab.experiments.run import metrics_table
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
-from rich.console import Console
-
-from heistlab import defenses, training
-from heistlab.api import Oracle, PredictionAPI
 from heistlab.compose import build_model_from, build_splits, load_victim, train_config_from
 from heistlab.experiment import prepare, run_experiment
+from heistlab.experiments.run import metrics_table
 from heistlab.results import read_results
 from tests.test_configs import composed
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from heistlab.attacks import dfme
-from heistlab.attacks.base import Surrogate
 
 from heistlab import data, seeds, training
+from heistlab.attacks import dfme
+from heistlab.attacks.base import Surrogate
 from heistlab.models import ResNet
 from heistlab.results import read_results
 from tests.test_attack_contract import CountingOracle

@@ -107,9 +107,8 @@ def test_tampered_or_swapped_manifest_is_refused_before_loading(digits_splits, t
 
 
 def test_protect_command_makes_keys_that_an_experiment_uses(tmp_path, digits_splits, capsys):
-    from heistlab.experiments.protect import main
-
     from heistlab.compose import at_rest_from
+    from heistlab.experiments.protect import main
     from tests.test_configs import composed
 
     main(["--out", str(tmp_path / "keys")])
@@ -202,7 +201,6 @@ def test_a_manifest_that_is_not_one_is_refused_by_name(digits_splits, tmp_path):
 
 def serve_overrides(tmp_path: Path, cache: Path, *extra: str) -> list[str]:
     from heistlab.experiments import keys
-
     from tests.test_serving_cli import TINY_VICTIM
 
     if not (tmp_path / "tls" / "cert.pem").exists():

@@ -13,9 +13,8 @@ import pytest
 
 matplotlib.use("Agg")
 
-from heistlab.experiments import report as report_command
-
 from heistlab import report
+from heistlab.experiments import report as report_command
 from heistlab.results import read_results, write_results
 from tests.test_sweep import interrupted_then_resumed_sweep
 

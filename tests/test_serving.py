@@ -17,15 +17,15 @@ import httpx
 import jax
 import numpy as np
 import pytest
-from heistlab.attacks.evasion import EvasionStage, fgsm, run_evasion
-from heistlab.attacks.knockoff import knockoff
-from heistlab.defenses import Defense, chain, rounding
-from heistlab.defenses.prada import prada
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from heistlab.api import InvalidQuery, PredictionAPI, QueryRefused
+from heistlab.attacks.evasion import EvasionStage, fgsm, run_evasion
+from heistlab.attacks.knockoff import knockoff
+from heistlab.defenses import Defense, chain, rounding
+from heistlab.defenses.prada import prada
 from heistlab.experiment import measure
 from heistlab.serving.app import create_app
 from heistlab.serving.audit import AuditLog

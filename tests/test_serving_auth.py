@@ -11,8 +11,8 @@ import time
 
 import httpx
 import pytest
-from heistlab.defenses import rounding
 
+from heistlab.defenses import rounding
 from heistlab.serving.app import create_app
 from heistlab.serving.audit import AuditLog
 from heistlab.serving.auth import Authenticator, KeyStore, create_key

@@ -14,9 +14,9 @@ import itertools
 import jax
 import numpy as np
 import pytest
+
 from heistlab.defenses import chain, rounding
 from heistlab.defenses.prada import prada
-
 from heistlab.serving.audit import AuditLog
 from heistlab.serving.batching import Coalescer
 from heistlab.serving.service import Call, build_core

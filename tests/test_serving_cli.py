@@ -8,13 +8,13 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from heistlab.defenses import rounding
-from heistlab.experiments import keys
 from hydra import compose, initialize_config_dir
 
 from benchmarks.serving import free_port, served
 from heistlab.api import PredictionAPI
 from heistlab.compose import build_splits, load_victim
+from heistlab.defenses import rounding
+from heistlab.experiments import keys
 from heistlab.serving.app import app_from_config
 from heistlab.serving.audit import AuditLog
 from heistlab.serving.auth import read_store

@@ -20,8 +20,8 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
-from heistlab.defenses import rounding
 
+from heistlab.defenses import rounding
 from heistlab.serving.app import create_app, unparsed_request_auditor
 from heistlab.serving.audit import AuditLog
 from heistlab.serving.auth import Authenticator, Credential, KeyStore, create_key

@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 import yaml
 from flax import serialization
+from prometheus_client.parser import text_string_to_metric_families
+
 from heistlab.defenses import chain, rounding
 from heistlab.defenses.base import Request
 from heistlab.defenses.budget import budget
 from heistlab.defenses.prada import prada
 from heistlab.defenses.rate_limit import rate_limit
-from prometheus_client.parser import text_string_to_metric_families
-
 from heistlab.serving.app import create_app
 from heistlab.serving.audit import AuditEntry, AuditLog
 from heistlab.serving.auth import Authenticator, KeyStore, create_key

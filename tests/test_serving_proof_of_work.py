@@ -8,10 +8,10 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
+
 from heistlab.defenses import chain, rounding
 from heistlab.defenses.leakage import answer_entropy
 from heistlab.defenses.proof_of_work import proof_of_work
-
 from heistlab.serving.app import create_app, puzzle_book_for
 from heistlab.serving.audit import AuditLog
 from heistlab.serving.auth import Authenticator, KeyStore, create_key

@@ -11,11 +11,11 @@ import jax
 import msgpack
 import numpy as np
 import pytest
+
+from heistlab.api import PredictionAPI
 from heistlab.defenses import Defense, QueryContext, chain, gaussian_noise, prada, rounding
 from heistlab.defenses.dawn import DawnState, WatermarkRecord
 from heistlab.defenses.prada import ClientTrace, PradaState
-
-from heistlab.api import PredictionAPI
 from heistlab.serving.audit import AuditLog
 from heistlab.serving.service import build_core, online_evidence
 from heistlab.serving.shared import SharedAdmission

@@ -12,9 +12,9 @@ import threading
 
 import numpy as np
 import pytest
+
 from heistlab.defenses import rounding
 from heistlab.defenses.base import Request, Verdict
-
 from heistlab.serving import auth
 from heistlab.serving.audit import AuditEntry, AuditLog
 from heistlab.serving.failed_auth import Allowances, FailedAuthThrottle, Throttled

@@ -16,9 +16,9 @@ import httpx
 import jax
 import numpy as np
 import pytest
+
 from heistlab.defenses import QueryContext, budget, prada, rounding
 from heistlab.experiments import audit_log, keys
-
 from heistlab.serving.audit import AuditLog
 from heistlab.serving.auth import create_key
 from heistlab.serving.service import build_core

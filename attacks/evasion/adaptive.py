@@ -45,6 +45,8 @@ from collections.abc import Iterator
 
 import jax
 import numpy as np
+
+from heistlab.api import Oracle, QueryRefused
 from heistlab.attacks.evasion.base import (
     SCORE,
     Evasion,
@@ -64,8 +66,6 @@ from heistlab.attacks.evasion.square import (
     schedule,
     stripes,
 )
-
-from heistlab.api import Oracle, QueryRefused
 
 # An answered proposal shrinks the scale by growth ** SHRINK_POWER, a refused one grows it by growth: the
 # scale settles where about one proposal in five is refused (Rechenberg's one-fifth rule).

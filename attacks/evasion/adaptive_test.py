@@ -3,13 +3,13 @@ import math
 import jax
 import numpy as np
 import pytest
+
+from heistlab.api import Oracle, QueryRefused
 from heistlab.attacks.evasion import adaptive_hopskipjump, adaptive_square, hopskipjump, square
 from heistlab.attacks.evasion.base import perturbation_norms
 from heistlab.attacks.evasion.conftest import SHAPE, LinearRule
 from heistlab.defenses.base import Request
 from heistlab.defenses.blacklight import blacklight
-
-from heistlab.api import Oracle, QueryRefused
 
 
 class Detected:

@@ -1,6 +1,7 @@
 import jax
 import numpy as np
 import pytest
+
 from heistlab.attacks.evasion import TRANSFER, fgsm, pgd
 
 

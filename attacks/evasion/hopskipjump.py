@@ -22,6 +22,8 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
+
+from heistlab.api import Oracle, QueryRefused
 from heistlab.attacks.evasion.base import (
     DECISION,
     Evasion,
@@ -35,8 +37,6 @@ from heistlab.attacks.evasion.base import (
     perturbation_norms,
     top1,
 )
-
-from heistlab.api import Oracle, QueryRefused
 
 # The initial blend's binary search stops at this precision (the reference code's 0.001).
 BLEND_PRECISION = 1e-3

@@ -1,6 +1,7 @@
 import jax
 import numpy as np
 import pytest
+
 from heistlab.attacks.evasion import DECISION, hopskipjump
 from heistlab.attacks.evasion.base import perturbation_norms
 from heistlab.attacks.evasion.conftest import LinearRule

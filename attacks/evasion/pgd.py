@@ -15,8 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from heistlab.attacks.evasion.base import TRANSFER, Evasion, check_count, check_norm, check_positive
 
+from heistlab.attacks.evasion.base import TRANSFER, Evasion, check_count, check_norm, check_positive
 from heistlab.models import trains_in_compiled_loop
 from heistlab.training import capacity_for, pad_rows
 

@@ -4,11 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from heistlab import training
 from heistlab.attacks.evasion import pgd
 from heistlab.attacks.evasion.base import perturbation_norms
 from heistlab.attacks.evasion.pgd import project, projected_gradient_descent, uniform_in_ball
-
-from heistlab import training
 from heistlab.models import CNN, SoftmaxRegression, trains_in_compiled_loop
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+
+from heistlab.api import Oracle
 from heistlab.attacks.base import query_in_batches
 from heistlab.attacks.evasion.base import (
     KINDS,
@@ -29,8 +31,6 @@ from heistlab.attacks.evasion.base import (
     perturbation_norms,
     top1,
 )
-
-from heistlab.api import Oracle
 from heistlab.training import predict_labels
 
 EVADER = "evader"

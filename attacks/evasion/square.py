@@ -20,6 +20,8 @@ from collections.abc import Iterator
 
 import jax
 import numpy as np
+
+from heistlab.api import Oracle, QueryRefused
 from heistlab.attacks.evasion.base import (
     SCORE,
     Evasion,
@@ -30,8 +32,6 @@ from heistlab.attacks.evasion.base import (
     check_positive,
     numpy_rng,
 )
-
-from heistlab.api import Oracle, QueryRefused
 
 SMALLEST_SCORE = float(np.finfo(np.float32).tiny)
 # The proposal must change the current best point; redraws of an unchanged window before giving up.
