@@ -236,6 +236,19 @@ def server_section(entries: list[Entry]) -> str:
     return table(header, rows)
 
 
+def distinct_rows_section(entries: list[Entry]) -> str:
+    none = fastest(select(entries, kind="api_distinct", defense="none"))
+    rows = [
+        [entry.info["defense"], count(entry.rate), f"{entry.rate / none.rate:.0%}" if none else "-"]
+        for entry in sorted(select(entries, kind="api_distinct"), key=lambda entry: -entry.rate)
+    ]
+    heading = (
+        "### Batches of 4096 distinct rows (uniform noise, a new client per call; the table above repeats "
+        "the 359 test digits)"
+    )
+    return f"{heading}\n\n{table(['defense', 'rows/s', 'of none'], rows)}"
+
+
 def serving_section(entries: list[Entry]) -> str:
     rows = [
         [
@@ -380,6 +393,7 @@ def markdown(path: Path, skipped: list[str] | None = None) -> str:
         "`python -m benchmarks.report --readme README.md`.",
         "### Targets\n\n" + table(["target", "measured", ""], targets_section(entries)),
         "### Prediction API throughput (queries per second)\n\n" + api_section(entries, skipped or []),
+        *([distinct_rows_section(entries)] if select(entries, kind="api_distinct") else []),
         *(
             [
                 "### One call beside ART's predict (rows per second, MLP 64-256-256-10)\n\n"

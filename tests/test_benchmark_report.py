@@ -37,6 +37,8 @@ RESULTS = {
         bench("none", 0.004, kind="api", defense="none", batch=4096, items_per_round=4096),
         bench("prada", 0.010, kind="api", defense="prada", batch=4096, items_per_round=4096),
         bench("dawn", 0.006, kind="api", defense="dawn", batch=4096, items_per_round=4096),
+        bench("distinct none", 0.004, kind="api_distinct", defense="none", batch=4096, items_per_round=4096),
+        bench("distinct dawn", 0.016, kind="api_distinct", defense="dawn", batch=4096, items_per_round=4096),
         bench(
             "serving[none]",
             2.0,
@@ -101,3 +103,10 @@ def test_markdown_names_the_devices_and_lists_both_client_counts(tmp_path):
     assert "| 1 | 400 |" in server and "0.50x" in server
     assert "| 32 | 1,100 |" in server and "1.10x" in server
     assert "(8 clients, batches of 16 rows" in text and "| none | 100 | 1,600 | 50.0 / 200.0 | 5.00 |" in text
+
+
+def test_distinct_rows_are_shown_as_shares_of_none(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(RESULTS))
+    section = report.markdown(path).split("### Batches of 4096 distinct rows")[1].split("###")[0]
+    assert "| none | 1,024,000 | 100% |" in section and "| dawn | 256,000 | 25% |" in section
