@@ -178,6 +178,7 @@ def test_argmax_variant_names_itself_in_errors():
         mad_argmax(-1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["distance", "angular"])
 @pytest.mark.parametrize("epsilon", [0.4, 1.7])
 def test_class_set_search_from_gram_factors_equals_the_search_over_the_gram(objective, epsilon):
@@ -202,6 +203,7 @@ def test_class_set_search_from_gram_factors_equals_the_search_over_the_gram(obje
     np.testing.assert_array_equal(served, expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["distance", "angular"])
 def test_class_set_search_equals_the_gram_search_on_peaked_and_uniform_answers(objective):
     """Victim-like answers, from nearly flat to one-hot, and exactly uniform ones (the API's padding rows):

@@ -29,6 +29,7 @@ def test_laplace_scale_is_sensitivity_over_epsilon():
     assert abs(deviation(laplace_noise(400.0)).std() / expected_std - 1) < 0.05
 
 
+@pytest.mark.slow
 def test_laplace_noise_scales_linearly_with_sensitivity():
     np.testing.assert_allclose(
         deviation(laplace_noise(400.0, sensitivity=1.0)), deviation(laplace_noise(400.0)) / 2, atol=1e-6

@@ -271,6 +271,7 @@ def assert_same_trace(got, expected):
     assert got[4:] == expected[4:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 7, 64, 1000])
 @pytest.mark.parametrize("kind", ["natural", "synthetic", "repeated", "resampled"])
 def test_batched_distances_equal_the_row_by_row_scan(digits_splits, kind, batch):

@@ -173,6 +173,7 @@ def test_bad_callable_targets_are_named(target, message):
         external_victims.load_callable(target, [2, 2, 1], 2)
 
 
+@pytest.mark.slow
 def test_a_flax_msgpack_checkpoint_is_served_and_a_wrong_one_is_named(tmp_path):
     model = MLP(num_classes=3, hidden=(5,))
     params = training.init_params(model, (4, 1, 1), jax.random.key(1))

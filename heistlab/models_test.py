@@ -92,9 +92,8 @@ def test_bad_options_name_what_is_accepted():
         shapes(build_model("wrn16_4", 10, depth=15), (32, 32, 3))
 
 
-@pytest.mark.parametrize(
-    ("padding", "bias"), [pytest.param("SAME", True, marks=pytest.mark.slow), ("VALID", False)]
-)
+@pytest.mark.slow
+@pytest.mark.parametrize(("padding", "bias"), [("SAME", True), ("VALID", False)])
 def test_patch_conv_equals_flax_conv(padding, bias):
     x = jax.random.uniform(jax.random.key(1), (2, 9, 7, 3))
     patch = PatchConv(5, (3, 3), (2, 2), padding=padding, use_bias=bias)

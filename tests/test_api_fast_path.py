@@ -60,6 +60,7 @@ def host_leaves(tree) -> list:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(DEFENSES))
 def test_fused_program_serves_exactly_what_the_separate_programs_serve(
     name, small_victim, digits_splits, monkeypatch
@@ -80,6 +81,7 @@ def test_fused_program_serves_exactly_what_the_separate_programs_serve(
     assert_same_records_and_states(fused, separate)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["identity", "feature_squeezing", "feature_squeezing_median", "dawn"])
 def test_a_full_bucket_is_served_exactly_as_the_separate_programs_serve_it(
     name, small_victim, digits_splits, monkeypatch

@@ -71,6 +71,7 @@ def test_equation_solving_recovers_a_known_linear_rule_exactly(small_surrogate):
     assert result.queries == counting.served == 65
 
 
+@pytest.mark.slow
 def test_activethief_k_center_beats_random_selection_at_a_small_budget(
     digits_splits, small_victim, small_surrogate
 ):

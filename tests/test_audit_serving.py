@@ -124,6 +124,7 @@ def composed_serve(*overrides: str):
         return compose(config_name="serve", overrides=list(overrides))
 
 
+@pytest.mark.slow
 def test_the_server_keeps_an_encrypted_audit_log_named_in_serve_yaml(tmp_path, cache_dir, monkeypatch):
     """serve.audit_key_env names the key: rows are written sealed, admins read them in the clear, the quota
     ledger survives a restart, and a wrong key stops the server before it serves."""

@@ -265,6 +265,7 @@ def test_check_without_published_means_fails_clearly(tmp_path, caplog):
     assert code == 1 and "absent.json does not exist: regenerate the benchmarks first" in caplog.text
 
 
+@pytest.mark.slow
 def test_published_time_is_the_sweep_from_scratch_not_a_resumed_one(tmp_path, monkeypatch):
     took = iter([42.0, 3.0])
 

@@ -81,6 +81,7 @@ def lowered_programs() -> Iterator[collections.Counter]:
         jax.monitoring.unregister_event_duration_listener(listen)
 
 
+@pytest.mark.slow
 def test_runs_of_a_budget_sweep_within_one_bucket_compile_nothing_new(cache_dir):
     """Budgets 150 and 180 pad to one 256-row bucket: the second run reuses the training, prediction and
     serving programs; only each API's jitted defense transform is lowered again (a fresh closure per run)."""

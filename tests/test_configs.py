@@ -18,8 +18,9 @@ from heistlab.experiment import build_attack
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-# Defense configs whose factory trains models (EDM's ensemble): instantiating them takes seconds.
-TRAINS_MODELS = {"edm"}
+# Defense configs whose factory trains models (EDM's ensemble, the misinformation model): instantiating them
+# takes seconds.
+TRAINS_MODELS = {"edm", "adaptive_misinformation"}
 
 
 def options(group: str) -> list[str]:
@@ -53,6 +54,7 @@ def test_every_attack_config_instantiates_and_sets_the_api_budget(name):
     assert allow_mismatched_victim is False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group", ["victim", "surrogate"])
 def test_every_model_config_builds(group):
     for name in set(options(group)) - {"onnx", "callable"}:  # loaded whole, never built: tested apart

@@ -44,6 +44,7 @@ def test_mad_argmax_keeps_top1_and_mad_lowers_fidelity_further(run):
     assert free["mean_l1_distortion"] <= 0.9 + 1e-4
 
 
+@pytest.mark.slow
 def test_dawn_verifies_the_stolen_model_and_spares_the_independent_one(run, monkeypatch):
     """The preset's rate 0.025 marks about 22 of the 863 distinct inputs Knockoff's 1000 queries walk (some
     twice): a perfect copy of n distinct watermarked inputs scores p = 9^-n, and the paper's 2^-64 needs
@@ -61,6 +62,7 @@ def test_dawn_verifies_the_stolen_model_and_spares_the_independent_one(run, monk
     assert metrics["watermark_p_value_independent"] > 0.05
 
 
+@pytest.mark.slow
 def test_backdoor_watermark_is_in_the_victim_barely_in_the_copy_and_not_in_the_innocent(run):
     metrics = run("defense=backdoor_watermark", *CHEAP)
     assert metrics["backdoor_watermark_accuracy"] >= 0.95 and metrics["backdoor_watermark_p_value"] < 1e-50
@@ -75,6 +77,7 @@ def defender(digits_splits):
     return DefenderData(train.x, train.y, digits_splits.input_shape, digits_splits.num_classes, seed=0)
 
 
+@pytest.mark.slow
 def test_misinformation_model_is_wrong_and_trained_once(digits_splits, defender):
     model, config = MLP(10, (32,)), TrainConfig(epochs=20)
     params = misinformation_parameters(model, defender, config)

@@ -89,6 +89,7 @@ def test_token_bucket_time_is_what_the_bucket_allows(cache_dir):
         "sybil-stopped-by-global-cap",
     ],
 )
+@pytest.mark.slow
 def test_budget_against_a_sybil_attacker(cache_dir, identities, total, served, refused):
     # Knockoff plans 1200 queries in batches of 200 against a per-client cap of 400: one client is refused at
     # its third batch and stops; three identities share the batches and get all 1200; a global cap of 800
@@ -106,6 +107,7 @@ def test_budget_against_a_sybil_attacker(cache_dir, identities, total, served, r
     assert metrics["queries_refused"] == refused
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("defense", ["none", "rate_limit", "prada", "feature_squeezing"])
 def test_the_done_means_sweep_runs_in_process(cache_dir, defense):
     # The cells of `python -m experiments.run -m defense=none,rate_limit,prada,feature_squeezing

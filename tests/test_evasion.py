@@ -201,6 +201,7 @@ def test_cli_run_reports_evasion_metrics_in_table_and_results(tmp_path, cache_di
     assert all(name in text for name in EVASION_METRICS), text
 
 
+@pytest.mark.slow
 def test_blacklight_stops_square_and_the_adaptive_square_gets_through(setting):
     """Li et al. 2022 against Feng et al. 2023 on digits, 10 inputs, 150 queries each, epsilon 0.25."""
     splits, victim, _ = setting

@@ -77,6 +77,7 @@ def sweep_choices(arguments: str) -> list[list[str]]:
     ]
 
 
+@pytest.mark.slow
 def test_the_documented_example_sweep_composes():
     header = nbformat.read(NOTEBOOKS / "analysis.ipynb", as_version=4).cells[0].source
     sweeps = SWEEP_COMMAND.findall(header) + SWEEP_COMMAND.findall(readme_notebook_commands())

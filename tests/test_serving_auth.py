@@ -77,6 +77,7 @@ def test_wrong_secrets_get_401_then_429_and_the_valid_client_keeps_being_served(
     assert sum(row["status"] == 200 and row["outcome"] == "served" for row in rows) == 2
 
 
+@pytest.mark.slow
 def test_unknown_key_ids_are_throttled_by_source_address(server, digits_splits):
     client, store, audit = server
     good = create_key(store, "labels")

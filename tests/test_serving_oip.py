@@ -114,6 +114,7 @@ def test_heistlabs_oip_client_queries_heistlabs_own_server(deploy, digits_splits
     assert server.core.remaining(credential.key_id) == 2  # the refused row never reached the server
 
 
+@pytest.mark.slow
 def test_the_oip_client_waits_out_the_servers_rate_limit_on_v2(deploy, digits_splits):
     server = deploy(rate=20.0, burst=4)
     credential = server.key("probabilities")

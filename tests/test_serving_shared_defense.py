@@ -147,6 +147,7 @@ def test_only_a_chain_with_state_is_synchronised(tmp_path):
         store_for(tmp_path / "a.sqlite", keeps_a_set)
 
 
+@pytest.mark.slow
 def test_two_cores_on_one_database_answer_and_alarm_as_one_process(tmp_path, small_victim, digits_splits):
     def defense():
         return chain(prada(), gaussian_noise(0.01))  # the noise draws each batch's key from the batch count

@@ -47,6 +47,7 @@ def varied_images():
     return images, np.zeros(8, np.int64)
 
 
+@pytest.mark.slow
 def test_adaptive_square_keeps_going_where_blacklight_stops_the_plain_attack(varied_images):
     inputs, labels = varied_images
     plain_api, adaptive_api = Detected(), Detected()
@@ -62,6 +63,7 @@ def test_adaptive_square_keeps_going_where_blacklight_stops_the_plain_attack(var
     assert np.all(perturbation_norms(adaptive.adversarial, inputs, "linf") <= 0.25 + 1e-5)
 
 
+@pytest.mark.slow
 def test_adaptive_hopskipjump_keeps_going_where_blacklight_stops_the_plain_attack(varied_images):
     inputs, labels = varied_images
     settings = dict(epsilon=1.7, max_queries=400, initial_evaluations=20)
@@ -75,6 +77,7 @@ def test_adaptive_hopskipjump_keeps_going_where_blacklight_stops_the_plain_attac
     assert adaptive_api.rows_per_request == {1} and np.all(adaptive.queries <= 400)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build", [adaptive_square, adaptive_hopskipjump])
 def test_refused_queries_count_against_each_inputs_budget(build, varied_images):
     inputs, labels = varied_images
@@ -93,6 +96,7 @@ def test_a_ban_ends_the_attack_at_once(build, varied_images):
     assert api.requests == 1 and result.diagnostics["evasion_stopped_early"]
 
 
+@pytest.mark.slow
 def test_adaptive_hopskipjump_without_refusals_is_hopskipjump(varied_images):
     inputs, labels = varied_images
     api = Detected()
@@ -156,6 +160,7 @@ PINNED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PINNED))
 def test_a_fixed_seed_reproduces_the_pinned_queries_and_examples_through_blacklight(name, varied_images):
     build, queries, total = PINNED[name]
