@@ -63,6 +63,7 @@ def test_prada_calibrates_on_defender_data_the_benign_clients_never_send():
     assert found["prada_delta"] == calibrate_delta(defender, 3, 1000, 0.05)
 
 
+@pytest.mark.slow
 def test_token_bucket_time_is_what_the_bucket_allows(cache_dir):
     # Knockoff sends 4 batches of 150; rate 10/s, burst 360. The first two batches take 300 of the 360 tokens;
     # the third finds 60 and waits 9 s for 90 more; the fourth waits 15 s for 150. The last row is served at
