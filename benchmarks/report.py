@@ -200,8 +200,9 @@ def mlserver_runs(entries: list[Entry]) -> dict[int, tuple[dict, dict]]:
     found = {}
     for entry in entries:
         for key, ours in entry.info.items():
-            if key.startswith("heistlab_") and f"mlserver_{key[9:]}" in entry.info:
-                found[int(key[9:])] = (ours, entry.info[f"mlserver_{key[9:]}"])
+            clients = key.removeprefix("heistlab_")
+            if clients != key and f"mlserver_{clients}" in entry.info:
+                found[int(clients)] = (ours, entry.info[f"mlserver_{clients}"])
     return dict(sorted(found.items()))
 
 
@@ -250,6 +251,7 @@ def distinct_rows_section(entries: list[Entry]) -> str:
 
 
 def serving_section(entries: list[Entry]) -> str:
+    runs = select(entries, kind="serving")
     rows = [
         [
             entry.info["defense"],
@@ -258,9 +260,9 @@ def serving_section(entries: list[Entry]) -> str:
             f"{entry.info['p50_ms']:.1f} / {entry.info['p99_ms']:.1f}",
             f"{entry.info['server_cpu_ms_per_request']:.2f}",
         ]
-        for entry in select(entries, kind="serving")
+        for entry in runs
     ]
-    first = select(entries, kind="serving")[0].info
+    first = runs[0].info
     heading = (
         f"### The server under load ({first['clients']} clients, batches of {first['batch']} rows, "
         "`benchmarks/test_serving_benchmark.py`)"
