@@ -10,7 +10,10 @@ machine-readable entry of ``benchmarks/published.json``. Each section starts wit
 marker, so ``update_document`` rewrites the chosen presets' sections and keeps every other one byte for byte.
 ``moved_metrics`` compares a rerun with the published means: a mean may move by its standard deviation over
 seeds, never less than ``SPREAD_FLOOR`` or ``SPREAD_FLOOR_RELATIVE`` of the mean (the floor for a zero or
-unknown spread: one seed, or a deterministic metric).
+unknown spread: one seed, or a deterministic metric). Means are compared only between machines with the same
+floating-point behaviour (``heistlab.numerics``): each sweep folder records the machines it ran on, each
+published entry names its machine, and a rerun elsewhere is checked for its shape (groups, run counts,
+metrics) while its means are listed, not judged.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import NamedTuple
 
 import yaml
 
-from heistlab import report
+from heistlab import numerics, report
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = REPO / "configs" / "experiment"
@@ -110,9 +113,33 @@ def run_preset(preset: Preset, runs_dir: Path, jobs: int) -> float:
         "HEISTLAB_EDM_KEY": "heistlab-benchmarks-edm-key",
         **os.environ,
     }
+    record_machine(sweep_folder(preset, runs_dir), numerics.machine())
     started = time.perf_counter()
     subprocess.run(command, cwd=REPO, env=environment, check=True)
     return time.perf_counter() - started
+
+
+MACHINES_FILE = "machines.json"
+
+
+def record_machine(folder: Path, machine: dict) -> None:
+    """Adds ``machine`` to the machines a sweep folder's runs were made on (once each)."""
+    known = sweep_machines(folder)
+    if machine not in known:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / MACHINES_FILE).write_text(json.dumps([*known, machine], indent=1) + "\n")
+
+
+def sweep_machines(folder: Path) -> list[dict]:
+    path = folder / MACHINES_FILE
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def published_machine(folder: Path) -> dict:
+    """The ``machine`` part of a published entry: the one machine the sweep ran on; nothing when it is not
+    recorded (sweeps run before machines were) or when its runs were made on several machines."""
+    machines = sweep_machines(folder)
+    return {"machine": machines[0]} if len(machines) == 1 else {}
 
 
 MARKER = "<!-- preset: {name} -->"
@@ -128,7 +155,8 @@ INTRO = (
     "Where a measured result differs from the expectation, a note under its table says so.\n"
     "`python -m experiments.benchmarks <preset>` regenerates one section and leaves the others as they are;\n"
     "the published means are also in `benchmarks/published.json`, which\n"
-    "`python -m experiments.benchmarks --check` compares with a fresh rerun of the quick presets.\n\n"
+    "`python -m experiments.benchmarks --check` compares with a fresh rerun of the quick presets on a machine\n"
+    "with the same numerics (each section names the machine it was measured on).\n\n"
 )
 # A published mean may move by its std over seeds, never less than this floor, which is what a zero or
 # unknown spread (one seed, or a deterministic metric) allows: under 2 of the 359 digits test inputs for a
@@ -225,7 +253,11 @@ def measure_preset(preset: Preset, runs_dir: Path, figures_dir: Path, document_d
     shown = shown_metrics(preset, gathered)
     keys = report.distinguishing_keys(report.complete_runs(gathered), gathered.cells)
     complete = len(report.complete_runs(gathered))
-    lines.append(f"**Measured** ({complete} complete runs of {len(gathered.runs)}; mean ± std over seeds):\n")
+    machine = published_machine(folder)
+    where = f" on {numerics.describe(machine['machine'])}" if machine else ""
+    lines.append(
+        f"**Measured**{where} ({complete} complete runs of {len(gathered.runs)}; mean ± std over seeds):\n"
+    )
     lines.append(report.markdown_table(report.summarize(gathered, shown), keys, shown))
     if preset.note:
         lines.append(f"**Note.** {preset.note}\n")
@@ -234,7 +266,7 @@ def measure_preset(preset: Preset, runs_dir: Path, figures_dir: Path, document_d
     pictures = sorted(path for path in written.files if path.suffix == ".png")
     links = [Path(os.path.relpath(path, document_dir)).as_posix() for path in pictures]
     lines += [f"![{path.stem}]({link})\n" for path, link in zip(pictures, links, strict=True)]
-    entry = {"run_seconds": run_seconds(gathered), "groups": published_groups(gathered, shown)}
+    entry = {"run_seconds": run_seconds(gathered), **machine, "groups": published_groups(gathered, shown)}
     return Measured(section(lines), entry)
 
 
@@ -340,9 +372,17 @@ def _cell_key(cell: dict) -> str:
     return json.dumps(cell, sort_keys=True)
 
 
-def moved_metrics(name: str, published: dict, rerun: dict) -> list[str]:
+def comparable_means(published: dict, machine: dict) -> bool:
+    """Whether a rerun on ``machine`` can be held to a published entry's means: the entry was made on a
+    machine with the same numerics digest, or (published before machines were recorded) does not say."""
+    made_on = published.get("machine", {}).get("numerics")
+    return made_on is None or made_on == machine.get("numerics")
+
+
+def moved_metrics(name: str, published: dict, rerun: dict, compare_means: bool = True) -> list[str]:
     """One line per difference between a preset's published entry and a rerun's: a mean that moved by more
-    than its allowed spread, a group or metric missing from the rerun or new in it, a changed run count."""
+    than its allowed spread (when ``compare_means``), a group or metric missing from the rerun or new in it,
+    a changed run count."""
     problems = []
     fresh = {_cell_key(group["cell"]): group for group in rerun["groups"]}
     for group in published["groups"]:
@@ -361,7 +401,7 @@ def moved_metrics(name: str, published: dict, rerun: dict) -> list[str]:
             if before is None and now is None:
                 continue
             allowed = allowed_spread(statistics)
-            if before is None or now is None or abs(now - before) > allowed:
+            if before is None or now is None or (compare_means and abs(now - before) > allowed):
                 problems.append(
                     f"{name}: group {label}: {metric} moved: published mean {_shown(before)}, "
                     f"new mean {_shown(now)}, allowed spread {allowed:.4g}"

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from heistlab import benchmarks
+from heistlab import benchmarks, numerics
 from heistlab.experiments import benchmarks as benchmarks_command
 from tests.test_configs import CONFIGS
 
@@ -256,6 +256,62 @@ def test_check_reruns_the_quick_presets_and_fails_on_a_moved_mean(tmp_path, monk
     with pytest.raises(SystemExit) as exit_status:
         benchmarks_command.main([*check, "--under=10"])
     assert exit_status.value.code == 0 and rerun == ["lee2019"]
+
+
+THIS_MACHINE = {"numerics": "aaaa", "cpu": "Example CPU", "vector_flags": ["avx2"], "cores": 2}
+OTHER_MACHINE = {**THIS_MACHINE, "numerics": "bbbb", "vector_flags": ["avx2", "avx512f"]}
+
+
+def test_means_are_compared_only_with_results_of_the_same_numerics():
+    assert benchmarks.comparable_means({"machine": THIS_MACHINE}, THIS_MACHINE)
+    assert not benchmarks.comparable_means({"machine": OTHER_MACHINE}, THIS_MACHINE)
+    assert benchmarks.comparable_means({}, THIS_MACHINE)  # published before machines were recorded
+    moved, lost_group = published_entry(fidelity_mean=0.93), published_entry()
+    lost_group["groups"].pop()
+    assert benchmarks.moved_metrics("lee2019", published_entry(), moved, compare_means=False) == []
+    assert benchmarks.moved_metrics("lee2019", published_entry(), lost_group, compare_means=False) == [
+        "lee2019: group defense.beta=0.7: published, missing from the rerun"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("published_on", "status"), [(THIS_MACHINE, 1), (OTHER_MACHINE, 0)], ids=["same numerics", "other"]
+)
+def test_check_holds_a_moved_mean_against_the_machine_it_was_published_on(
+    tmp_path, monkeypatch, caplog, published_on, status
+):
+    published = {"presets": {"lee2019": {**published_entry(), "machine": published_on}}}
+    (tmp_path / "published.json").write_text(json.dumps(published))
+
+    def fake_run(preset, runs_dir, jobs):
+        write_lee2019_runs(runs_dir, fidelities=(0.9, 0.8, 0.4))
+        return 1.0
+
+    monkeypatch.setattr(benchmarks, "run_preset", fake_run)
+    monkeypatch.setattr(numerics, "machine", lambda: THIS_MACHINE)
+    caplog.set_level("INFO")
+    with pytest.raises(SystemExit) as exit_status:
+        benchmarks_command.main(["--check", "lee2019", f"--published={tmp_path / 'published.json'}"])
+    assert exit_status.value.code == status
+    listed = "published on another machine's numerics (Example CPU (avx2, avx512f), 2 cores"
+    assert (listed in caplog.text) == (published_on is OTHER_MACHINE)
+    if published_on is OTHER_MACHINE:
+        assert "fidelity_test moved: published mean 0.5, new mean 0.4" in caplog.text
+
+
+def test_a_sweep_names_the_machine_it_ran_on_in_its_section_and_entry(tmp_path):
+    write_lee2019_runs(tmp_path / "runs")
+    folder = tmp_path / "runs" / "lee2019"
+    benchmarks.record_machine(folder, THIS_MACHINE)
+    benchmarks.record_machine(folder, THIS_MACHINE)
+    assert benchmarks.sweep_machines(folder) == [THIS_MACHINE]
+    lee2019 = benchmarks.presets(["lee2019"])[0]
+    measured = benchmarks.measure_preset(lee2019, tmp_path / "runs", tmp_path / "f")
+    assert measured.published["machine"] == THIS_MACHINE
+    assert "**Measured** on Example CPU (avx2), 2 cores" in measured.section
+    benchmarks.record_machine(folder, OTHER_MACHINE)  # resumed elsewhere: no single machine to name
+    mixed = benchmarks.measure_preset(lee2019, tmp_path / "runs", tmp_path / "f")
+    assert "machine" not in mixed.published and "**Measured** (" in mixed.section
 
 
 def test_check_without_published_means_fails_clearly(tmp_path, caplog):
