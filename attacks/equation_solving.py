@@ -30,7 +30,6 @@ import math
 
 import jax
 import numpy as np
-import scipy.linalg
 
 from heistlab.api import Oracle
 from heistlab.attacks.base import (
@@ -95,6 +94,8 @@ def symmetric_least_squares(gram: np.ndarray, moment: np.ndarray) -> tuple[np.nd
     A well-conditioned system is solved by Cholesky; a (near) singular one, too few queries or too many
     censored answers, by an eigendecomposition that drops the null space.
     """
+    import scipy.linalg  # imported on first use: scipy costs a fresh process a second
+
     try:
         factor = scipy.linalg.cho_factor(gram)
         pivots = np.abs(np.diagonal(factor[0]))

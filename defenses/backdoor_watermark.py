@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from scipy import stats
 
 from heistlab.defenses.base import DefenderData, Defense, Evidence, stateless
 
@@ -100,5 +99,7 @@ def trigger_set(input_shape: tuple[int, ...], classes: int, count: int, seed: in
 
 def trigger_agreement(triggers: TriggerSet, labels_of, classes: int) -> tuple[float, float]:
     """Fraction of triggers on which ``labels_of`` gives the trigger label, and ``P[X >= k]`` by chance."""
+    from scipy import stats  # imported when a watermark is verified: it costs about a second per process
+
     matches = int(np.sum(np.asarray(labels_of(triggers.x)) == triggers.y))
     return matches / len(triggers.y), float(stats.binom.sf(matches - 1, len(triggers.y), 1.0 / classes))

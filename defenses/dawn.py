@@ -31,7 +31,6 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
-from scipy import special, stats
 
 from heistlab.defenses.base import Defense, Evidence, QueryContext
 
@@ -223,6 +222,8 @@ def verify(trials: list[WatermarkRecord], labels_of, classes: int) -> tuple[floa
     answers a repeated input the same way, so repeats are not independent. ``(None, 1.0, 0.0)`` when nothing
     was marked.
     """
+    from scipy import stats  # imported when ownership is verified: it costs about a second per process
+
     if not trials:
         return None, 1.0, 0.0
     inputs = np.stack([record.input for record in trials])
@@ -236,6 +237,8 @@ def verify(trials: list[WatermarkRecord], labels_of, classes: int) -> tuple[floa
 def binomial_tail_bits(successes: int, trials: int, chance: float) -> float:
     """``-log2 P[X >= successes]`` for ``X ~ Binomial(trials, chance)``, summed in log space so that it stays
     finite where the tail itself underflows float64 (scipy's ``binom.logsf`` returns -inf there)."""
+    from scipy import special, stats
+
     if successes <= 0:
         return 0.0
     log_terms = stats.binom.logpmf(np.arange(successes, trials + 1), trials, chance)

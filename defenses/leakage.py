@@ -10,7 +10,6 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
-from scipy.special import erfc
 
 # Renyi orders at which PATE's privacy cost is accumulated (the orders PATE's own analysis scans, trimmed).
 DEFAULT_ORDERS = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
@@ -87,6 +86,8 @@ def pate_privacy_cost(
 def log_probability_not_top(votes: np.ndarray, sigma: float) -> float:
     """Log of the bound on GNMax answering other than the top vote: sum over i of erfc(gap_i / (2 sigma)) / 2,
     capped at log(1 - 1/classes) (beyond it the data-dependent bound is no use)."""
+    from scipy.special import erfc  # imported on first use: scipy costs a fresh process a second
+
     top = int(np.argmax(votes))
     gaps = votes[top] - np.delete(votes, top)
     bound = float(np.sum(0.5 * erfc(gaps / (2.0 * sigma))))
@@ -127,6 +128,8 @@ def unique_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def log_probabilities_not_top(votes: np.ndarray, sigma: float) -> list[float]:
     """``log_probability_not_top`` of every row of a ``(batch, classes)`` vote array, the same numbers."""
+    from scipy.special import erfc
+
     rows, classes = votes.shape
     top = np.argmax(votes, axis=1)
     others = np.ones(votes.shape, bool)

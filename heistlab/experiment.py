@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import sys
 import time
 import traceback
 from collections.abc import Sequence
@@ -341,9 +342,7 @@ def assess(cfg: DictConfig, prepared: Prepared, api, oracle, attack_result: Atta
             cfg, splits, victim, stolen_model, attack_result.params, oracle.clients, benign, evaders
         )
         found.update(ready(api.report(evidence)))
-    from heistlab.serving.oip_client import OIPVictim
-
-    if isinstance(victim, OIPVictim):  # reached through the API: the evaluation's own rows, counted apart
+    if _is_served_victim(victim):  # reached through the API: the evaluation's own rows, counted apart
         found["evaluation_queries"] = victim.queries
     return found
 
@@ -503,3 +502,9 @@ def run_experiment(cfg: DictConfig, output_dir: Path, logger=None) -> dict:
             )
         logger.finish("complete")
     return record["metrics"]
+
+
+def _is_served_victim(victim) -> bool:
+    """Whether ``victim`` is an OIP server's model; never imports the HTTP client for a run that did not."""
+    oip_client = sys.modules.get("heistlab.serving.oip_client")
+    return oip_client is not None and isinstance(victim, oip_client.OIPVictim)
