@@ -265,7 +265,7 @@ def distinct_rows(inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(first, occurrence)``: the index of each distinct row's first occurrence, in order, and for each
     row the position in ``first`` of its copy, so that ``inputs[first][occurrence]`` equals ``inputs``
     bytewise."""
-    flat = np.ascontiguousarray(inputs, np.float32).reshape(len(inputs), -1)
+    flat = np.ascontiguousarray(inputs, np.float32).reshape(len(inputs), math.prod(inputs.shape[1:]))
     rows = flat.view(np.dtype((np.void, flat.shape[1] * flat.itemsize))).ravel().tolist()
     # Walking the rows backwards leaves each row's first index in the dict.
     first_index = dict(zip(reversed(rows), range(len(rows) - 1, -1, -1), strict=True))
