@@ -140,7 +140,8 @@ def edm(
       key_env, key_file: where the selection key comes from (see ``defenses.dawn.load_key``).
       dispute_rows: every member is evaluated on at most this many rows of each call (the first ones) to
         measure their disagreement; ``None``: on all rows. Serving needs only the selected member per row, so
-        this bounds the cost of the statistic on large calls without changing any answer.
+        this bounds the cost of the statistic on large calls; the member serving a row never depends on it
+        (on a larger call each member runs on its own rows alone: the same answers up to float32 rounding).
 
     ``report`` gives ``edm_member_accuracy_holdout`` (mean over members), ``edm_member{i}_accuracy_holdout``,
     ``edm_served_accuracy_holdout``, and over the attackers' queries ``edm_disputed_fraction`` (share of the
