@@ -119,6 +119,9 @@ class Defense(NamedTuple):
         data (for example with a watermark trigger set) before the victim is trained.
     preprocess: ``preprocess(inputs) -> inputs``: an input-side defense transforms queries before the victim
         sees them (feature squeezing); pure and jittable.
+    replaces_victim: ``apply`` ignores the probabilities it is given and answers from a model of its own (an
+        ensemble defense). The API then does not run the victim (unless a ``preprocess`` asks for the
+        victim's answers) and hands ``apply`` uniform rows in their place.
     """
 
     init: Callable[[], State]
@@ -128,6 +131,7 @@ class Defense(NamedTuple):
     host: bool = False
     augment_training: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
     preprocess: Callable[[jax.Array], jax.Array] | None = None
+    replaces_victim: bool = False
 
 
 class EmptyState(NamedTuple):
@@ -162,7 +166,8 @@ def chain(*defenses: Defense) -> Defense:
     Each defense gets its own key, derived from the batch key and its position in the chain, so adding a
     defense never changes the randomness of the ones before it. A request is admitted only if every member
     admits it (delays add up); when one refuses, no member's admission state changes. The chain runs on the
-    host if any member does, and then jits each jittable member on its own.
+    host if any member does, and then jits each jittable member on its own. It replaces the victim when its
+    first member does (later members transform what the first one served).
     """
     host = any(defense.host for defense in defenses)
     appliers = [_member_applier(defense, host) for defense in defenses]
@@ -214,6 +219,7 @@ def chain(*defenses: Defense) -> Defense:
         host=host,
         augment_training=augment_training if any(d.augment_training for d in defenses) else None,
         preprocess=preprocess if any(d.preprocess for d in defenses) else None,
+        replaces_victim=bool(defenses) and defenses[0].replaces_victim,
     )
 
 

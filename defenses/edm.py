@@ -25,7 +25,10 @@ Differences from the paper:
 - The diversity term is the coherence above averaged over the OOD batch, with one fixed weight; the paper's
   exact form of the term and its weighting are not reproduced.
 - The ensemble replaces the victim: the probabilities the API hands the defense are ignored (so EDM must
-  come first in a chain), and the experiment's victim serves only as the reference for fidelity.
+  come first in a chain; the API then skips the victim, see ``Defense.replaces_victim``), and the
+  experiment's victim serves only as the reference for fidelity.
+- Each query is evaluated by its selected member only; the disagreement statistic, which needs every
+  member's answer, is measured on the first ``dispute_rows`` rows of each call (all rows when ``None``).
 - Members are MLPs trained jointly with Adam for ``epochs`` passes over the defender's data.
 - ``holdout_fraction`` of the defender's data is kept out of training to report each member's accuracy and
   the served (hash-selected) accuracy in ``report``; the run's ``served_accuracy`` on the test split is
@@ -99,11 +102,13 @@ class Ensemble(NamedTuple):
 
 
 class EdmState(NamedTuple):
-    """Per client: queries answered, answers by each member, and queries on which members' top-1 differ."""
+    """Per client: queries answered, answers by each member, queries every member was evaluated on
+    (``checked``), and those of them on which the members' top-1 differ."""
 
     answered: Mapping[str | None, int] = MappingProxyType({})
     by_member: Mapping[str | None, tuple[int, ...]] = MappingProxyType({})
     disputed: Mapping[str | None, int] = MappingProxyType({})
+    checked: Mapping[str | None, int] = MappingProxyType({})
 
 
 _trained: dict[str, Ensemble] = {}
@@ -121,6 +126,7 @@ def edm(
     holdout_fraction: float = 0.1,
     key_env: str | None = DEFAULT_KEY_ENV,
     key_file: str | None = None,
+    dispute_rows: int | None = 256,
 ) -> Defense:
     """Serves, for each query, the answer of one ensemble member chosen by a keyed hash of the input.
 
@@ -132,11 +138,16 @@ def edm(
       hidden, epochs, batch_size, learning_rate: each member MLP's hidden widths and the joint training.
       holdout_fraction: share of the defender's data kept out of training to measure the members.
       key_env, key_file: where the selection key comes from (see ``defenses.dawn.load_key``).
+      dispute_rows: every member is evaluated on at most this many rows of each call (the first ones) to
+        measure their disagreement; ``None``: on all rows. Serving needs only the selected member per row, so
+        this bounds the cost of the statistic on large calls; the member serving a row never depends on it
+        (on a larger call each member runs on its own rows alone: the same answers up to float32 rounding).
 
     ``report`` gives ``edm_member_accuracy_holdout`` (mean over members), ``edm_member{i}_accuracy_holdout``,
-    ``edm_served_accuracy_holdout``, and over the attackers' queries ``edm_disputed_fraction`` (share on
-    which the members' top-1 answers are not unanimous) and ``edm_member_share_max`` (the largest share of
-    them answered by one member; ``1 / members`` when selection is uniform).
+    ``edm_served_accuracy_holdout``, and over the attackers' queries ``edm_disputed_fraction`` (share of the
+    ``edm_disputed_rows`` rows checked, see ``dispute_rows``, on which the members' top-1 answers are not
+    unanimous) and ``edm_member_share_max`` (the largest share of all their queries answered by one member;
+    ``1 / members`` when selection is uniform).
 
     Raises:
       ValueError: naming the argument and what is accepted, before anything is trained.
@@ -144,15 +155,26 @@ def edm(
     settings = check_settings(
         defender, members, diversity_weight, ood, hidden, epochs, batch_size, learning_rate, holdout_fraction
     )
+    check_dispute_rows(dispute_rows)
     secret = load_key(key_env, key_file, owner="edm")
     ensemble = trained_ensemble(defender, settings)
     member_probs = ensemble_probabilities(ensemble.model)
+    own_probs = grouped_probabilities(ensemble.model)
 
     def apply(probs: jax.Array, state: EdmState, context: QueryContext) -> tuple[jax.Array, EdmState]:
         inputs = np.asarray(context.inputs, np.float32)
-        every = all_members(member_probs, ensemble.params, inputs)
-        chosen = select_members(secret, inputs, settings.members)
-        served = every[chosen, np.arange(len(inputs))].astype(np.asarray(probs).dtype)
+        first, occurrence = distinct_rows(inputs)
+        distinct = inputs[first]
+        picked = hashed_members(secret, distinct, settings.members)
+        chosen = picked[occurrence]
+        checked = len(inputs) if dispute_rows is None else min(dispute_rows, len(inputs))
+        every = all_members(member_probs, ensemble.params, inputs[:checked])
+        if checked == len(inputs):
+            served = every[chosen, np.arange(len(inputs))]
+        else:
+            answers = selected_members(own_probs, ensemble.params, distinct, picked, settings.members)
+            served = answers[occurrence]
+        served = served.astype(np.asarray(probs).dtype)
         return served, record(state, context.client, every, chosen, settings.members)
 
     def report(state: EdmState, evidence: Evidence) -> dict:
@@ -161,11 +183,20 @@ def edm(
         answered = sum(state.answered[client] for client in attackers)
         if answered:
             counts = np.sum([state.by_member[client] for client in attackers], axis=0)
-            found["edm_disputed_fraction"] = sum(state.disputed[c] for c in attackers) / answered
+            checked = sum(state.checked.get(client, 0) for client in attackers)
+            if checked:
+                found["edm_disputed_fraction"] = sum(state.disputed[c] for c in attackers) / checked
+            found["edm_disputed_rows"] = checked
             found["edm_member_share_max"] = float(counts.max() / answered)
         return found
 
-    return Defense(init=EdmState, apply=apply, report=report, host=True)
+    return Defense(init=EdmState, apply=apply, report=report, host=True, replaces_victim=True)
+
+
+def check_dispute_rows(dispute_rows) -> None:
+    valid_int = isinstance(dispute_rows, int) and not isinstance(dispute_rows, bool) and dispute_rows >= 0
+    if dispute_rows is not None and not valid_int:
+        raise ValueError(f"edm: dispute_rows must be an int >= 0 or null (all rows), got {dispute_rows!r}")
 
 
 def check_settings(
@@ -214,12 +245,34 @@ def holdout_rows(count: int, fraction: float) -> int:
 
 
 def select_members(secret: bytes, inputs: np.ndarray, members: int) -> np.ndarray:
-    """Each input's member: the first 8 bytes of HMAC-SHA256(secret, float32 bytes) modulo ``members``."""
+    """Each input's member: the first 8 bytes of HMAC-SHA256(secret, float32 bytes) modulo ``members``.
+
+    Each distinct row is hashed once; a repeated row takes its first occurrence's member.
+    """
+    first, occurrence = distinct_rows(inputs)
+    return hashed_members(secret, inputs[first], members)[occurrence]
+
+
+def hashed_members(secret: bytes, inputs: np.ndarray, members: int) -> np.ndarray:
+    """``select_members`` with every row hashed."""
     tags = keyed_tags(secret, rows_as_bytes(inputs))
     if not tags:
         return np.zeros(0, np.int64)
     leading = np.frombuffer(b"".join(tags), ">u8").reshape(len(tags), -1)[:, 0]
     return (leading % np.uint64(members)).astype(np.int64)
+
+
+def distinct_rows(inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(first, occurrence)``: the index of each distinct row's first occurrence, in order, and for each
+    row the position in ``first`` of its copy, so that ``inputs[first][occurrence]`` equals ``inputs``
+    bytewise."""
+    flat = np.ascontiguousarray(inputs, np.float32).reshape(len(inputs), math.prod(inputs.shape[1:]))
+    rows = flat.view(np.dtype((np.void, flat.shape[1] * flat.itemsize))).ravel().tolist()
+    # Walking the rows backwards leaves each row's first index in the dict.
+    first_index = dict(zip(reversed(rows), range(len(rows) - 1, -1, -1), strict=True))
+    first = np.sort(np.fromiter(first_index.values(), np.int64, len(first_index)))
+    first_of_row = np.fromiter(map(first_index.__getitem__, rows), np.int64, len(rows))
+    return first, np.searchsorted(first, first_of_row)
 
 
 def coherence(member_probs: jax.Array) -> jax.Array:
@@ -306,7 +359,29 @@ def all_members(program, params, inputs: np.ndarray) -> np.ndarray:
     return np.asarray(program(params, padded))[:, : len(inputs)]
 
 
+def grouped_probabilities(model: MLP):
+    """A jitted ``(params, grouped) -> (members, capacity, classes)`` program: member ``i`` on its own rows
+    ``grouped[i]``."""
+    return jax.jit(lambda params, grouped: jax.nn.softmax(jax.vmap(model.apply)(params, grouped)))
+
+
+def selected_members(program, params, inputs: np.ndarray, chosen: np.ndarray, members: int) -> np.ndarray:
+    """Row ``j``'s probabilities from member ``chosen[j]`` alone, each member evaluated on the rows it serves
+    (grouped into one batch per member, zero-padded to a power-of-two capacity shared by all members)."""
+    order = np.argsort(chosen, kind="stable")
+    counts = np.bincount(chosen, minlength=members)
+    starts = np.cumsum(counts) - counts
+    member, slot = chosen[order], np.arange(len(order)) - np.repeat(starts, counts)
+    grouped = np.zeros((members, capacity_for(int(counts.max()), minimum=8), *inputs.shape[1:]), np.float32)
+    grouped[member, slot] = inputs[order]
+    answers = np.asarray(program(params, grouped))
+    served = np.empty((len(order), answers.shape[-1]), answers.dtype)
+    served[order] = answers[member, slot]
+    return served
+
+
 def record(state: EdmState, client, every: np.ndarray, chosen: np.ndarray, members: int) -> EdmState:
+    """Adds a call to ``client``'s counts; ``every`` holds all members' answers on its first rows."""
     top = every.argmax(axis=-1)
     disputed = int(np.sum(np.any(top != top[:1], axis=0)))
     counts = np.bincount(chosen, minlength=members)
@@ -315,6 +390,7 @@ def record(state: EdmState, client, every: np.ndarray, chosen: np.ndarray, membe
         answered={**state.answered, client: state.answered.get(client, 0) + len(chosen)},
         by_member={**state.by_member, client: tuple(int(c) for c in previous + counts)},
         disputed={**state.disputed, client: state.disputed.get(client, 0) + disputed},
+        checked={**state.checked, client: state.checked.get(client, 0) + every.shape[1]},
     )
 
 

@@ -7,10 +7,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from heistlab import data
+from heistlab import data, victims
 from heistlab.api import PredictionAPI
 from heistlab.defenses.base import DefenderData, Evidence, QueryContext
-from heistlab.defenses.edm import DEFAULT_KEY_ENV, coherence, edm, select_members
+from heistlab.defenses.edm import (
+    DEFAULT_KEY_ENV,
+    all_members,
+    check_settings,
+    coherence,
+    distinct_rows,
+    edm,
+    ensemble_probabilities,
+    grouped_probabilities,
+    select_members,
+    selected_members,
+    trained_ensemble,
+)
+from heistlab.models import MLP
 
 KEY = b"edm test key"
 
@@ -164,3 +177,122 @@ def test_selection_equals_hmac_per_row_for_any_member_count_and_repeats(members)
     ]
     np.testing.assert_array_equal(select_members(KEY, inputs, members), expected)
     assert select_members(KEY, inputs[:0], members).shape == (0,)
+
+
+@functools.cache
+def quick_edm(dispute_rows: int | None = 256):
+    """A barely trained 3-member ensemble (the serving paths are compared, not its accuracy)."""
+    splits = digits()
+    defender = DefenderData(splits.victim_train.x, splits.victim_train.y, splits.input_shape, 10, 0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(DEFAULT_KEY_ENV, "quick")
+        return edm(defender, members=3, hidden=[16], epochs=1, dispute_rows=dispute_rows)
+
+
+def with_repeats(count: int) -> np.ndarray:
+    """Noise rows, some of them sent again later in the batch, and digits."""
+    fresh = noise(count // 2, seed=7)
+    return np.resize(np.concatenate([fresh, digits().test.x[: count // 4], fresh[::3]]), (count, 8, 8, 1))
+
+
+def assert_same_answers(got: np.ndarray, expected: np.ndarray) -> None:
+    """Equal up to float32 rounding of a different batch shape (XLA may pick other kernels), same top-1."""
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(np.argmax(got, -1), np.argmax(expected, -1))
+
+
+def test_distinct_rows_are_byte_identical_rows_in_order_of_first_sending():
+    row = noise(1, seed=1)
+    zero, negative_zero, trailing = np.zeros_like(row), -np.zeros_like(row), row.copy()
+    trailing.reshape(-1)[-3:] = 0.0
+    inputs = np.concatenate([row, zero, negative_zero, trailing, row, zero, noise(2), trailing])
+    first, occurrence = distinct_rows(inputs)
+    np.testing.assert_array_equal(first, [0, 1, 2, 3, 6, 7])
+    np.testing.assert_array_equal(occurrence, [0, 1, 2, 3, 0, 1, 4, 5, 3])
+    assert inputs[first][occurrence].tobytes() == inputs.tobytes()
+    empty_first, empty_occurrence = distinct_rows(inputs[:0])
+    assert empty_first.shape == empty_occurrence.shape == (0,)
+
+
+@pytest.mark.parametrize("skew", ["uniform", "one_member", "one_empty"])
+def test_each_member_on_its_own_rows_gives_its_answers_among_all_members(skew):
+    model = MLP(10, (32, 32))
+    keys = jax.random.split(jax.random.key(1), 4)
+    params = jax.vmap(lambda key: model.init(key, jnp.zeros((1, 8, 8, 1))))(keys)
+    inputs = noise(700, seed=2)
+    chosen = {
+        "uniform": np.random.default_rng(0).integers(0, 4, len(inputs)),
+        "one_member": np.full(len(inputs), 2),
+        "one_empty": np.arange(len(inputs)) % 3,
+    }[skew]
+    every = all_members(ensemble_probabilities(model), params, inputs)
+    served = selected_members(grouped_probabilities(model), params, inputs, chosen, 4)
+    assert_same_answers(served, every[chosen, np.arange(len(inputs))])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("count", [40, 300])
+def test_bounding_dispute_rows_changes_no_answer_and_checks_the_first_rows(count):
+    inputs = with_repeats(count)
+    bounded, complete = quick_edm(dispute_rows=16), quick_edm(dispute_rows=None)
+    served, state = ask(bounded, inputs)
+    expected, complete_state = ask(complete, inputs)
+    assert served.dtype == expected.dtype == np.float32
+    assert_same_answers(served, expected)
+    assert state.answered == complete_state.answered == {"attacker": count}
+    assert state.by_member == complete_state.by_member
+    assert state.checked == {"attacker": 16} and complete_state.checked == {"attacker": count}
+    _, first_rows = ask(complete, inputs[:16])
+    assert state.disputed == first_rows.disputed
+
+
+@pytest.mark.slow
+def test_each_row_is_served_by_its_keyed_member_alone():
+    inputs = with_repeats(300)
+    served, _ = ask(quick_edm(dispute_rows=0), inputs)
+    splits = digits()
+    defender = DefenderData(splits.victim_train.x, splits.victim_train.y, splits.input_shape, 10, 0)
+    settings = check_settings(defender, 3, 1.0, ("uniform", "shuffled"), [16], 1, 64, 1e-3, 0.1)
+    ensemble = trained_ensemble(defender, settings)  # quick_edm's members, from the in-process cache
+    every = all_members(ensemble_probabilities(ensemble.model), ensemble.params, inputs)
+    nearest = np.abs(every - served[None]).max(axis=-1).argmin(axis=0)
+    np.testing.assert_array_equal(nearest, select_members(b"quick", inputs, 3))
+    assert_same_answers(served, every[nearest, np.arange(len(inputs))])
+
+
+@pytest.mark.slow
+def test_report_gives_the_disputed_fraction_over_the_rows_checked():
+    defense = quick_edm(dispute_rows=16)
+    _, state = ask(defense, with_repeats(300))
+    _, state = ask(defense, with_repeats(10), state)
+    _, state = ask(defense, with_repeats(40), state, client="benign")
+    found = defense.report(state, Evidence(None, None, None, attackers=("attacker",), benign=()))
+    assert found["edm_disputed_rows"] == 26
+    assert found["edm_disputed_fraction"] == state.disputed["attacker"] / 26
+    assert found["edm_member_share_max"] == max(state.by_member["attacker"]) / 310
+    _, state = ask(quick_edm(dispute_rows=0), with_repeats(40))
+    found = quick_edm(dispute_rows=0).report(state, Evidence(None, None, None, ("attacker",), ()))
+    assert found["edm_disputed_rows"] == 0 and "edm_disputed_fraction" not in found
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, True, "256"])
+def test_rejects_bad_dispute_rows(value):
+    defender = DefenderData(np.zeros((2, 1), np.float32), np.zeros(2, np.int32), (1,), 2, 0)
+    with pytest.raises(ValueError, match="edm: dispute_rows must be an int >= 0 or null"):
+        edm(defender, dispute_rows=value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", [5, 300, 4096])
+def test_the_api_serves_edm_without_its_victim_exactly_as_with_it(size):
+    splits = digits()
+    model = MLP(10, (16,))
+    victim = victims.Victim(model, model.init(jax.random.key(0), splits.test.x[:1]), splits.input_shape)
+    defense = quick_edm()
+    assert defense.replaces_victim
+    skipping = PredictionAPI(victim, defense, key=jax.random.key(0))
+    running = PredictionAPI(victim, defense._replace(replaces_victim=False), key=jax.random.key(0))
+    inputs = np.resize(with_repeats(300), (size, *splits.input_shape))
+    for client in ("alice", "bob"):
+        np.testing.assert_array_equal(skipping.query(inputs, client), running.query(inputs, client))
+    assert skipping.defense_state() == running.defense_state()

@@ -154,6 +154,7 @@ class PredictionAPI:
         self._defense = defense
         self._apply_defense = jax.jit(defense.apply)
         self._preprocess = jax.jit(defense.preprocess) if defense.preprocess is not None else None
+        self._skips_victim = skips_victim(defense)
         self._key = key
         self.budget, self.output, self.top_k = budget, output, top_k
         self.input_range, self.max_batch = input_range, max_batch
@@ -266,7 +267,9 @@ class PredictionAPI:
         if self._program is not None and len(inputs) <= FUSED_MAX_ROWS:
             return self._serve_fused(inputs, client)
         raw_probs = None
-        if self._preprocess is None:
+        if self._skips_victim:
+            probs = np.full((len(inputs), self.num_classes), np.float32(1.0) / self.num_classes, np.float32)
+        elif self._preprocess is None:
             probs = self._victim.predict_proba(inputs)
         else:
             raw_probs = self._victim.predict_proba(inputs)
@@ -342,13 +345,20 @@ def serving_program(victim: Victim, defense: Defense, key_impl) -> Callable:
 
     It repeats ``training.predict_proba`` (the victim on at least ``VICTIM_MIN_ROWS`` zero-padded rows) and
     ``PredictionAPI._apply_padded``'s padding (padding rows uniform distributions) and key (folded from the
-    API key and the batch count), so the defense sees exactly what the separate calls gave it.
+    API key and the batch count), so the defense sees exactly what the separate calls gave it. For a defense
+    that replaces the victim (``skips_victim``) it gives uniform rows and never evaluates the victim.
     """
-    return _serving_program(victim.model, defense.preprocess, key_impl)
+    return _serving_program(victim.model, defense.preprocess, key_impl, skips_victim(defense))
+
+
+def skips_victim(defense: Defense) -> bool:
+    """Whether the API serves ``defense`` without running the victim: it replaces the victim's answers and
+    no ``preprocess`` asks for them."""
+    return defense.replaces_victim and defense.preprocess is None
 
 
 @functools.lru_cache(maxsize=32)
-def _serving_program(model, preprocess, key_impl) -> Callable:
+def _serving_program(model, preprocess, key_impl, skip_victim: bool = False) -> Callable:
 
     def victim_probs(params, padded):
         rows = padded.shape[0]
@@ -359,6 +369,9 @@ def _serving_program(model, preprocess, key_impl) -> Callable:
     def probabilities(params, padded, count):
         real = (jnp.arange(padded.shape[0]) < count)[:, None]
         uniform_outside = lambda probs: jnp.where(real, probs, jnp.float32(1.0) / probs.shape[-1])
+        if skip_victim:
+            shape = jax.eval_shape(victim_probs, params, padded)
+            return jnp.full(shape.shape, jnp.float32(1.0) / shape.shape[-1], shape.dtype), None
         if preprocess is None:
             return uniform_outside(victim_probs(params, padded)), None
         # One victim evaluation looped over both batches: inlined twice, XLA shares their broadcast constants

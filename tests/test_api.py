@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from heistlab.api import InvalidQuery, PredictionAPI, QueryRefused
-from heistlab.defenses import identity, label_only
+from heistlab.api import InvalidQuery, PredictionAPI, QueryRefused, serving_program, skips_victim
+from heistlab.defenses import chain, identity, label_only, rounding
 
 
 @pytest.fixture
@@ -163,3 +163,89 @@ def test_preprocessing_defense_changes_what_the_victim_sees(small_victim, digits
     np.testing.assert_allclose(
         served, small_victim.predict_proba(np.zeros_like(digits_splits.test.x[:3])), atol=1e-6
     )
+
+
+def answers_of_its_own(inputs):
+    """What a defense that replaces the victim serves: a fixed function of the inputs alone."""
+    return jax.nn.softmax(5.0 * inputs.reshape(len(inputs), -1)[:, :10])
+
+
+def replacing_defense(host: bool, received: list | None = None):
+    def apply(probs, state, context):
+        if received is not None:
+            received.append(np.asarray(probs))
+        return answers_of_its_own(context.inputs), state
+
+    return identity()._replace(apply=apply, host=host, replaces_victim=True)
+
+
+class CountingVictim:
+    """A victim outside the fused path that counts the rows it was asked to answer."""
+
+    input_shape, num_classes = (8, 8, 1), 10
+
+    def __init__(self, victim):
+        self.victim, self.rows = victim, 0
+
+    def predict_proba(self, inputs):
+        self.rows += len(inputs)
+        return self.victim.predict_proba(inputs)
+
+
+@pytest.mark.parametrize("host", [True, False])
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_defense_that_replaces_the_victim_serves_the_same_answers_without_it(
+    small_victim, digits_splits, host, fused
+):
+    received = [] if host else None
+    replacing = replacing_defense(host, received)
+    victim = small_victim if fused else CountingVictim(small_victim)
+    skipping = PredictionAPI(victim, replacing, key=jax.random.key(0))
+    running = PredictionAPI(small_victim, replacing._replace(replaces_victim=False), key=jax.random.key(0))
+    assert (skipping._program is not None) == fused
+    for size in (1, 5, 130):
+        inputs = digits_splits.test.x[:size]
+        served = skipping.query(inputs)
+        assert served.dtype == np.float32
+        np.testing.assert_array_equal(served, running.query(inputs))
+        np.testing.assert_array_equal(served, answers_of_its_own(inputs))
+    if not fused:
+        assert victim.rows == 0
+    if host:
+        np.testing.assert_array_equal(received[0], np.full((1, 10), 0.1, np.float32))
+
+
+def test_the_fused_program_never_evaluates_a_replaced_victim(small_victim):
+    key = jax.random.key(0)
+    arguments = (
+        small_victim.params,
+        np.zeros((8, *small_victim.input_shape), np.float32),
+        np.int32(3),
+        np.asarray(jax.random.key_data(key)),
+        np.uint32(0),
+    )
+
+    def program_text(defense) -> str:
+        program = serving_program(small_victim, defense, jax.random.key_impl(key))
+        return str(jax.make_jaxpr(program)(*arguments))
+
+    assert "dot_general" not in program_text(replacing_defense(host=True))
+    assert "dot_general" in program_text(replacing_defense(host=True)._replace(replaces_victim=False))
+
+
+def test_a_chain_replaces_the_victim_only_when_its_first_defense_does(small_victim, digits_splits):
+    replacing = replacing_defense(host=True)
+    assert chain(replacing, rounding(2)).replaces_victim
+    assert not chain(rounding(2), replacing).replaces_victim
+    assert not chain().replaces_victim
+    # a preprocessing defense asks for the victim's answers, so the victim runs
+    squeezing = chain(replacing, identity()._replace(preprocess=lambda inputs: inputs * 0.0))
+    assert squeezing.replaces_victim and not skips_victim(squeezing)
+    victim = CountingVictim(small_victim)
+    PredictionAPI(victim, squeezing, key=jax.random.key(0)).query(digits_splits.test.x[:4])
+    assert victim.rows == 8
+    victim, rounded = CountingVictim(small_victim), chain(replacing, rounding(2))
+    served = PredictionAPI(victim, rounded, key=jax.random.key(0)).query(digits_splits.test.x[:4])
+    assert victim.rows == 0
+    running = PredictionAPI(small_victim, rounded._replace(replaces_victim=False), key=jax.random.key(0))
+    np.testing.assert_array_equal(served, running.query(digits_splits.test.x[:4]))
