@@ -58,7 +58,7 @@ def test_prediction_api_throughput(benchmark, apis, splits, defense, batch):
 
 # Defenses whose host work is per distinct row: the stream above repeats the 359 test digits, so they are
 # timed again on batches in which no row repeats (fresh uniform noise per call), beside ``none``.
-PER_DISTINCT_ROW = ("none", "blacklight", "dawn", "prada", "proof_of_work")
+PER_DISTINCT_ROW = ("none", "blacklight", "dawn", "edm", "prada", "proof_of_work")
 
 
 @pytest.mark.parametrize("defense", PER_DISTINCT_ROW)
