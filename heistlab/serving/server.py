@@ -87,6 +87,9 @@ def reporting_h11(on_rejected: Callable[[str], None] | None) -> type[H11Protocol
     class ReportingH11Protocol(H11Protocol):
         head = b""  # the current request's line and headers received so far, while incomplete
 
+        def connection_made(self, transport) -> None:
+            super().connection_made(MergedWrites(transport, self.loop))
+
         def data_received(self, data: bytes) -> None:
             if self.conn.their_state is h11.IDLE:
                 seen = self.head + data
@@ -110,6 +113,48 @@ def reporting_h11(on_rejected: Callable[[str], None] | None) -> type[H11Protocol
             super().send_400_response(msg)
 
     return ReportingH11Protocol
+
+
+class MergedWrites:
+    """A transport that sends what is written to it in one turn of the event loop as one write.
+
+    uvicorn writes an answer's status line and headers, its body and its end (empty with Content-Length)
+    separately: over TLS, each write is a record of its own, encrypted and sent in a system call of its own,
+    and the client decrypts and receives each. Held until the end of the loop's turn, they go out together
+    as one record and one send, the same bytes in the same order. Closing sends what is held first;
+    aborting drops it, as aborting drops a transport's buffer. Everything else is the wrapped transport's.
+    """
+
+    def __init__(self, transport, loop):
+        self._transport, self._loop = transport, loop
+        self._held: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        if not self._held:
+            self._loop.call_soon(self._flush)
+        self._held.append(data)
+
+    def writelines(self, chunks) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
+    def _flush(self) -> None:
+        held, self._held = self._held, []
+        if held and not self._transport.is_closing():
+            self._transport.write(b"".join(held))
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._held = []
+        self._transport.abort()
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
 
 
 def serve_forever(config: uvicorn.Config) -> None:
