@@ -449,3 +449,14 @@ def test_the_server_parses_with_httptools_and_runs_uvloop_when_installed():
     assert event_loop() == ("uvloop" if HAS_UVLOOP else "asyncio")
     with pytest.raises(ValueError, match="httptools, h11 or None"):
         http_protocol(None, "picohttp")
+
+
+def test_without_httptools_and_uvloop_the_server_falls_back_to_h11_and_asyncio(monkeypatch):
+    from heistlab.serving import server
+
+    monkeypatch.setattr(server, "HttpToolsProtocol", None)
+    monkeypatch.setattr(server, "HAS_UVLOOP", False)
+    assert server.http_protocol(None).__name__ == "ReportingH11Protocol"
+    assert server.event_loop() == "asyncio"
+    with pytest.raises(ImportError, match="pip install httptools, or choose h11"):
+        server.http_protocol(None, "httptools")
