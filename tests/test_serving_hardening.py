@@ -25,7 +25,7 @@ from heistlab.defenses import rounding
 from heistlab.serving.app import create_app, unparsed_request_auditor
 from heistlab.serving.audit import AuditLog
 from heistlab.serving.auth import Authenticator, Credential, KeyStore, create_key
-from heistlab.serving.server import MAX_HEADER_BYTES, serve_in_thread
+from heistlab.serving.server import MAX_HEADER_BYTES, HttpToolsProtocol, serve_in_thread
 from heistlab.serving.service import ServingCore, build_core
 from heistlab.serving.tls import client_context, self_signed_pair
 from heistlab.serving.validation import (
@@ -380,33 +380,83 @@ async def _nothing(scope, receive, send):
     return None
 
 
-def received_in_one_read(request: bytes) -> tuple[RecordingTransport, list[str]]:
-    """Hands ``request`` to the server's HTTP protocol as one read, as a busy server's socket can."""
+def received_in_reads(parser: str, *reads: bytes) -> tuple[RecordingTransport, list[str]]:
+    """Hands ``reads`` to the server's HTTP protocol (``parser``: h11 or httptools) one read each, as a
+    busy server's socket can group bytes."""
     from uvicorn.server import ServerState
 
-    from heistlab.serving.server import reporting_h11
+    from heistlab.serving.server import http_protocol
 
     async def exchange():
         config = uvicorn.Config(_nothing, lifespan="off", h11_max_incomplete_event_size=MAX_HEADER_BYTES)
         config.load()
         reported: list[str] = []
-        protocol = reporting_h11(reported.append)(config=config, server_state=ServerState(), app_state={})
+        protocol_class = http_protocol(reported.append, parser)
+        protocol = protocol_class(config=config, server_state=ServerState(), app_state={})
         transport = RecordingTransport()
         protocol.connection_made(transport)
-        protocol.data_received(request)
-        await asyncio.sleep(0)
+        for read in reads:
+            if transport.closed:  # a closed connection reads nothing more
+                break
+            protocol.data_received(read)
+            await asyncio.sleep(0)
         return transport, reported
 
     return asyncio.run(exchange())
 
 
-def test_a_header_block_over_the_bound_is_refused_even_when_it_arrives_in_one_read():
-    """h11 bounds only incomplete heads; a whole 70 KB head in one read is still refused, and reported."""
+PARSERS = ["h11", pytest.param("httptools", marks=pytest.mark.skipif(
+    HttpToolsProtocol is None, reason="httptools is not installed"))]  # fmt: skip
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_a_header_block_over_the_bound_is_refused_even_when_it_arrives_in_one_read(parser):
+    """h11 bounds only incomplete heads, llhttp none; a whole 70 KB head in one read is still refused, and
+    reported."""
     head = b"GET /v1/info HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: " + b"a" * 70_000 + b"\r\n\r\n"
-    transport, reported = received_in_one_read(head)
+    transport, reported = received_in_reads(parser, head)
     assert transport.written.startswith(b"HTTP/1.1 400") and transport.closed
     assert len(reported) == 1 and str(MAX_HEADER_BYTES) in reported[0]
     body = b"x" * 100_000  # a large body after a small head, in the same read, is not a large head
     request = b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n" + body
-    transport, reported = received_in_one_read(request)
+    transport, reported = received_in_reads(parser, request)
     assert not transport.written.startswith(b"HTTP/1.1 400") and reported == []
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_a_header_block_over_the_bound_is_refused_when_it_trickles_in(parser):
+    """A head sent a few bytes at a time, never ending, is refused once it passes the bound."""
+    start = b"GET /v1/info HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: "
+    trickle = [start] + [b"a" * 1000] * (MAX_HEADER_BYTES // 1000 + 2)
+    transport, reported = received_in_reads(parser, *trickle)
+    assert transport.written.startswith(b"HTTP/1.1 400") and transport.closed
+    assert len(reported) == 1 and str(MAX_HEADER_BYTES) in reported[0]
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_malformed_request_lines_are_refused_and_reported(parser):
+    transport, reported = received_in_reads(parser, b"NOT A REQUEST\r\n\r\n")
+    assert transport.written.startswith(b"HTTP/1.1 400") and transport.closed
+    assert len(reported) == 1 and "refused by the HTTP parser" in reported[0]
+
+
+def test_the_server_parses_with_httptools_and_runs_uvloop_when_installed():
+    from heistlab.serving.server import HAS_UVLOOP, event_loop, http_protocol
+
+    chosen = http_protocol(None)
+    expected = "ReportingH11Protocol" if HttpToolsProtocol is None else "ReportingHttpToolsProtocol"
+    assert chosen.__name__ == expected
+    assert event_loop() == ("uvloop" if HAS_UVLOOP else "asyncio")
+    with pytest.raises(ValueError, match="httptools, h11 or None"):
+        http_protocol(None, "picohttp")
+
+
+def test_without_httptools_and_uvloop_the_server_falls_back_to_h11_and_asyncio(monkeypatch):
+    from heistlab.serving import server
+
+    monkeypatch.setattr(server, "HttpToolsProtocol", None)
+    monkeypatch.setattr(server, "HAS_UVLOOP", False)
+    assert server.http_protocol(None).__name__ == "ReportingH11Protocol"
+    assert server.event_loop() == "asyncio"
+    with pytest.raises(ImportError, match="pip install httptools, or choose h11"):
+        server.http_protocol(None, "httptools")

@@ -33,6 +33,7 @@ to requests without credentials, as the client ``anonymous`` with role ``insecur
 import asyncio
 import base64
 import binascii
+import functools
 import inspect
 import logging
 import math
@@ -242,6 +243,63 @@ class RequestIds:
         return pool[start : start + 8].hex()
 
 
+class DirectRoutes:
+    """Serves the routes registered here past FastAPI's router and middleware: the handler gets the
+    ``Request`` and returns a ``Response``, and an exception it raises is answered by the handler the app
+    registered for it, found as Starlette's ``ExceptionMiddleware`` finds it (by status code for an HTTP
+    exception, then along the exception's classes; ``Exception`` itself is left to ``AuditEveryRequest``).
+
+    For a handler that declares no parameters but the request and returns a response, this is all that
+    FastAPI's route does (its body limit is off: the handlers bound their bodies themselves), at a fraction
+    of the per-request cost. The route stays registered with FastAPI too, for its schema and its other
+    methods (405).
+
+    exception_handlers: the app's ``exception_handlers`` (read when a request fails, so handlers added later
+    count).
+    """
+
+    def __init__(self, exception_handlers: dict):
+        self._handlers: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {}
+        self._exception_handlers = exception_handlers
+
+    def add(self, method: str, path: str, handler: Callable[[Request], Awaitable[Response]]) -> None:
+        self._handlers[method, path] = handler
+
+    def app_for(self, scope) -> Callable | None:
+        """The ASGI app serving this request directly, or None when the router must route it."""
+        if scope.get("root_path"):
+            return None
+        handler = self._handlers.get((scope["method"], scope["path"]))
+        return None if handler is None else functools.partial(self._serve, handler)
+
+    async def _serve(self, handler, scope, receive, send) -> None:
+        request = Request(scope, receive, send)
+        try:
+            response = await handler(request)
+        except Exception as error:
+            answer = self.exception_handler_for(error)
+            if answer is None:
+                raise
+            if inspect.iscoroutinefunction(answer):
+                response = await answer(request, error)
+            else:
+                response = await run_in_threadpool(answer, request, error)
+            error.__traceback__ = None  # as Starlette does: a reused exception keeps no stale frames
+        if response is not None:
+            await response(scope, receive, send)
+
+    def exception_handler_for(self, error: Exception) -> Callable | None:
+        handlers = self._exception_handlers
+        if isinstance(error, StarletteHTTPException) and error.status_code != 500:
+            handler = handlers.get(error.status_code)
+            if handler is not None:
+                return handler
+        for kind in type(error).__mro__:
+            if kind is not Exception and kind in handlers:
+                return handlers[kind]
+        return None
+
+
 class AuditEveryRequest:
     """ASGI middleware that gives every HTTP request an id and one audit row, committed before its answer.
 
@@ -252,10 +310,19 @@ class AuditEveryRequest:
 
     record: commits one ``AuditEntry`` (awaitable; the server groups concurrent rows into one commit).
     monitor: observes each audited request (``ServerMetrics.after_request``).
+    direct_routes: handlers by (method, path) served by ``DirectRoutes`` instead of the wrapped app (None:
+    every request goes to the app).
     """
 
-    def __init__(self, app, record: Callable[[AuditEntry], Awaitable[None]], monitor: ServerMetrics):
+    def __init__(
+        self,
+        app,
+        record: Callable[[AuditEntry], Awaitable[None]],
+        monitor: ServerMetrics,
+        direct_routes: DirectRoutes | None = None,
+    ):
         self.app, self.record, self.monitor = app, record, monitor
+        self.direct_routes = direct_routes
         self.request_ids = RequestIds()
 
     async def __call__(self, scope, receive, send) -> None:
@@ -281,8 +348,10 @@ class AuditEveryRequest:
                 headers["X-Request-ID"] = request_id
             await send(message)
 
+        direct = self.direct_routes
+        served_by = (direct.app_for(scope) if direct is not None else None) or self.app
         try:
-            await self.app(scope, receive, audited_send)
+            await served_by(scope, receive, audited_send)
         except Exception:
             if answered:
                 raise
@@ -349,6 +418,7 @@ def create_app(
     max_key_series: int = DEFAULT_MAX_KEY_SERIES,
     request_log: str | None = "heistlab.serving.requests",
     build: BuildInfo | None = None,
+    direct_predict: bool = True,
 ) -> FastAPI:
     """The server for ``core``: every request authenticated, checked, throttled and audited.
 
@@ -360,6 +430,8 @@ def create_app(
     puzzles: when set, every prediction must carry a solved proof-of-work puzzle (428 with one otherwise).
     max_key_series, request_log, build: ``GET /metrics``'s per-key cap, the logger that gets one JSON line
     per request (None: none) and the build info (``heistlab.serving.metrics``).
+    direct_predict: serve ``POST /v1/predict`` through ``DirectRoutes`` (the same handler, exception handlers
+    and answers, past FastAPI's router); False: through the router, as every other route.
     """
     body_parser = body_parser or shared_body_parser()
     predictions = Coalescer(core.serve_in_turn)  # concurrent predictions served in batches, in arrival order
@@ -395,7 +467,13 @@ def create_app(
         request_log=logging.getLogger(request_log) if request_log else None,
     )
 
-    app.add_middleware(AuditEveryRequest, record=Coalescer(audit.record_in_turn).submit, monitor=monitor)
+    direct_routes = DirectRoutes(app.exception_handlers)
+    app.add_middleware(
+        AuditEveryRequest,
+        record=Coalescer(audit.record_in_turn).submit,
+        monitor=monitor,
+        direct_routes=direct_routes,
+    )
 
     def refused(request: Request, status: int, code: str, message: str, **kwargs) -> JSONResponse:
         _note(request)["reason"] = message
@@ -629,6 +707,9 @@ def create_app(
             "request_id": _request_id(request),
         }
         return JSONResponse(answer)
+
+    if direct_predict:
+        direct_routes.add("POST", "/v1/predict", predict)
 
     def served_model(name: str) -> None:
         if name != model_name:
