@@ -22,17 +22,21 @@ METRICS = {
 }  # fmt: skip
 
 
-def run_cli(arguments: list[str], cache_dir: Path) -> subprocess.CompletedProcess:
+def run_cli(
+    arguments: list[str], cache_dir: Path, python_options: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     environment = {**os.environ, "HEISTLAB_CACHE_DIR": str(cache_dir), "CI": "true"}
-    command = [sys.executable, "-m", "experiments.run", *arguments]
+    command = [sys.executable, *python_options, "-m", "experiments.run", *arguments]
     return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
 def test_single_run_writes_complete_results(tmp_path, cache_dir):
     overrides = ["attack=knockoff", "defense=rounding", "defense.decimals=1", "seed=3", *TINY]
-    finished = run_cli([*overrides, f"hydra.run.dir={tmp_path}"], cache_dir)
+    finished = run_cli([*overrides, f"hydra.run.dir={tmp_path}"], cache_dir, ("-X", "importtime"))
     assert finished.returncode == 0, finished.stderr
+    imported = {line.rsplit("|", 1)[1].strip() for line in finished.stderr.splitlines() if "|" in line}
+    assert "jax" in imported and not imported & {"scipy", "httpx"}  # a fresh process loads only what it uses
     record = read_results(tmp_path)
     assert set(record) >= {"config", "metrics", "versions", "seed"} and record["status"] == "complete"
     assert record["seed"] == 3 and record["config"]["defense"]["decimals"] == 1
