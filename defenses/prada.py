@@ -36,7 +36,6 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
-from scipy import stats
 
 from heistlab.defenses.base import ADMIT, DefenderData, Defense, Evidence, QueryContext, Request, Verdict
 
@@ -476,13 +475,21 @@ class Buffer:
         return tuple(self.values().tolist())
 
 
-# scipy's axis and NaN-policy wrapper around the test costs four times the test on these samples, which are
-# already 1-D finite float64 arrays; the function it wraps computes the same W.
-_shapiro = getattr(stats.shapiro, "__wrapped__", stats.shapiro)
-try:  # the routine scipy's shapiro calls (Royston's AS R94), whose coefficients can then be kept per size
-    from scipy.stats._ansari_swilk_statistics import swilk as _swilk
-except ImportError:  # pragma: no cover - another scipy layout: the public test computes the same W
-    _swilk = None
+@functools.cache
+def _shapiro_routines():
+    """scipy's Shapiro-Wilk test, unwrapped, and the routine it calls (Royston's AS R94), whose coefficients
+    can then be kept per size; ``None`` for the routine on another scipy layout (the public test computes the
+    same W). Imported on first use: scipy.stats costs a fresh process about a second."""
+    from scipy import stats
+
+    # scipy's axis and NaN-policy wrapper costs four times the test on these samples, which are already 1-D
+    # finite float64 arrays; the function it wraps computes the same W.
+    shapiro = getattr(stats.shapiro, "__wrapped__", stats.shapiro)
+    try:
+        from scipy.stats._ansari_swilk_statistics import swilk
+    except ImportError:  # pragma: no cover - another scipy layout
+        swilk = None
+    return shapiro, swilk
 
 
 def pooled_shapiro_w(values: np.ndarray, min_distances: int) -> float | None:
@@ -493,14 +500,15 @@ def pooled_shapiro_w(values: np.ndarray, min_distances: int) -> float | None:
     kept = values[np.abs(centred) < OUTLIER_SIGMAS * std]
     if len(kept) <= min_distances:
         return None
-    if _swilk is None:
+    swilk = _shapiro_routines()[1]
+    if swilk is None:
         return _public_shapiro_w(kept)
     middle = kept[len(kept) // 2]  # scipy's shapiro centres the sorted sample on this, taken before sorting
     kept.sort()
     if kept[0] == kept[-1]:
         return None
     kept -= middle
-    w, _, _ = _swilk(kept, shapiro_coefficients(len(kept)), 1)
+    w, _, _ = swilk(kept, shapiro_coefficients(len(kept)), 1)
     return float(w)
 
 
@@ -510,7 +518,7 @@ def shapiro_coefficients(size: int) -> np.ndarray:
     depend on the size alone; reused, they give the same W bit for bit). ``size // 2`` floats each: the
     cache holds at most 1024 sizes, 8 MiB for samples of 2000."""
     coefficients = np.zeros(size // 2)
-    _swilk(np.arange(size, dtype=np.float64), coefficients, 0)
+    _shapiro_routines()[1](np.arange(size, dtype=np.float64), coefficients, 0)
     return coefficients
 
 
@@ -519,7 +527,7 @@ def _public_shapiro_w(kept: np.ndarray) -> float | None:
         return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # scipy's p-value warning past 5000 samples; W is fine
-        return float(_shapiro(kept).statistic)
+        return float(_shapiro_routines()[0](kept).statistic)
 
 
 def detection_report(
