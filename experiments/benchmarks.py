@@ -163,6 +163,7 @@ def check(arguments: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> None:
     arguments = parse_arguments(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("jax").setLevel(logging.WARNING)  # its INFO lines name every backend it did not find
     try:
         if arguments.check:
             raise SystemExit(check(arguments))
