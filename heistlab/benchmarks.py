@@ -155,8 +155,8 @@ INTRO = (
     "Where a measured result differs from the expectation, a note under its table says so.\n"
     "`python -m experiments.benchmarks <preset>` regenerates one section and leaves the others as they are;\n"
     "the published means are also in `benchmarks/published.json`, which\n"
-    "`python -m experiments.benchmarks --check` compares with a fresh rerun of the quick presets on a machine\n"
-    "with the same numerics (each section names the machine it was measured on).\n\n"
+    "`python -m experiments.benchmarks --check` compares with a fresh rerun of the quick presets on a\n"
+    "machine with the same numerics (each section names the machine it was measured on).\n\n"
 )
 # A published mean may move by its std over seeds, never less than this floor, which is what a zero or
 # unknown spread (one seed, or a deterministic metric) allows: under 2 of the 359 digits test inputs for a
