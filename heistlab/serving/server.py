@@ -106,9 +106,9 @@ def event_loop() -> str:
 
 def report_refusal(on_rejected: Callable[[str], None] | None, client) -> None:
     """Tells ``on_rejected`` (if given) of a request the HTTP parser refused; never raises."""
-    peer = f" from {client[0]}" if client else ""
     if on_rejected is None:
         return
+    peer = f" from {client[0]}" if client else ""
     try:
         on_rejected(
             f"refused by the HTTP parser{peer}: malformed request line or headers, or more than "
