@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import functools
 import hashlib
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
@@ -113,12 +114,23 @@ class QueryLog(Sequence):
         return f"QueryLog({list(self)!r})"
 
 
+_EMPTY_SHA256 = hashlib.sha256()
+
+
 def row_digests(inputs: np.ndarray) -> list[str]:
-    """SHA-256 of each row's bytes, one hash call per row over one contiguous copy of the batch."""
+    """SHA-256 of each row's bytes, over one contiguous copy of the batch.
+
+    Each row's hash starts as a copy of one empty SHA-256 object: the same digest as ``hashlib.sha256(row)``,
+    without setting up a new hash context per row (the most of a 256-byte row's cost).
+    """
     batch = memoryview(np.ascontiguousarray(inputs).tobytes())
     size = len(batch) // len(inputs) if len(inputs) else 0
-    sha256 = hashlib.sha256
-    return [sha256(batch[row * size : (row + 1) * size]).hexdigest() for row in range(len(inputs))]
+    digests = []
+    for row in range(len(inputs)):
+        sha256 = _EMPTY_SHA256.copy()
+        sha256.update(batch[row * size : (row + 1) * size])
+        digests.append(sha256.hexdigest())
+    return digests
 
 
 class PredictionAPI:
@@ -252,12 +264,14 @@ class PredictionAPI:
             raise InvalidQuery("inputs hold an empty batch")
         if self.max_batch is not None and len(array) > self.max_batch:
             raise InvalidQuery(f"batch of {len(array)} exceeds the maximum batch size {self.max_batch}")
-        if not np.all(np.isfinite(array)):
+        # A NaN anywhere makes the minimum NaN, an infinity makes an extreme infinite: two passes, not three.
+        smallest, largest = float(array.min()), float(array.max())
+        if not (math.isfinite(smallest) and math.isfinite(largest)):
             raise InvalidQuery("inputs contain NaN or infinite values")
         low, high = self.input_range
-        if array.min() < low or array.max() > high:
+        if smallest < low or largest > high:
             raise InvalidQuery(
-                f"inputs must lie in [{low}, {high}], got values in [{array.min():.4g}, {array.max():.4g}]"
+                f"inputs must lie in [{low}, {high}], got values in [{smallest:.4g}, {largest:.4g}]"
             )
         return array.astype(np.float32, copy=False)
 

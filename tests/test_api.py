@@ -45,7 +45,9 @@ def test_every_query_is_recorded_with_sequence_digest_and_outcome(api, digits_sp
     assert [record.sequence for record in api.records] == list(range(12))
     assert [record.served for record in api.records] == [True] * 6 + [False] * 6
     assert {record.reason for record in api.records[6:]} == {"budget"}
-    assert api.records[0].input_digest == hashlib.sha256(x[0].tobytes()).hexdigest()
+    assert [record.input_digest for record in api.records] == [
+        hashlib.sha256(row.tobytes()).hexdigest() for row in x
+    ]
 
 
 def test_served_probabilities_equal_the_victims_without_defense(api, small_victim, digits_splits):
@@ -60,6 +62,9 @@ def test_served_probabilities_equal_the_victims_without_defense(api, small_victi
         (np.zeros((8, 8, 1), np.float32), "must be shaped"),
         (np.zeros((2, 8, 8, 1), np.int64), "floating point"),
         (np.full((2, 8, 8, 1), np.nan, np.float32), "NaN"),
+        (np.where(np.arange(128).reshape(2, 8, 8, 1) == 5, np.nan, 0.5).astype(np.float32), "NaN"),
+        (np.where(np.arange(128).reshape(2, 8, 8, 1) == 77, np.inf, 0.5).astype(np.float32), "infinite"),
+        (np.where(np.arange(128).reshape(2, 8, 8, 1) == 3, -np.inf, 0.5).astype(np.float32), "infinite"),
         (np.full((2, 8, 8, 1), 1.5, np.float32), r"lie in \[0.0, 1.0\]"),
         (np.zeros((0, 8, 8, 1), np.float32), "empty"),
         ([["not", "numbers"]], "floating point"),
