@@ -380,6 +380,19 @@ def paired_section(entries: list[Entry], kind: str, label: Callable[[Entry], str
     return table(["workload", unit, "notes"], rows)
 
 
+def kernel_section(entries: list[Entry]) -> str:
+    """Each row-ranking kernel's rate, and the pairwise form's speed-up over the sort for the same work."""
+    rows = []
+    for entry in sorted(select(entries, kind="kernel"), key=lambda entry: entry.info["name"]):
+        sort = fastest(
+            select(entries, kind="kernel", method="sort", operation=entry.info["operation"],
+                   classes=entry.info["classes"])
+        )  # fmt: skip
+        ratio = f"{entry.rate / sort.rate:.1f}x the sort" if sort and entry is not sort else ""
+        rows.append([entry.info["name"], count(entry.rate), ratio])
+    return table(["workload", "rows/s", "notes"], rows)
+
+
 def markdown(path: Path, skipped: list[str] | None = None) -> str:
     entries, document = load_entries(path)
     machine = document.get("machine_info", {})
@@ -421,6 +434,8 @@ def markdown(path: Path, skipped: list[str] | None = None) -> str:
         parts.append("### Evasion (MLP; FGSM and PGD on the 359 test inputs)\n\n" + section)
     if select(entries, kind="seeds"):
         parts.append("### Seeds as a vector\n\n" + paired_section(entries, "seeds", seeds_note, "seeds/s"))
+    if select(entries, kind="kernel"):
+        parts.append("### Ranking short rows in a jitted defense\n\n" + kernel_section(entries))
     parts.append(NOTES)
     return "\n\n".join(parts) + "\n"
 

@@ -236,10 +236,40 @@ def _member_applier(defense: Defense, chain_on_host: bool):
     return apply
 
 
+# Up to this many classes, rows are ranked by comparing every pair of entries (classes^2 comparisons a row,
+# vectorised); beyond it by sorting. XLA on CPU sorts each short row with a comparator call per comparison:
+# the pairwise ranks are several times faster up to this width (benchmarks/test_ranking_benchmark.py).
+PAIRWISE_RANK_MAX_CLASSES = 32
+
+
+def descending_ranks(values: jax.Array) -> jax.Array:
+    """Each entry's position in its row ordered from largest to smallest, equal entries by lowest index: the
+    ranks a stable ``argsort`` of ``-values`` gives (``0.0`` and ``-0.0`` count as equal here)."""
+    classes = values.shape[-1]
+    if classes > PAIRWISE_RANK_MAX_CLASSES:
+        order = jnp.argsort(-values, axis=-1, stable=True)
+        return jnp.argsort(order, axis=-1, stable=True)
+    mine, theirs = values[..., :, None], values[..., None, :]
+    index = jnp.arange(classes)
+    earlier = index[None, :] < index[:, None]  # [i, j]: entry j comes before entry i
+    ahead = (theirs > mine) | ((theirs == mine) & earlier)
+    return jnp.sum(ahead, axis=-1, dtype=jnp.int32)
+
+
+def sorted_descending(values: jax.Array) -> jax.Array:
+    """Each row from largest to smallest, placed by ``descending_ranks``: the values of
+    ``-jnp.sort(-values)``, bit for bit but for which of a row's ``0.0`` and ``-0.0`` comes first."""
+    classes = values.shape[-1]
+    if classes > PAIRWISE_RANK_MAX_CLASSES:
+        return -jnp.sort(-values, axis=-1)
+    at_rank = descending_ranks(values)[..., :, None] == jnp.arange(classes)  # [i, k]: entry i has rank k
+    return jnp.max(jnp.where(at_rank, values[..., :, None], -jnp.inf), axis=-2)
+
+
 def project_to_simplex(values: jax.Array) -> jax.Array:
     """Euclidean projection of each row onto the probability simplex (Duchi et al. 2008)."""
     classes = values.shape[-1]
-    ordered = -jnp.sort(-values, axis=-1)
+    ordered = sorted_descending(values)
     cumulative = jnp.cumsum(ordered, axis=-1) - 1.0
     ranks = jnp.arange(1, classes + 1, dtype=values.dtype)
     support = ordered - cumulative / ranks > 0

@@ -1,8 +1,18 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from heistlab.defenses.base import QueryContext, chain, identity, stateless
+from heistlab.defenses.base import (
+    PAIRWISE_RANK_MAX_CLASSES,
+    QueryContext,
+    chain,
+    descending_ranks,
+    identity,
+    project_to_simplex,
+    sorted_descending,
+    stateless,
+)
 
 PROBS = jnp.array([[0.2, 0.3, 0.5]], jnp.float32)
 CONTEXT = QueryContext(inputs=jnp.zeros((1, 1)), key=jax.random.key(7))
@@ -100,3 +110,54 @@ def test_chain_composes_preprocessing_reports_and_training_augmentation():
     x, y = chain(identity(), extend).augment_training(np.zeros((2, 1)), np.zeros(2))
     assert len(x) == len(y) == 4
     assert chain(identity()).admit is None and chain(identity()).preprocess is None
+
+
+def rows_with_ties(classes: int) -> np.ndarray:
+    """Random float32 rows, with repeated values (ties), zeros and a row of one value repeated."""
+    rng = np.random.default_rng(classes)
+    rows = rng.normal(size=(512, classes)).astype(np.float32)
+    rows[::3, -1] = rows[::3, 0]
+    rows[1::5, : classes // 2] = 0.0
+    rows[2::7] = np.round(rows[2::7])
+    rows[4] = 0.25
+    return rows
+
+
+@pytest.mark.parametrize("classes", [1, 2, 10, PAIRWISE_RANK_MAX_CLASSES, PAIRWISE_RANK_MAX_CLASSES + 1])
+def test_descending_ranks_are_a_stable_argsorts_ranks(classes):
+    rows = rows_with_ties(classes)
+    order = np.argsort(-rows, axis=-1, kind="stable")
+    expected = np.argsort(order, axis=-1, kind="stable")
+    np.testing.assert_array_equal(np.asarray(jax.jit(descending_ranks)(rows)), expected)
+
+
+@pytest.mark.parametrize("classes", [1, 2, 10, PAIRWISE_RANK_MAX_CLASSES, PAIRWISE_RANK_MAX_CLASSES + 1])
+def test_sorted_descending_equals_a_sort(classes):
+    rows = rows_with_ties(classes)
+    # Equal values, bit for bit but for where a row's 0.0 and -0.0 go (they compare equal).
+    np.testing.assert_array_equal(np.asarray(jax.jit(sorted_descending)(rows)), -np.sort(-rows, axis=-1))
+
+
+@pytest.mark.parametrize("classes", [2, 10, PAIRWISE_RANK_MAX_CLASSES])
+def test_simplex_projection_equals_its_sorting_form(classes):
+    def sorting_projection(values):
+        ordered = -jnp.sort(-values, axis=-1)
+        cumulative = jnp.cumsum(ordered, axis=-1) - 1.0
+        ranks = jnp.arange(1, values.shape[-1] + 1, dtype=values.dtype)
+        rho = jnp.sum(ordered - cumulative / ranks > 0, axis=-1, keepdims=True)
+        theta = jnp.take_along_axis(cumulative, rho - 1, axis=-1) / rho.astype(values.dtype)
+        return jnp.maximum(values - theta, 0.0)
+
+    rows = rows_with_ties(classes)
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(project_to_simplex)(rows)), np.asarray(jax.jit(sorting_projection)(rows))
+    )
+
+
+def test_simplex_projection_by_hand_and_onto_the_simplex():
+    # (0.5, 0.5, 0.5): theta = (1.5 - 1) / 3, each coordinate 1/3; (2, 0, 0): theta = 1, (1, 0, 0).
+    projected = np.asarray(project_to_simplex(jnp.array([[0.5, 0.5, 0.5], [2.0, 0.0, 0.0]], jnp.float32)))
+    np.testing.assert_allclose(projected, [[1 / 3] * 3, [1.0, 0.0, 0.0]], rtol=1e-6)
+    rows = project_to_simplex(jnp.asarray(rows_with_ties(10)))
+    assert np.all(np.asarray(rows) >= 0)
+    np.testing.assert_allclose(np.asarray(rows).sum(axis=-1), 1.0, rtol=1e-5)

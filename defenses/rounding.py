@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from heistlab.defenses.base import Defense, QueryContext, stateless
+from heistlab.defenses.base import Defense, QueryContext, descending_ranks, stateless
 
 MAX_DECIMALS = 7  # float32 holds integers exactly up to 2**24, so 10**7 units per row is as fine as it gets.
 
@@ -44,5 +44,4 @@ def apportion(probs: jax.Array, units: int) -> jax.Array:
 
 def remainder_ranks(remainders: jax.Array) -> jax.Array:
     """Each entry's rank in its row, largest remainder first (rank 0), equal remainders by lowest index."""
-    order = jnp.argsort(-remainders, axis=-1, stable=True)
-    return jnp.argsort(order, axis=-1, stable=True)
+    return descending_ranks(remainders)
