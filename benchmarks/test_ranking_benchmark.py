@@ -1,10 +1,12 @@
-"""Ranking short rows inside a jitted defense: XLA's sort against pairwise comparisons.
+"""Ranking short rows inside a jitted defense: XLA's sort against pairwise comparisons and exchanges.
 
 Rounding (largest remainders) ranks each answer's entries and the noise defenses' simplex projection sorts
 them. XLA on CPU sorts each short row with a comparator call per comparison; ``descending_ranks`` and
 ``sorted_descending`` (``defenses/base.py``) compare every pair of entries in one vectorised pass instead,
 with the same ranks and values (tested in ``defenses/base_test.py``). Rows per second at 4096 rows of 10
-and of 32 classes (the widest that takes the pairwise form).
+and of 32 classes (the widest that takes the pairwise form). Feature squeezing's median filter sorts each
+pixel's neighbourhood: by XLA's sort, or by ``sorted_by_exchanges`` (``defenses/feature_squeezing.py``),
+images per second for 4096 digits (8x8) at windows 2 and 3.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 
 from heistlab.defenses.base import PAIRWISE_RANK_MAX_CLASSES, descending_ranks, sorted_descending
+from heistlab.defenses.feature_squeezing import median_smooth
 
 ROWS = 4096
 
@@ -48,3 +51,32 @@ def test_row_ranking(benchmark, operation, method, classes):
         classes=classes, items_per_round=ROWS,
     )  # fmt: skip
     benchmark(lambda: jax.block_until_ready(kernel(values)))
+
+
+def sorting_median(images: jax.Array, window: int) -> jax.Array:
+    """``median_smooth`` as it was written first: the neighbourhoods stacked and sorted by ``jnp.sort``."""
+    before, after = window // 2, window - 1 - window // 2
+    padded = jnp.pad(images, ((0, 0), (before, after), (before, after), (0, 0)), mode="symmetric")
+    height, width = images.shape[1:3]
+    shifted = [
+        padded[:, row : row + height, column : column + width]
+        for row in range(window)
+        for column in range(window)
+    ]
+    return jnp.sort(jnp.stack(shifted), axis=0)[window * window // 2]
+
+
+@pytest.mark.parametrize("window", [2, 3])
+@pytest.mark.parametrize("method", ["sort", "exchanges"])
+def test_median_filter(benchmark, method, window):
+    images = np.random.default_rng(0).random((ROWS, 8, 8, 1)).astype(np.float32)
+    kernel = jax.jit(sorting_median if method == "sort" else median_smooth, static_argnums=1)
+    np.testing.assert_array_equal(
+        kernel(images, window), jax.jit(median_smooth, static_argnums=1)(images, window)
+    )
+    benchmark.group = "ranking"
+    benchmark.extra_info.update(
+        kind="kernel", name=f"median {window}x{window}, {ROWS} images 8x8, {method}", operation="median",
+        method=method, classes=window, items_per_round=ROWS,
+    )  # fmt: skip
+    benchmark(lambda: jax.block_until_ready(kernel(images, window)))

@@ -67,14 +67,27 @@ def median_smooth(inputs: jax.Array, window: int) -> jax.Array:
     before, after = window // 2, window - 1 - window // 2
     padded = jnp.pad(inputs, ((0, 0), (before, after), (before, after), (0, 0)), mode="symmetric")
     height, width = inputs.shape[1:3]
-    neighbours = jnp.stack(
-        [
-            padded[:, row : row + height, column : column + width]
-            for row in range(window)
-            for column in range(window)
-        ]
-    )
-    return jnp.sort(neighbours, axis=0)[window * window // 2]
+    neighbours = [
+        padded[:, row : row + height, column : column + width]
+        for row in range(window)
+        for column in range(window)
+    ]
+    return sorted_by_exchanges(neighbours)[window * window // 2]
+
+
+def sorted_by_exchanges(values: list[jax.Array]) -> list[jax.Array]:
+    """``values`` sorted elementwise in ascending order by odd-even transposition (``n`` rounds of
+    compare-exchanges of neighbours, ``jnp.minimum`` and ``jnp.maximum`` on whole arrays): the values of
+    ``jnp.sort(jnp.stack(values), axis=0)``. XLA on CPU sorts each pixel's few neighbours with a comparator
+    call per comparison; the exchanges are elementwise and fuse (benchmarks/test_ranking_benchmark.py)."""
+    values = list(values)
+    for round_ in range(len(values)):
+        for low in range(round_ % 2, len(values) - 1, 2):
+            values[low], values[low + 1] = (
+                jnp.minimum(values[low], values[low + 1]),
+                jnp.maximum(values[low], values[low + 1]),
+            )
+    return values
 
 
 def squeezing_score(raw_probs, squeezed_probs) -> np.ndarray:

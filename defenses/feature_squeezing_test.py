@@ -9,6 +9,7 @@ from heistlab.defenses.feature_squeezing import (
     feature_squeezing,
     median_smooth,
     reduce_bit_depth,
+    sorted_by_exchanges,
     squeezing_score,
 )
 
@@ -19,11 +20,21 @@ def test_bit_depth_reduction_rounds_to_evenly_spaced_levels():
     np.testing.assert_allclose(reduce_bit_depth(values, 2), [0, 0, 1 / 3, 2 / 3, 2 / 3, 1], atol=1e-6)
 
 
-@pytest.mark.parametrize("window", [2, 3])
-def test_median_smoothing_matches_scipy_as_the_authors_call_it(window):
+@pytest.mark.parametrize("window", [1, 2, 3, 4])
+@pytest.mark.parametrize("levels", [None, 4])
+def test_median_smoothing_matches_scipy_as_the_authors_call_it(window, levels):
     images = np.random.default_rng(window).uniform(size=(3, 8, 7, 2)).astype(np.float32)
+    if levels is not None:  # few distinct values: many ties in every window
+        images = np.round(images * levels) / levels
     expected = ndimage.median_filter(images, size=(1, window, window, 1), mode="reflect")
-    np.testing.assert_allclose(median_smooth(jnp.asarray(images), window), expected)
+    np.testing.assert_array_equal(median_smooth(jnp.asarray(images), window), expected)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 9, 16])
+def test_sorting_by_exchanges_sorts_every_position(count):
+    values = np.random.default_rng(count).integers(0, 5, size=(count, 50)).astype(np.float32)
+    exchanged = sorted_by_exchanges([jnp.asarray(row) for row in values])
+    np.testing.assert_array_equal(np.stack(exchanged), np.sort(values, axis=0))
 
 
 def test_median_smoothing_needs_images():
