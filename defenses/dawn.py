@@ -24,7 +24,7 @@ import hashlib
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import NamedTuple
@@ -88,7 +88,7 @@ def dawn(rate: float = 0.005, key_env: str | None = DEFAULT_KEY_ENV, key_file: s
             raise ValueError(f"dawn: needs at least 2 classes to serve a wrong label, got {classes}")
         inputs = np.asarray(context.inputs)
         hashed = rows_as_bytes(inputs)
-        tags = keyed_tags(secret, hashed)
+        tags = keyed_tags_once(secret, hashed)
         rows = np.flatnonzero(filter_values(tags) < threshold).tolist()
         tops = np.argmax(served[rows], axis=-1).tolist()
         labels = [watermark_label(tags[row], top, classes) for row, top in zip(rows, tops, strict=True)]
@@ -168,10 +168,32 @@ def rows_as_bytes(inputs: np.ndarray) -> list[memoryview]:
 
 
 def keyed_tags(secret: bytes, rows: list[bytes | memoryview]) -> list[bytes]:
-    """HMAC-SHA256 (RFC 2104) under ``secret`` of each of ``rows``.
+    """HMAC-SHA256 (RFC 2104) under ``secret`` of each of ``rows``."""
+    return list(map(keyed_hasher(secret), rows))
 
-    ``hmac.digest`` per row sets the key up again for every row; here the hash states after the padded key's
-    inner and outer blocks are computed once and copied per row: the same tags, in under half the time.
+
+def keyed_tags_once(secret: bytes, rows: list[bytes | memoryview]) -> list[bytes]:
+    """``keyed_tags``, each distinct row hashed once (a repeat takes the tag computed for its first copy).
+
+    On a stream that repeats rows most tags are looked up; on one that never does, every lookup misses and
+    costs a little (``benchmarks/test_api_throughput.py`` times both).
+    """
+    tag, known = keyed_hasher(secret), {}
+    tags = []
+    for row in rows:
+        key = bytes(row)  # bytes hash and compare faster than views
+        found = known.get(key)
+        if found is None:
+            found = known[key] = tag(key)
+        tags.append(found)
+    return tags
+
+
+def keyed_hasher(secret: bytes) -> Callable[[bytes | memoryview], bytes]:
+    """The HMAC-SHA256 of one message under ``secret``.
+
+    ``hmac.digest`` sets the key up again for every message; here the hash states after the padded key's
+    inner and outer blocks are computed once and copied per message: the same tags, in under half the time.
     """
     block = hashlib.sha256().block_size
     if len(secret) > block:
@@ -179,14 +201,15 @@ def keyed_tags(secret: bytes, rows: list[bytes | memoryview]) -> list[bytes]:
     padded = secret.ljust(block, b"\0")
     inner = hashlib.sha256(bytes(byte ^ 0x36 for byte in padded))
     outer = hashlib.sha256(bytes(byte ^ 0x5C for byte in padded))
-    tags = []
-    for row in rows:
-        message = inner.copy()
-        message.update(row)
-        tag = outer.copy()
-        tag.update(message.digest())
-        tags.append(tag.digest())
-    return tags
+
+    def tag(message: bytes | memoryview) -> bytes:
+        inner_hash = inner.copy()
+        inner_hash.update(message)
+        outer_hash = outer.copy()
+        outer_hash.update(inner_hash.digest())
+        return outer_hash.digest()
+
+    return tag
 
 
 def filter_values(tags: list[bytes]) -> np.ndarray:

@@ -13,6 +13,7 @@ from heistlab.defenses.dawn import (
     dawn,
     input_bytes,
     keyed_tags,
+    keyed_tags_once,
     rows_as_bytes,
     watermark_label,
 )
@@ -286,6 +287,7 @@ def test_keyed_tags_are_hmac_sha256_for_keys_shorter_equal_and_longer_than_a_blo
     inputs = np.concatenate([inputs, inputs[:5], inputs[3:4]])  # repeated rows get repeated tags
     expected = [hmac.digest(key, input_bytes(row), "sha256") for row in inputs]
     assert keyed_tags(key, rows_as_bytes(inputs)) == expected
+    assert keyed_tags_once(key, rows_as_bytes(inputs)) == expected
     messages = [b"", b"abc"]
     assert keyed_tags(key, messages) == [hmac.digest(key, message, "sha256") for message in messages]
 
