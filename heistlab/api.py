@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from heistlab.defenses import Defense, Evidence, QueryContext, Request
+from heistlab.defenses import Defense, Evidence, QueryContext, Request, identity
 from heistlab.defenses.base import State
 from heistlab.training import capacity_for, pad_rows
 from heistlab.victims import Classifier, Victim
@@ -311,6 +311,8 @@ class PredictionAPI:
         self._batches += 1
         params, key_data = self._victim.params, self._key_data
         probs, raw_probs, key_data = self._program(params, padded, np.int32(count), key_data, batch)
+        if self._defense is identity():  # the undefended API: no second program to dispatch
+            return lambda: probs
         if not self._defense.host:
             served, self._state = self._defense_program(probs, self._state, padded, key_data, raw_probs)
             return lambda: served
