@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from heistlab.defenses.base import PAIRWISE_RANK_MAX_CLASSES, descending_ranks, sorted_descending
-from heistlab.defenses.feature_squeezing import median_smooth
+from heistlab.defenses.feature_squeezing import median_smooth, neighbourhood
 
 ROWS = 4096
 
@@ -54,16 +54,8 @@ def test_row_ranking(benchmark, operation, method, classes):
 
 
 def sorting_median(images: jax.Array, window: int) -> jax.Array:
-    """``median_smooth`` as it was written first: the neighbourhoods stacked and sorted by ``jnp.sort``."""
-    before, after = window // 2, window - 1 - window // 2
-    padded = jnp.pad(images, ((0, 0), (before, after), (before, after), (0, 0)), mode="symmetric")
-    height, width = images.shape[1:3]
-    shifted = [
-        padded[:, row : row + height, column : column + width]
-        for row in range(window)
-        for column in range(window)
-    ]
-    return jnp.sort(jnp.stack(shifted), axis=0)[window * window // 2]
+    """``median_smooth`` as it was written first: the neighbourhood stacked and sorted by ``jnp.sort``."""
+    return jnp.sort(jnp.stack(neighbourhood(images, window)), axis=0)[window * window // 2]
 
 
 @pytest.mark.parametrize("window", [2, 3])

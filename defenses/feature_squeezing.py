@@ -64,15 +64,20 @@ def median_smooth(inputs: jax.Array, window: int) -> jax.Array:
             f"feature_squeezing: median smoothing needs (batch, height, width, channels) inputs, "
             f"got shape {inputs.shape}"
         )
+    return sorted_by_exchanges(neighbourhood(inputs, window))[window * window // 2]
+
+
+def neighbourhood(images: jax.Array, window: int) -> list[jax.Array]:
+    """The ``window * window`` images shifted so that each pixel sees one member of its neighbourhood
+    (``median_smooth``'s window, edges mirrored)."""
     before, after = window // 2, window - 1 - window // 2
-    padded = jnp.pad(inputs, ((0, 0), (before, after), (before, after), (0, 0)), mode="symmetric")
-    height, width = inputs.shape[1:3]
-    neighbours = [
+    padded = jnp.pad(images, ((0, 0), (before, after), (before, after), (0, 0)), mode="symmetric")
+    height, width = images.shape[1:3]
+    return [
         padded[:, row : row + height, column : column + width]
         for row in range(window)
         for column in range(window)
     ]
-    return sorted_by_exchanges(neighbours)[window * window // 2]
 
 
 def sorted_by_exchanges(values: list[jax.Array]) -> list[jax.Array]:
