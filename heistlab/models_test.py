@@ -120,7 +120,7 @@ def first_batch_norm_input(variables, x):
 @pytest.mark.slow
 def test_a_training_pass_updates_running_averages_by_the_batch_statistics():
     x = jax.random.uniform(jax.random.key(3), (6, 8, 8, 3))
-    variables = TINY_RESNET.init(jax.random.key(4), x)
+    variables = training.init_params(TINY_RESNET, (8, 8, 3), jax.random.key(4))
     _, updated = train_pass(variables, x)
     batch_mean = first_batch_norm_input(variables, x).mean(axis=(0, 1, 2))
     # Momentum 0.9 from the initial running mean of 0.
@@ -130,7 +130,7 @@ def test_a_training_pass_updates_running_averages_by_the_batch_statistics():
 @pytest.mark.slow
 def test_inference_uses_the_running_averages_and_is_batch_independent():
     x = jax.random.uniform(jax.random.key(5), (6, 8, 8, 3))
-    variables = TINY_RESNET.init(jax.random.key(6), x)
+    variables = training.init_params(TINY_RESNET, (8, 8, 3), jax.random.key(6))
     together = infer(variables, x)
     one_by_one = jnp.concatenate([infer(variables, x[i : i + 1]) for i in range(6)])
     np.testing.assert_allclose(together, one_by_one, atol=1e-5)

@@ -30,6 +30,14 @@ def cache_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def run_tmp(tmp_path_factory) -> Path:
+    """A folder of this test run that every pytest-xdist worker sees (each worker's base folder is inside it),
+    for work done once per run rather than once per worker."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
 def digits_splits() -> data.Splits:
     return data.make_splits(data.load_digits(), seed=0)
 

@@ -98,10 +98,10 @@ def test_the_documented_example_sweep_composes():
 
 
 @pytest.mark.slow
-def test_analysis_notebook_runs_as_the_readme_says(tmp_path, tmp_path_factory, cache_dir):
+def test_analysis_notebook_runs_as_the_readme_says(tmp_path, run_tmp, cache_dir):
     """The README's headless command, run as written by a shell in a checkout-like folder (the notebook under
     notebooks/, the sweep under multirun/), reads the relative HEISTLAB_SWEEP from that folder."""
-    sweep = interrupted_then_resumed_sweep(tmp_path_factory.getbasetemp(), cache_dir)
+    sweep = interrupted_then_resumed_sweep(run_tmp, cache_dir)
     (tmp_path / "notebooks").mkdir()
     shutil.copy2(NOTEBOOKS / "analysis.ipynb", tmp_path / "notebooks" / "analysis.ipynb")
     (tmp_path / "multirun").mkdir()

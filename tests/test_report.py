@@ -174,8 +174,8 @@ def test_missing_inputs_are_named(tmp_path):
 
 
 @pytest.mark.slow
-def test_report_command_on_a_real_sweep(tmp_path_factory, cache_dir, capsys):
-    sweep = interrupted_then_resumed_sweep(tmp_path_factory.getbasetemp(), cache_dir)
+def test_report_command_on_a_real_sweep(tmp_path_factory, run_tmp, cache_dir, capsys):
+    sweep = interrupted_then_resumed_sweep(run_tmp, cache_dir)
     out = tmp_path_factory.mktemp("real_report")
     report_command.main([str(sweep.folder), "--out", str(out)])
     printed = capsys.readouterr().out

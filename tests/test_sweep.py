@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import itertools
 import json
 import os
@@ -77,11 +79,30 @@ def interrupted_then_resumed_sweep(root: Path, cache_dir: Path) -> ResumedSweep:
     a half-written and a failed record in two unfinished jobs, and launches the same sweep again on two joblib
     workers: resuming does not depend on the launcher.
 
-    Done once per session under ``root`` and shared by the report and notebook tests (remembered on disk:
-    pytest may import this module twice, under two names)."""
-    sweep_dir, remembered = root / "sweep", root / "resumed-sweep.json"
-    if remembered.exists():
-        return remembered_sweep(json.loads(remembered.read_text()))
+    Done once per test run under ``root`` (``run_tmp``, shared by the xdist workers) and shared by the report
+    and notebook tests: remembered on disk, built by one worker while the others wait (pytest may also import
+    this module twice, under two names)."""
+    with exclusive(root / "resumed-sweep.lock"):
+        remembered = root / "resumed-sweep.json"
+        if remembered.exists():
+            return remembered_sweep(json.loads(remembered.read_text()))
+        resumed = launch_interrupt_and_resume(root / "sweep", cache_dir)
+        remembered.write_text(json.dumps(remembering(resumed)))
+        return resumed
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: Path):
+    """Holds an exclusive lock on ``lock_file`` (other processes wait at it) while the block runs."""
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def launch_interrupt_and_resume(sweep_dir: Path, cache_dir: Path) -> ResumedSweep:
     environment = sweep_environment(cache_dir)
     first = subprocess.Popen(
         sweep_command(sweep_dir, "basic"),
@@ -111,9 +132,7 @@ def interrupted_then_resumed_sweep(root: Path, cache_dir: Path) -> ResumedSweep:
         text=True,
         timeout=300,
     )
-    resumed = ResumedSweep(sweep_dir, finished, half_written_job, failed_job, relaunch)
-    remembered.write_text(json.dumps(remembering(resumed)))
-    return resumed
+    return ResumedSweep(sweep_dir, finished, half_written_job, failed_job, relaunch)
 
 
 def remembering(resumed: ResumedSweep) -> dict:
@@ -138,8 +157,8 @@ def remembered_sweep(saved: dict) -> ResumedSweep:
 
 
 @pytest.fixture(scope="module")
-def resumed(tmp_path_factory, cache_dir) -> ResumedSweep:
-    return interrupted_then_resumed_sweep(tmp_path_factory.getbasetemp(), cache_dir)
+def resumed(run_tmp, cache_dir) -> ResumedSweep:
+    return interrupted_then_resumed_sweep(run_tmp, cache_dir)
 
 
 @pytest.mark.slow
