@@ -20,6 +20,7 @@ the run only. The filter hashes input bytes on the host, so the defense is host-
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -87,14 +88,16 @@ def dawn(rate: float = 0.005, key_env: str | None = DEFAULT_KEY_ENV, key_file: s
         if classes < 2:
             raise ValueError(f"dawn: needs at least 2 classes to serve a wrong label, got {classes}")
         inputs = np.asarray(context.inputs)
-        hashed = rows_as_bytes(inputs)
-        tags = keyed_tags_once(secret, hashed)
-        rows = np.flatnonzero(filter_values(tags) < threshold).tolist()
+        first, occurrence = distinct_rows(inputs)  # a repeated row takes its first copy's tag
+        hashed = rows_as_bytes(inputs[first])
+        tags = keyed_tags(secret, hashed)
+        rows = np.flatnonzero((filter_values(tags) < threshold)[occurrence]).tolist()
+        copies = occurrence[rows].tolist()
         tops = np.argmax(served[rows], axis=-1).tolist()
-        labels = [watermark_label(tags[row], top, classes) for row, top in zip(rows, tops, strict=True)]
+        labels = [watermark_label(tags[copy], top, classes) for copy, top in zip(copies, tops, strict=True)]
         served[rows] = 0
         served[rows, labels] = 1
-        digests = [hashlib.sha256(hashed[row]).hexdigest() for row in rows]
+        digests = [hashlib.sha256(hashed[copy]).hexdigest() for copy in copies]
         records = tuple(
             WatermarkRecord(context.client, digest, inputs[row].copy(), label)
             for row, digest, label in zip(rows, digests, labels, strict=True)
@@ -167,26 +170,45 @@ def rows_as_bytes(inputs: np.ndarray) -> list[memoryview]:
     return [view[start : start + width] for start in range(0, len(view), width)]
 
 
+def distinct_rows(inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(first, occurrence)``: the index of each distinct row's first occurrence, in order, and for each
+    row the position in ``first`` of its copy, so that ``inputs[first][occurrence]`` equals ``inputs``
+    bytewise (as float32; ``0.0`` and ``-0.0`` rows are distinct).
+
+    Rows are grouped by one product with fixed random weights, and the groups are checked byte for byte;
+    rows that the product confuses (or NaN rows) send the batch to an exact grouping by the rows' bytes.
+    """
+    flat = np.ascontiguousarray(inputs, np.float32).reshape(len(inputs), math.prod(inputs.shape[1:]))
+    if not len(flat):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    _, first, inverse = np.unique(flat @ _row_weights(flat.shape[1]), return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    words = flat.view(np.uint32)
+    if not np.array_equal(words[first[inverse]], words):
+        return _distinct_rows_by_bytes(flat)
+    order = np.argsort(first)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return first[order], rank[inverse]
+
+
+@functools.lru_cache(maxsize=8)
+def _row_weights(width: int) -> np.ndarray:
+    return np.random.default_rng(width).standard_normal(width).astype(np.float32)
+
+
+def _distinct_rows_by_bytes(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    rows = flat.view(np.dtype((np.void, flat.shape[1] * flat.itemsize))).ravel().tolist()
+    # Walking the rows backwards leaves each row's first index in the dict.
+    first_index = dict(zip(reversed(rows), range(len(rows) - 1, -1, -1), strict=True))
+    first = np.sort(np.fromiter(first_index.values(), np.int64, len(first_index)))
+    first_of_row = np.fromiter(map(first_index.__getitem__, rows), np.int64, len(rows))
+    return first, np.searchsorted(first, first_of_row)
+
+
 def keyed_tags(secret: bytes, rows: list[bytes | memoryview]) -> list[bytes]:
     """HMAC-SHA256 (RFC 2104) under ``secret`` of each of ``rows``."""
     return list(map(keyed_hasher(secret), rows))
-
-
-def keyed_tags_once(secret: bytes, rows: list[bytes | memoryview]) -> list[bytes]:
-    """``keyed_tags``, each distinct row hashed once (a repeat takes the tag computed for its first copy).
-
-    On a stream that repeats rows most tags are looked up; on one that never does, every lookup misses and
-    costs a little (``benchmarks/test_api_throughput.py`` times both).
-    """
-    tag, known = keyed_hasher(secret), {}
-    tags = []
-    for row in rows:
-        key = bytes(row)  # bytes hash and compare faster than views
-        found = known.get(key)
-        if found is None:
-            found = known[key] = tag(key)
-        tags.append(found)
-    return tags
 
 
 def keyed_hasher(secret: bytes) -> Callable[[bytes | memoryview], bytes]:

@@ -50,7 +50,7 @@ import numpy as np
 import optax
 
 from heistlab.defenses.base import DefenderData, Defense, Evidence, QueryContext
-from heistlab.defenses.dawn import keyed_tags, load_key, rows_as_bytes
+from heistlab.defenses.dawn import distinct_rows, keyed_tags, load_key, rows_as_bytes
 from heistlab.models import MLP
 from heistlab.training import capacity_for, pad_rows
 
@@ -260,19 +260,6 @@ def hashed_members(secret: bytes, inputs: np.ndarray, members: int) -> np.ndarra
         return np.zeros(0, np.int64)
     leading = np.frombuffer(b"".join(tags), ">u8").reshape(len(tags), -1)[:, 0]
     return (leading % np.uint64(members)).astype(np.int64)
-
-
-def distinct_rows(inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(first, occurrence)``: the index of each distinct row's first occurrence, in order, and for each
-    row the position in ``first`` of its copy, so that ``inputs[first][occurrence]`` equals ``inputs``
-    bytewise."""
-    flat = np.ascontiguousarray(inputs, np.float32).reshape(len(inputs), math.prod(inputs.shape[1:]))
-    rows = flat.view(np.dtype((np.void, flat.shape[1] * flat.itemsize))).ravel().tolist()
-    # Walking the rows backwards leaves each row's first index in the dict.
-    first_index = dict(zip(reversed(rows), range(len(rows) - 1, -1, -1), strict=True))
-    first = np.sort(np.fromiter(first_index.values(), np.int64, len(first_index)))
-    first_of_row = np.fromiter(map(first_index.__getitem__, rows), np.int64, len(rows))
-    return first, np.searchsorted(first, first_of_row)
 
 
 def coherence(member_probs: jax.Array) -> jax.Array:
