@@ -453,7 +453,8 @@ sweeps are single Hydra multiruns with tiny settings (`benchmarks/test_experimen
 compile seconds come from its `results.json`. The seed rows time the experiments inside one process whose
 programs are compiled; whole commands (`num_seeds=8` against a sweep over 8 seeds) are compared under Running
 experiments. API throughput counts input rows served per second, every call from a new client, through
-validation, hashing, the victim, the defense and the client's view; the row beside ART's predict is one
+validation, hashing, the victim, the defense and the client's view, every defense timed for as many rounds as
+the others at its batch size; the row beside ART's predict is one
 client under a budget with no defense, the bare victim is the compiled MLP alone. Square and HopSkipJump run
 through the API, every query recorded, against ART's attacks on a PyTorch twin holding the same weights.
 The peer rows need `pip install -e ".[dev,peers]"` (a CPU build of torch); without ART they are skipped."""
