@@ -298,6 +298,15 @@ def predict_targets(entries: list[Entry]) -> list[list[str]]:
                 f"{count(found['api'].rate)} vs ART {count(found['art'].rate)} rows/s: {ratio:.2f}x",
                 verdict(ratio >= floor),
             ])  # fmt: skip
+    side_by_side = side_by_side_shares(entries)
+    if side_by_side:
+        slowest = min(side_by_side, key=side_by_side.get)
+        rows.append([
+            "every defense at batch 4096 >= half of none's rate",
+            f"slowest: {slowest} at {side_by_side[slowest]:.0%} of none (medians of calls taken in turn)",
+            verdict(side_by_side[slowest] >= 0.5),
+        ])  # fmt: skip
+        return rows
     by_defense = {entry.info["defense"]: entry for entry in select(entries, kind="api", batch=4096)}
     if "none" in by_defense:
         slowest = min(by_defense.values(), key=lambda entry: entry.rate)
@@ -309,6 +318,25 @@ def predict_targets(entries: list[Entry]) -> list[list[str]]:
             verdict(share >= 0.5),
         ])  # fmt: skip
     return rows
+
+
+def side_by_side_shares(entries: list[Entry]) -> dict[str, float]:
+    """Each defense's rate as a share of none's, from the medians of the calls taken in turn."""
+    entry = fastest(select(entries, kind="api_side_by_side"))
+    if entry is None:
+        return {}
+    medians = entry.info["median_seconds"]
+    return {name: medians["none"] / seconds for name, seconds in medians.items() if name != "none"}
+
+
+def side_by_side_section(entries: list[Entry]) -> str:
+    medians = fastest(select(entries, kind="api_side_by_side")).info["median_seconds"]
+    shares = side_by_side_shares(entries)
+    rows = [["none", count(4096 / medians["none"]), "100%"]] + [
+        [name, count(4096 / medians[name]), f"{share:.0%}"]
+        for name, share in sorted(shares.items(), key=lambda item: -item[1])
+    ]
+    return table(["defense", "rows/s (median call)", "of none"], rows)
 
 
 def predict_section(entries: list[Entry]) -> str:
@@ -408,6 +436,14 @@ def markdown(path: Path, skipped: list[str] | None = None) -> str:
         "`python -m benchmarks.report --readme README.md`.",
         "### Targets\n\n" + table(["target", "measured", ""], targets_section(entries)),
         "### Prediction API throughput (queries per second)\n\n" + api_section(entries, skipped or []),
+        *(
+            [
+                "### Every defense beside none at batch 4096 (each round calls every defense once, in turn; "
+                "median call)\n\n" + side_by_side_section(entries)
+            ]
+            if select(entries, kind="api_side_by_side")
+            else []
+        ),
         *([distinct_rows_section(entries)] if select(entries, kind="api_distinct") else []),
         *(
             [

@@ -10,6 +10,7 @@ refusals mixed in; the report names it.
 from __future__ import annotations
 
 import itertools
+import time
 
 import jax
 import numpy as np
@@ -77,3 +78,36 @@ def test_prediction_api_throughput_on_distinct_rows(benchmark, apis, splits, def
     benchmark.group = "api distinct rows"
     benchmark.extra_info.update(kind="api_distinct", defense=defense, batch=batch, items_per_round=batch)
     benchmark.pedantic(api.query, setup=fresh_batch, rounds=5, warmup_rounds=1)
+
+
+SIDE_BY_SIDE_ROUNDS = 20
+
+
+def test_defenses_side_by_side_at_4096(benchmark, apis, splits):
+    """Every defense and ``none`` called in turn, one 4096-row call each per round: each defense's median
+    call time against ``none``'s from the same rounds, so that the machine's speed drifting between tests
+    (timed one after another above) cannot move the ratios."""
+    inputs = np.resize(splits.test.x, (4096, *splits.input_shape))
+    served = []
+    for name in config_options("defense"):
+        try:
+            apis(name).query(inputs, client=next(CLIENT_NAMES))
+            served.append(name)
+        except QueryRefused:  # refuses this traffic by design: left out, as above
+            pass
+    times = {name: [] for name in served}
+
+    def one_call_each() -> None:
+        for name in served:
+            api, client = apis(name), next(CLIENT_NAMES)
+            start = time.perf_counter()
+            api.query(inputs, client=client)
+            times[name].append(time.perf_counter() - start)
+
+    benchmark.group = "api side by side"
+    benchmark.pedantic(one_call_each, rounds=SIDE_BY_SIDE_ROUNDS, warmup_rounds=1)
+    medians = {name: float(np.median(seconds[-SIDE_BY_SIDE_ROUNDS:])) for name, seconds in times.items()}
+    benchmark.extra_info.update(
+        kind="api_side_by_side", name="every defense in turn, 4096 rows", batch=4096, items_per_round=4096,
+        median_seconds=medians,
+    )  # fmt: skip

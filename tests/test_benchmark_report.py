@@ -110,3 +110,23 @@ def test_distinct_rows_are_shown_as_shares_of_none(tmp_path):
     path.write_text(json.dumps(RESULTS))
     section = report.markdown(path).split("### Batches of 4096 distinct rows")[1].split("###")[0]
     assert "| none | 1,024,000 | 100% |" in section and "| dawn | 256,000 | 25% |" in section
+
+
+def test_defenses_taken_in_turn_decide_the_half_of_none_target(tmp_path):
+    side_by_side = bench(
+        "side by side",
+        0.03,
+        kind="api_side_by_side",
+        batch=4096,
+        items_per_round=4096,
+        median_seconds={"none": 0.004, "prada": 0.016, "dawn": 0.005},
+    )
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({**RESULTS, "benchmarks": [*RESULTS["benchmarks"], side_by_side]}))
+    entries, _ = report.load_entries(path)
+    found = {target: (measured, verdict) for target, measured, verdict in report.targets_section(entries)}
+    measured, verdict = found["every defense at batch 4096 >= half of none's rate"]
+    assert measured.startswith("slowest: prada at 25% of none") and verdict == "**not met**"  # 4 ms / 16 ms
+    section = report.markdown(path).split("### Every defense beside none at batch 4096")[1].split("###")[0]
+    assert "| none | 1,024,000 | 100% |" in section and "| dawn | 819,200 | 80% |" in section
+    assert section.index("| dawn |") < section.index("| prada | 256,000 | 25% |")
