@@ -17,6 +17,8 @@ that act on the model itself add ``augment_training``. ``chain`` composes all of
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -284,3 +286,41 @@ def normalise(values: jax.Array) -> jax.Array:
     total = jnp.sum(values, axis=-1, keepdims=True)
     uniform = jnp.full_like(values, 1.0 / values.shape[-1])
     return jnp.where(total > 0, values / jnp.where(total > 0, total, 1.0), uniform)
+
+
+def distinct_rows(inputs: np.ndarray, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """``(first, occurrence)``: the index of each distinct row's first occurrence, in order, and for each
+    row the position in ``first`` of its copy, so that ``inputs[first][occurrence]`` equals ``inputs``
+    bytewise as ``dtype`` (``0.0`` and ``-0.0`` rows are distinct). Host defenses use it to do per-row work
+    once per distinct row.
+
+    Rows are grouped by one product with fixed random weights, and the groups are checked byte for byte;
+    rows that the product confuses (or NaN rows) send the batch to an exact grouping by the rows' bytes.
+    """
+    flat = np.ascontiguousarray(inputs, dtype).reshape(len(inputs), math.prod(inputs.shape[1:]))
+    if not len(flat):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    keys = flat @ _row_weights(flat.shape[1], flat.dtype)
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    words = flat.view(f"u{flat.itemsize}")
+    if not np.array_equal(words[first[inverse]], words):
+        return _distinct_rows_by_bytes(flat)
+    order = np.argsort(first)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return first[order], rank[inverse]
+
+
+@functools.lru_cache(maxsize=8)
+def _row_weights(width: int, dtype) -> np.ndarray:
+    return np.random.default_rng(width).standard_normal(width).astype(dtype)
+
+
+def _distinct_rows_by_bytes(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    rows = flat.view(np.dtype((np.void, flat.shape[1] * flat.itemsize))).ravel().tolist()
+    # Walking the rows backwards leaves each row's first index in the dict.
+    first_index = dict(zip(reversed(rows), range(len(rows) - 1, -1, -1), strict=True))
+    first = np.sort(np.fromiter(first_index.values(), np.int64, len(first_index)))
+    first_of_row = np.fromiter(map(first_index.__getitem__, rows), np.int64, len(rows))
+    return first, np.searchsorted(first, first_of_row)

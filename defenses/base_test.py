@@ -1,3 +1,5 @@
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ from heistlab.defenses.base import (
     QueryContext,
     chain,
     descending_ranks,
+    distinct_rows,
     identity,
     project_to_simplex,
     sorted_descending,
@@ -161,3 +164,27 @@ def test_simplex_projection_by_hand_and_onto_the_simplex():
     rows = project_to_simplex(jnp.asarray(rows_with_ties(10)))
     assert np.all(np.asarray(rows) >= 0)
     np.testing.assert_allclose(np.asarray(rows).sum(axis=-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("count", [0, 1, 500])
+def test_distinct_rows_group_byte_identical_rows_whichever_grouping_runs(monkeypatch, count):
+    rng = np.random.default_rng(count)
+    pool = rng.uniform(size=(max(count // 3, 1), 4, 4, 1)).astype(np.float32)
+    inputs = pool[rng.integers(0, len(pool), count)]
+    expected_first = [
+        row
+        for row in range(count)
+        if not any(np.array_equal(inputs[row], inputs[earlier]) for earlier in range(row))
+    ]
+    first, occurrence = distinct_rows(inputs)
+    np.testing.assert_array_equal(first, expected_first)
+    assert inputs[first][occurrence].tobytes() == inputs.tobytes()
+    # Weights that map every row to the same key: the byte check fails and the exact grouping answers.
+    monkeypatch.setattr(
+        importlib.import_module("heistlab.defenses.base"),
+        "_row_weights",
+        lambda width, dtype: np.zeros(width, dtype),
+    )
+    exact_first, exact_occurrence = distinct_rows(inputs)
+    np.testing.assert_array_equal(exact_first, first)
+    np.testing.assert_array_equal(exact_occurrence, occurrence)

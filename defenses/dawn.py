@@ -20,7 +20,6 @@ the run only. The filter hashes input bytes on the host, so the defense is host-
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import math
@@ -33,7 +32,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from heistlab.defenses.base import Defense, Evidence, QueryContext
+from heistlab.defenses.base import Defense, Evidence, QueryContext, distinct_rows
 
 log = logging.getLogger(__name__)
 
@@ -168,42 +167,6 @@ def rows_as_bytes(inputs: np.ndarray) -> list[memoryview]:
         return [view] * len(inputs)
     width = len(view) // len(inputs)
     return [view[start : start + width] for start in range(0, len(view), width)]
-
-
-def distinct_rows(inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(first, occurrence)``: the index of each distinct row's first occurrence, in order, and for each
-    row the position in ``first`` of its copy, so that ``inputs[first][occurrence]`` equals ``inputs``
-    bytewise (as float32; ``0.0`` and ``-0.0`` rows are distinct).
-
-    Rows are grouped by one product with fixed random weights, and the groups are checked byte for byte;
-    rows that the product confuses (or NaN rows) send the batch to an exact grouping by the rows' bytes.
-    """
-    flat = np.ascontiguousarray(inputs, np.float32).reshape(len(inputs), math.prod(inputs.shape[1:]))
-    if not len(flat):
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    _, first, inverse = np.unique(flat @ _row_weights(flat.shape[1]), return_index=True, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    words = flat.view(np.uint32)
-    if not np.array_equal(words[first[inverse]], words):
-        return _distinct_rows_by_bytes(flat)
-    order = np.argsort(first)
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    return first[order], rank[inverse]
-
-
-@functools.lru_cache(maxsize=8)
-def _row_weights(width: int) -> np.ndarray:
-    return np.random.default_rng(width).standard_normal(width).astype(np.float32)
-
-
-def _distinct_rows_by_bytes(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    rows = flat.view(np.dtype((np.void, flat.shape[1] * flat.itemsize))).ravel().tolist()
-    # Walking the rows backwards leaves each row's first index in the dict.
-    first_index = dict(zip(reversed(rows), range(len(rows) - 1, -1, -1), strict=True))
-    first = np.sort(np.fromiter(first_index.values(), np.int64, len(first_index)))
-    first_of_row = np.fromiter(map(first_index.__getitem__, rows), np.int64, len(rows))
-    return first, np.searchsorted(first, first_of_row)
 
 
 def keyed_tags(secret: bytes, rows: list[bytes | memoryview]) -> list[bytes]:

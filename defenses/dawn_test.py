@@ -1,6 +1,5 @@
 import hashlib
 import hmac
-import importlib
 import logging
 
 import jax
@@ -18,8 +17,6 @@ from heistlab.defenses.dawn import (
     watermark_label,
 )
 from heistlab.defenses.top_k import top_k
-
-dawn_module = importlib.import_module("heistlab.defenses.dawn")  # the package's name dawn is the factory
 
 KEY = "correct horse battery staple"
 CLASSES = 10
@@ -321,23 +318,3 @@ def test_serves_and_records_as_the_row_by_row_filter_on_repeats_and_ties(monkeyp
     marked = [row for row in range(500) if not np.array_equal(expected[row], probs[row])]
     for record, row in zip(state.records[: len(marked)], marked, strict=True):
         np.testing.assert_array_equal(record.input, inputs[row])
-
-
-@pytest.mark.parametrize("count", [0, 1, 500])
-def test_distinct_rows_group_byte_identical_rows_whichever_grouping_runs(monkeypatch, count):
-    rng = np.random.default_rng(count)
-    pool = rng.uniform(size=(max(count // 3, 1), 4, 4, 1)).astype(np.float32)
-    inputs = pool[rng.integers(0, len(pool), count)]
-    expected_first = [
-        row
-        for row in range(count)
-        if not any(np.array_equal(inputs[row], inputs[earlier]) for earlier in range(row))
-    ]
-    first, occurrence = dawn_module.distinct_rows(inputs)
-    np.testing.assert_array_equal(first, expected_first)
-    assert inputs[first][occurrence].tobytes() == inputs.tobytes()
-    # Weights that map every row to the same key: the byte check fails and the exact grouping answers.
-    monkeypatch.setattr(dawn_module, "_row_weights", lambda width: np.zeros(width, np.float32))
-    exact_first, exact_occurrence = dawn_module.distinct_rows(inputs)
-    np.testing.assert_array_equal(exact_first, first)
-    np.testing.assert_array_equal(exact_occurrence, occurrence)

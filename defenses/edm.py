@@ -49,8 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from heistlab.defenses.base import DefenderData, Defense, Evidence, QueryContext
-from heistlab.defenses.dawn import distinct_rows, keyed_tags, load_key, rows_as_bytes
+from heistlab.defenses.base import DefenderData, Defense, Evidence, QueryContext, distinct_rows
+from heistlab.defenses.dawn import keyed_tags, load_key, rows_as_bytes
 from heistlab.models import MLP
 from heistlab.training import capacity_for, pad_rows
 

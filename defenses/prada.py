@@ -37,7 +37,16 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from heistlab.defenses.base import ADMIT, DefenderData, Defense, Evidence, QueryContext, Request, Verdict
+from heistlab.defenses.base import (
+    ADMIT,
+    DefenderData,
+    Defense,
+    Evidence,
+    QueryContext,
+    Request,
+    Verdict,
+    distinct_rows,
+)
 
 ACTIONS = ("log", "refuse", "switch")
 MIN_CLASS_DISTANCES = 10
@@ -320,7 +329,8 @@ def scan_class(
     it stood when the repeat came. Each is the minimum over the same squared distances, summed in the same
     order, that a row-by-row scan takes, so every distance is bit for bit the same.
     """
-    values, first, occurrence = distinct_rows(class_rows)
+    first, occurrence = distinct_rows(class_rows, np.float64)
+    values = class_rows[first]
     last = np.zeros(len(values), np.int64)
     np.maximum.at(last, occurrence, np.arange(len(class_rows)))
     # The distinct rows from reach[k] on include every one seen after distinct row k first came.
@@ -362,30 +372,6 @@ def scan_class(
         set_distances=set_values.as_tuple(),
         threshold=threshold,
     )
-
-
-def distinct_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The distinct rows (equal bytes) in order of first occurrence, the positions of those first occurrences
-    and, for each row, the index of its distinct row."""
-    words = np.ascontiguousarray(rows, np.float64).view(np.uint64)
-    _, first, inverse = np.unique(
-        words @ _hash_weights(words.shape[1]), return_index=True, return_inverse=True
-    )
-    inverse = inverse.reshape(-1)
-    if not np.array_equal(words[first][inverse], words):  # two distinct rows hashed alike: compare bytes
-        keys = words.view(np.dtype((np.void, words.itemsize * words.shape[1])))[:, 0]
-        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-        inverse = inverse.reshape(-1)
-    order = np.argsort(first)
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    return rows[first[order]], first[order], rank[inverse]
-
-
-@functools.lru_cache(maxsize=8)
-def _hash_weights(width: int) -> np.ndarray:
-    """Odd 64-bit multipliers: a row's hash is the wrapping sum of its words times these."""
-    return np.random.default_rng(width).integers(0, 2**63, width, dtype=np.uint64) * 2 + 1
 
 
 def _row_distances(first, occurrence, first_distances, join_positions, snapshots, repeated) -> np.ndarray:
